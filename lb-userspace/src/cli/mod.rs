@@ -1,0 +1,68 @@
+//! CLI subcommands that read the pinned maps; one file each.
+
+pub mod backends;
+pub mod flows;
+pub mod maglev;
+pub mod stats;
+pub mod vips;
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use comfy_table::{Cell, CellAlignment, Table, presets::NOTHING};
+use serde::Serialize;
+
+use crate::maps::Maps;
+
+/// A row of a CLI table: its column headers and cells; `--json` prints it with serde.
+pub trait TableRow: Serialize {
+    const HEADERS: &'static [&'static str];
+    fn cells(&self) -> Vec<String>;
+}
+
+/// Prints rows as an aligned table (numbers right-aligned) or as a JSON array.
+pub fn emit<R: TableRow>(rows: &[R], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+        return Ok(());
+    }
+    let mut table = Table::new();
+    table.load_preset(NOTHING).set_header(R::HEADERS.to_vec());
+    for row in rows {
+        table.add_row(row.cells().into_iter().map(|c| {
+            let numeric = c
+                .trim_end_matches('%')
+                .replace(['.', ','], "")
+                .parse::<u64>()
+                .is_ok();
+            Cell::new(c).set_alignment(if numeric {
+                CellAlignment::Right
+            } else {
+                CellAlignment::Left
+            })
+        }));
+    }
+    println!("{table}");
+    Ok(())
+}
+
+pub fn open(pin_path: &Path) -> anyhow::Result<Maps> {
+    Maps::open_pinned(pin_path)
+        .with_context(|| format!("reading gpulb's maps under {}", pin_path.display()))
+}
+
+/// `198.18.100.1:80` from a service's key.
+pub fn vip_label(key: &lb_common::VipKey) -> String {
+    crate::maps::sock_of(key.addr_be, key.port_be).to_string()
+}
+
+pub fn proto_label(proto: u8) -> String {
+    crate::config::Protocol::from_number(proto).map_or_else(|| proto.to_string(), |p| p.to_string())
+}
+
+pub fn percent(part: usize, whole: usize) -> String {
+    if whole == 0 {
+        return "0.00%".into();
+    }
+    format!("{:.2}%", part as f64 * 100.0 / whole as f64)
+}

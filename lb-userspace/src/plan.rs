@@ -1,0 +1,245 @@
+//! From a validated config to map contents, and writing them.
+//!
+//! Ids are kept stable across daemon restarts: a VIP or backend already in the (pinned) maps
+//! keeps its id, so the conntrack entries that name it stay right. Writes go backends first,
+//! then tables (changed slots only), then SERVICES, so a VIP only becomes visible once its
+//! table is complete; removals go the other way.
+
+use std::collections::{BTreeSet, HashMap};
+
+use lb_common::{Backend, MAX_BACKENDS, MAX_SERVICES, Service, VipKey};
+
+use crate::{
+    config::{Config, Vip},
+    maglev::{self, MaglevBackend},
+    maps::{Maps, MapsError, addr_be, port_be},
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub services: Vec<PlannedService>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedService {
+    pub name: String,
+    pub key: VipKey,
+    pub service: Service,
+    pub backends: Vec<(u32, Backend)>,
+    pub table: Vec<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("no free {what} id (all {max} in use)")]
+    NoFreeId { what: &'static str, max: u32 },
+}
+
+/// The lowest id in `lo..hi` not in `used`, marked used.
+fn allocate(
+    used: &mut BTreeSet<u32>,
+    lo: u32,
+    hi: u32,
+    what: &'static str,
+) -> Result<u32, PlanError> {
+    let id = (lo..hi)
+        .find(|id| !used.contains(id))
+        .ok_or(PlanError::NoFreeId { what, max: hi - lo })?;
+    used.insert(id);
+    Ok(id)
+}
+
+pub fn vip_key(vip: &Vip) -> VipKey {
+    VipKey {
+        addr_be: addr_be(vip.address),
+        port_be: port_be(vip.port),
+        proto: vip.protocol.number(),
+        _pad: 0,
+    }
+}
+
+/// What the maps should hold for `config`, reusing the ids found in the maps now.
+pub fn plan(
+    config: &Config,
+    current_services: &[(VipKey, Service)],
+    current_backends: &[(u32, Backend)],
+) -> Result<Plan, PlanError> {
+    let service_ids: HashMap<VipKey, u32> =
+        current_services.iter().map(|(k, s)| (*k, s.id)).collect();
+    // Existing backends by (service id, address, port).
+    let backend_ids: HashMap<(u16, u32, u16), u32> = current_backends
+        .iter()
+        .map(|(id, b)| ((b.service, b.addr_be, b.port_be), *id))
+        .collect();
+
+    // Every VIP/backend that stays keeps its id; new ones get fresh ids.
+    let keys: Vec<VipKey> = config.vips.iter().map(vip_key).collect();
+    // Ids in the maps now are not handed to anything new: conntrack entries may still name
+    // a removed backend, and must not be sent to its successor.
+    let mut used_services: BTreeSet<u32> = service_ids.values().copied().collect();
+    let mut service_of = Vec::with_capacity(keys.len());
+    for key in &keys {
+        match service_ids.get(key) {
+            Some(&id) => service_of.push(id),
+            None => service_of.push(allocate(&mut used_services, 0, MAX_SERVICES, "service")?),
+        }
+    }
+
+    let mut used_backends: BTreeSet<u32> = backend_ids.values().copied().collect();
+
+    let mut services = Vec::with_capacity(config.vips.len());
+    for ((vip, key), &sid) in config.vips.iter().zip(keys).zip(&service_of) {
+        let mut backends = Vec::with_capacity(vip.backends.len());
+        let mut members = Vec::with_capacity(vip.backends.len());
+        for b in &vip.backends {
+            let k = (sid as u16, addr_be(b.address), port_be(b.port));
+            let id = match backend_ids.get(&k) {
+                Some(&id) => id,
+                None => allocate(&mut used_backends, 1, MAX_BACKENDS, "backend")?,
+            };
+            backends.push((
+                id,
+                Backend {
+                    addr_be: k.1,
+                    weight: b.weight,
+                    port_be: k.2,
+                    service: sid as u16,
+                    flags: 0,
+                    _pad: 0,
+                },
+            ));
+            members.push(MaglevBackend {
+                id,
+                key: maglev::backend_key(b.address, b.port),
+                weight: b.weight,
+            });
+        }
+        let table = maglev::build_table(&members, vip.maglev_table_size);
+        services.push(PlannedService {
+            name: vip.name.clone(),
+            key,
+            service: Service {
+                id: sid,
+                table_size: vip.maglev_table_size,
+            },
+            backends,
+            table,
+        });
+    }
+    Ok(Plan { services })
+}
+
+/// What `apply` wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub slots_written: usize,
+    pub services_removed: usize,
+    pub backends_removed: usize,
+}
+
+/// Makes the maps hold `plan`, writing only what differs.
+pub fn apply(maps: &mut Maps, plan: &Plan) -> Result<Applied, MapsError> {
+    let mut applied = Applied::default();
+    let current_services = maps.services()?;
+    let current_backends = maps.backends()?;
+
+    for s in &plan.services {
+        for &(id, backend) in &s.backends {
+            maps.set_backend(id, backend)?;
+        }
+    }
+    for s in &plan.services {
+        // A service whose id is new or whose size changed starts from a clean block.
+        let same = current_services.iter().any(|(k, c)| {
+            *k == s.key && c.id == s.service.id && c.table_size == s.service.table_size
+        });
+        let old = if same {
+            maps.maglev_table(&s.service)?
+        } else {
+            vec![u32::MAX; s.table.len()]
+        };
+        let changed = maglev::diff(&old, &s.table);
+        maps.write_slots(s.service.id, &changed)?;
+        applied.slots_written += changed.len();
+        maps.set_service(s.key, s.service)?;
+    }
+    let planned_keys: Vec<VipKey> = plan.services.iter().map(|s| s.key).collect();
+    for (key, _) in current_services
+        .iter()
+        .filter(|(k, _)| !planned_keys.contains(k))
+    {
+        maps.remove_service(key)?;
+        applied.services_removed += 1;
+    }
+    let planned_ids: BTreeSet<u32> = plan
+        .services
+        .iter()
+        .flat_map(|s| s.backends.iter().map(|(id, _)| *id))
+        .collect();
+    for (id, _) in current_backends
+        .iter()
+        .filter(|(id, _)| !planned_ids.contains(id))
+    {
+        maps.set_backend(*id, Backend::default())?;
+        applied.backends_removed += 1;
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn config(ports: &[u16]) -> Config {
+        let mut text = String::from(
+            "interface = \"lo\"\n[[vip]]\nname = \"chat\"\naddress = \"198.18.100.1\"\nport = 80\nmaglev_table_size = 251\n",
+        );
+        for p in ports {
+            text.push_str(&format!(
+                "[[vip.backend]]\naddress = \"198.18.0.1\"\nport = {p}\n"
+            ));
+        }
+        Config::parse(Path::new("t.toml"), &text).expect("valid config")
+    }
+
+    fn current(plan: &Plan) -> (Vec<(VipKey, Service)>, Vec<(u32, Backend)>) {
+        (
+            plan.services.iter().map(|s| (s.key, s.service)).collect(),
+            plan.services
+                .iter()
+                .flat_map(|s| s.backends.clone())
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn fresh_plan_numbers_backends_from_one() {
+        let p = plan(&config(&[8001, 8002]), &[], &[]).expect("plan");
+        let ids: Vec<u32> = p.services[0].backends.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![1, 2]);
+        assert_eq!(p.services[0].service.id, 0);
+        assert!(p.services[0].table.iter().all(|id| ids.contains(id)));
+    }
+
+    #[test]
+    fn existing_ids_survive_a_replan() {
+        let first = plan(&config(&[8001, 8002, 8003]), &[], &[]).expect("plan");
+        let (s, b) = current(&first);
+        // 8001 removed, 8004 added: 8002 and 8003 keep their ids, 8004 takes a free one.
+        let second = plan(&config(&[8002, 8003, 8004]), &s, &b).expect("replan");
+        let id_of = |p: &Plan, port: u16| {
+            p.services[0]
+                .backends
+                .iter()
+                .find(|(_, b)| b.port_be == port.to_be())
+                .map(|(id, _)| *id)
+        };
+        assert_eq!(id_of(&second, 8002), id_of(&first, 8002));
+        assert_eq!(id_of(&second, 8003), id_of(&first, 8003));
+        // Not even 8001's id: conntrack entries may still name it.
+        let new = id_of(&second, 8004).expect("8004 planned");
+        assert!(!first.services[0].backends.iter().any(|(id, _)| *id == new));
+    }
+}
