@@ -68,7 +68,9 @@ pub struct NetNs {
 impl NetNs {
     pub fn new(name: &str) -> anyhow::Result<Self> {
         sh("ip", &["netns", "add", name])?;
-        let ns = Self { name: name.to_owned() };
+        let ns = Self {
+            name: name.to_owned(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -85,8 +87,12 @@ impl NetNs {
     }
 
     /// Runs `f` on a thread that lives in this namespace (sockets it opens belong here).
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
-        let file = fs::File::open(self.path()).with_context(|| format!("opening netns {}", self.name))?;
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let file =
+            fs::File::open(self.path()).with_context(|| format!("opening netns {}", self.name))?;
         thread::spawn(move || {
             setns(file.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
             Ok(f())
@@ -122,12 +128,26 @@ impl Topology {
         let lb_if = unique("glb");
         let client_if = unique("gcl");
         // Created inside the client namespace, so nothing ever exists in the caller's.
-        client.ip(&["link", "add", &client_if, "type", "veth", "peer", "name", &lb_if, "netns", &lb.name])?;
-        client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", &client_if])?;
+        client.ip(&[
+            "link", "add", &client_if, "type", "veth", "peer", "name", &lb_if, "netns", &lb.name,
+        ])?;
+        client.ip(&[
+            "addr",
+            "add",
+            &format!("{CLIENT_ADDR}/24"),
+            "dev",
+            &client_if,
+        ])?;
         client.ip(&["link", "set", &client_if, "up"])?;
         lb.ip(&["addr", "add", &format!("{LB_ADDR}/24"), "dev", &lb_if])?;
         lb.ip(&["link", "set", &lb_if, "up"])?;
-        client.ip(&["route", "add", &format!("{}/24", Ipv4Addr::from(u32::from(VIP) & !0xff)), "via", &LB_ADDR.to_string()])?;
+        client.ip(&[
+            "route",
+            "add",
+            &format!("{}/24", Ipv4Addr::from(u32::from(VIP) & !0xff)),
+            "via",
+            &LB_ADDR.to_string(),
+        ])?;
         Ok(Self {
             client,
             lb,
@@ -166,7 +186,13 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `program args` inside `ns` (network namespace only: /sys/fs/bpf stays visible).
-    pub fn spawn(name: &str, ns: &NetNs, program: &Path, args: &[&str], log_dir: &Path) -> anyhow::Result<Self> {
+    pub fn spawn(
+        name: &str,
+        ns: &NetNs,
+        program: &Path,
+        args: &[&str],
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
         let log = log_dir.join(format!("{name}.log"));
         let file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new("nsenter")
@@ -200,11 +226,23 @@ impl Proc {
             if self.log_text().contains(needle) {
                 return Ok(());
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("{} exited ({status}) before logging {needle:?}:\n{}", self.name, self.log_text());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "{} exited ({status}) before logging {needle:?}:\n{}",
+                    self.name,
+                    self.log_text()
+                );
             }
             if Instant::now() > deadline {
-                bail!("{} did not log {needle:?} within {timeout:?}:\n{}", self.name, self.log_text());
+                bail!(
+                    "{} did not log {needle:?} within {timeout:?}:\n{}",
+                    self.name,
+                    self.log_text()
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -225,7 +263,10 @@ impl Proc {
         child.kill().ok();
         let status = child.wait()?;
         self.child = None;
-        bail!("{} ignored {signal} for {grace:?}; killed ({status})", self.name)
+        bail!(
+            "{} ignored {signal} for {grace:?}; killed ({status})",
+            self.name
+        )
     }
 
     pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
@@ -255,7 +296,10 @@ pub struct PinDir {
 
 impl PinDir {
     pub fn new(tag: &str) -> Self {
-        Self::at(PathBuf::from(format!("/sys/fs/bpf/gpulb-test-{tag}-{}", std::process::id())))
+        Self::at(PathBuf::from(format!(
+            "/sys/fs/bpf/gpulb-test-{tag}-{}",
+            std::process::id()
+        )))
     }
 
     pub fn at(path: PathBuf) -> Self {
@@ -307,7 +351,12 @@ pub struct Reply {
 }
 
 /// One chat completion to `url` (streaming or not), from the calling thread's namespace.
-pub async fn chat(client: &reqwest::Client, url: &str, stream: bool, max_tokens: u32) -> anyhow::Result<Reply> {
+pub async fn chat(
+    client: &reqwest::Client,
+    url: &str,
+    stream: bool,
+    max_tokens: u32,
+) -> anyhow::Result<Reply> {
     let start = Instant::now();
     let body = serde_json::json!({
         "model": "sim-llm",
@@ -315,7 +364,12 @@ pub async fn chat(client: &reqwest::Client, url: &str, stream: bool, max_tokens:
         "max_tokens": max_tokens,
         "stream": stream,
     });
-    let resp = client.post(url).json(&body).send().await.with_context(|| format!("POST {url}"))?;
+    let resp = client
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
     let status = resp.status();
     let instance = resp
         .headers()
@@ -323,7 +377,10 @@ pub async fn chat(client: &reqwest::Client, url: &str, stream: bool, max_tokens:
         .and_then(|v| v.to_str().ok())
         .unwrap_or("?")
         .to_owned();
-    ensure!(status.is_success(), "POST {url}: HTTP {status} from {instance}");
+    ensure!(
+        status.is_success(),
+        "POST {url}: HTTP {status} from {instance}"
+    );
     if !stream {
         let v: serde_json::Value = resp.json().await.context("reading JSON body")?;
         let text = v["choices"][0]["message"]["content"].as_str().unwrap_or("");
@@ -340,10 +397,16 @@ pub async fn chat(client: &reqwest::Client, url: &str, stream: bool, max_tokens:
     let mut buf = String::new();
     let (mut tokens, mut done, mut first) = (0, false, None);
     while let Some(chunk) = body.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk.context("reading SSE stream")?));
+        buf.push_str(&String::from_utf8_lossy(
+            &chunk.context("reading SSE stream")?,
+        ));
         while let Some(end) = buf.find("\n\n") {
             let event: String = buf.drain(..end + 2).collect();
-            let data = event.trim().strip_prefix("data:").map(str::trim).unwrap_or("");
+            let data = event
+                .trim()
+                .strip_prefix("data:")
+                .map(str::trim)
+                .unwrap_or("");
             if data == "[DONE]" {
                 done = true;
             } else if data.contains("\"delta\"") {
@@ -364,10 +427,19 @@ pub async fn chat(client: &reqwest::Client, url: &str, stream: bool, max_tokens:
 
 /// `count` chat requests to `url`, `concurrency` at a time, from inside `ns`; each result
 /// in request order. Bounded by `count` and by a 60 s timeout per request.
-pub fn burst(ns: &NetNs, url: &str, count: usize, concurrency: usize, stream: bool, max_tokens: u32) -> anyhow::Result<Vec<anyhow::Result<Reply>>> {
+pub fn burst(
+    ns: &NetNs,
+    url: &str,
+    count: usize,
+    concurrency: usize,
+    stream: bool,
+    max_tokens: u32,
+) -> anyhow::Result<Vec<anyhow::Result<Reply>>> {
     let url = url.to_owned();
     ns.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(async move {
             let client = reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -387,10 +459,18 @@ pub fn burst(ns: &NetNs, url: &str, count: usize, concurrency: usize, stream: bo
 pub fn get(ns: &NetNs, url: &str) -> anyhow::Result<(u16, String)> {
     let url = url.to_owned();
     ns.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(async move {
-            let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
-            let resp = client.get(&url).send().await.with_context(|| format!("GET {url}"))?;
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()?;
+            let resp = client
+                .get(&url)
+                .send()
+                .await
+                .with_context(|| format!("GET {url}"))?;
             let status = resp.status().as_u16();
             Ok((status, resp.text().await?))
         })
@@ -438,7 +518,12 @@ pub fn sim_port(i: usize) -> u16 {
 
 impl Stack {
     /// `sim_args` are extra `gpulb-sim` flags for every instance.
-    pub fn start(tag: &str, backends: usize, pins: PinDir, sim_args: &[&str]) -> anyhow::Result<Self> {
+    pub fn start(
+        tag: &str,
+        backends: usize,
+        pins: PinDir,
+        sim_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let topo = Topology::new(tag)?;
         let dir = TempDir::new(tag)?;
         let mut sims = Vec::with_capacity(backends);
@@ -447,7 +532,13 @@ impl Stack {
             let name = format!("sim-{}", i + 1);
             let mut args = vec!["--listen", &listen, "--name", &name];
             args.extend_from_slice(sim_args);
-            sims.push(Proc::spawn(&name, &topo.lb, &bin("gpulb-sim"), &args, &dir.path)?);
+            sims.push(Proc::spawn(
+                &name,
+                &topo.lb,
+                &bin("gpulb-sim"),
+                &args,
+                &dir.path,
+            )?);
         }
         for sim in &mut sims {
             sim.wait_for_log("serving", Duration::from_secs(10))?;
@@ -459,12 +550,21 @@ impl Stack {
             pins.path.display()
         );
         for i in 0..backends {
-            config.push_str(&format!("\n[[vip.backend]]\naddress = \"{LB_ADDR}\"\nport = {}\n", sim_port(i)));
+            config.push_str(&format!(
+                "\n[[vip.backend]]\naddress = \"{LB_ADDR}\"\nport = {}\n",
+                sim_port(i)
+            ));
         }
         let config_path = dir.path.join("gpulb.toml");
         fs::write(&config_path, config)?;
         let config_arg = config_path.to_str().context("UTF-8 path")?.to_owned();
-        let mut daemon = Proc::spawn("gpulb", &topo.lb, &bin("gpulb"), &["run", "--config", &config_arg], &dir.path)?;
+        let mut daemon = Proc::spawn(
+            "gpulb",
+            &topo.lb,
+            &bin("gpulb"),
+            &["run", "--config", &config_arg],
+            &dir.path,
+        )?;
         daemon.wait_for_log("gpulb ready", Duration::from_secs(30))?;
         Ok(Self {
             daemon,

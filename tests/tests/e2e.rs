@@ -25,24 +25,38 @@ fn http_through_xdp_to_four_backends_and_clean_exit() {
     // Non-streaming and streaming requests through the VIP: every one succeeds.
     let mut split: BTreeMap<String, usize> = BTreeMap::new();
     for stream in [false, true] {
-        let replies = burst(&stack.topo.client, &url, REQUESTS, 8, stream, MAX_TOKENS).expect("burst");
+        let replies =
+            burst(&stack.topo.client, &url, REQUESTS, 8, stream, MAX_TOKENS).expect("burst");
         for (i, r) in replies.into_iter().enumerate() {
             let r = r.unwrap_or_else(|e| panic!("request {i} (stream={stream}) failed: {e:#}"));
-            assert_eq!(r.tokens, MAX_TOKENS as usize, "request {i} (stream={stream}): {r:?}");
+            assert_eq!(
+                r.tokens, MAX_TOKENS as usize,
+                "request {i} (stream={stream}): {r:?}"
+            );
             assert!(r.done, "stream {i} ended without [DONE]: {r:?}");
             *split.entry(r.instance).or_insert(0) += 1;
         }
     }
     eprintln!("per-backend split: {split:?}");
     assert_eq!(split.len(), 4, "every backend gets a share: {split:?}");
-    assert!(!split.contains_key("?"), "a reply without instance header: {split:?}");
+    assert!(
+        !split.contains_key("?"),
+        "a reply without instance header: {split:?}"
+    );
 
     // The kernel's view agrees: 80 new flows over 4 backends, each with some.
     let backends = json(&["backends", "--json", "--pin-path", &pin]);
     let rows = backends.as_array().expect("array");
     assert_eq!(rows.len(), 4);
-    let new_flows: Vec<u64> = rows.iter().map(|r| r["new_flows"].as_u64().expect("new_flows")).collect();
-    assert_eq!(new_flows.iter().sum::<u64>(), 2 * REQUESTS as u64, "{backends}");
+    let new_flows: Vec<u64> = rows
+        .iter()
+        .map(|r| r["new_flows"].as_u64().expect("new_flows"))
+        .collect();
+    assert_eq!(
+        new_flows.iter().sum::<u64>(),
+        2 * REQUESTS as u64,
+        "{backends}"
+    );
     assert!(new_flows.iter().all(|&n| n > 0), "{backends}");
     for r in rows {
         let share = r["slots"].as_u64().expect("slots") as f64 / 65537.0;
@@ -61,7 +75,12 @@ fn http_through_xdp_to_four_backends_and_clean_exit() {
     let flows = flows.as_array().expect("array");
     assert_eq!(flows.len(), 2 * REQUESTS, "only VIP flows are tracked");
     assert!(flows.iter().all(|f| f["vip"] == "198.18.100.1:80"));
-    assert!(flows.iter().all(|f| f["client"].as_str().expect("client").starts_with(&CLIENT_ADDR.to_string())));
+    assert!(flows.iter().all(|f| {
+        f["client"]
+            .as_str()
+            .expect("client")
+            .starts_with(&CLIENT_ADDR.to_string())
+    }));
     let reasons_after = json(&["stats", "--json", "--pin-path", &pin]);
     let count = |v: &serde_json::Value, name: &str| {
         v.as_array()
@@ -73,19 +92,33 @@ fn http_through_xdp_to_four_backends_and_clean_exit() {
     };
     assert!(count(&reasons_after, "pass_not_vip") > count(&reasons_before, "pass_not_vip"));
     assert!(count(&reasons_after, "egress_pass") > count(&reasons_before, "egress_pass"));
-    assert_eq!(count(&reasons_after, "egress_revnat"), count(&reasons_before, "egress_revnat"));
+    assert_eq!(
+        count(&reasons_after, "egress_revnat"),
+        count(&reasons_before, "egress_revnat")
+    );
 
     // SIGTERM: the daemon exits 0, detaches and unpins.
     let status = stack.daemon.stop().expect("daemon stops on SIGTERM");
-    assert!(status.success(), "daemon exit: {status}\n{}", stack.daemon.log_text());
+    assert!(
+        status.success(),
+        "daemon exit: {status}\n{}",
+        stack.daemon.log_text()
+    );
     assert!(!stack.pins.path.exists(), "pinned maps left behind");
-    let link = stack.topo.lb.ip(&["-d", "link", "show", "dev", &stack.topo.lb_if]).expect("link");
+    let link = stack
+        .topo
+        .lb
+        .ip(&["-d", "link", "show", "dev", &stack.topo.lb_if])
+        .expect("link");
     assert!(!link.contains("xdp"), "XDP still attached: {link}");
     assert!(stack.daemon.log_text().contains("detached and unpinned"));
     // With gpulb gone the VIP is unreachable, and a backend port still works.
     let (status, _) = get(&stack.topo.client, &direct).expect("direct after stop");
     assert_eq!(status, 200);
-    assert!(get(&stack.topo.client, &vip_url("/health")).is_err(), "VIP answered without gpulb");
+    assert!(
+        get(&stack.topo.client, &vip_url("/health")).is_err(),
+        "VIP answered without gpulb"
+    );
 
     // Dropping the stack removes the namespaces and stops every process.
     let pids: Vec<u32> = stack.sims.iter().map(|s| s.pid()).collect();
@@ -96,7 +129,9 @@ fn http_through_xdp_to_four_backends_and_clean_exit() {
         assert!(!netns.contains(&name), "namespace {name} left behind");
     }
     assert!(
-        gpulb_testbed::wait_until(Duration::from_secs(5), || pids.iter().all(|&p| !pid_alive(p))),
+        gpulb_testbed::wait_until(Duration::from_secs(5), || pids
+            .iter()
+            .all(|&p| !pid_alive(p))),
         "simulated instances left running"
     );
 }
@@ -120,6 +155,9 @@ fn bad_config_exits_64_naming_the_field() {
             .expect("run gpulb");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
-        assert!(stderr.contains("vip[0].backend[1]: duplicate backend 198.18.0.1:8001"), "{stderr}");
+        assert!(
+            stderr.contains("vip[0].backend[1]: duplicate backend 198.18.0.1:8001"),
+            "{stderr}"
+        );
     }
 }

@@ -1,0 +1,510 @@
+//! The XDP program on a table of packets, through BPF_PROG_TEST_RUN: verdict, reason counter,
+//! and output bytes (rewritten with checksums verified by recomputation, or untouched).
+//! Needs root (BPF).
+
+use std::{net::Ipv4Addr, path::Path};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use etherparse::{PacketBuilder, VlanId};
+use gpulb::{config::Config, datapath::Datapath, plan};
+use gpulb_testbed::PinDir;
+use lb_common::{FlowKey, Reason, flow_hash};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+const CLIENT: [u8; 4] = [198, 18, 0, 2];
+const VIP: [u8; 4] = [198, 18, 100, 1];
+const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+
+const CONFIG: &str = r#"
+interface = "lo"
+conntrack_size = 4096
+
+[[vip]]
+name = "chat"
+address = "198.18.100.1"
+port = 80
+maglev_table_size = 1021
+
+[[vip.backend]]
+address = "198.18.0.1"
+port = 8001
+[[vip.backend]]
+address = "198.18.0.1"
+port = 8002
+[[vip.backend]]
+address = "198.18.0.1"
+port = 8003
+weight = 2
+
+[[vip]]
+name = "dns"
+address = "198.18.100.1"
+port = 53
+protocol = "udp"
+maglev_table_size = 251
+
+[[vip.backend]]
+address = "198.18.0.1"
+port = 5353
+
+[[vip]]
+name = "empty"
+address = "198.18.100.2"
+port = 80
+
+[[vip.backend]]
+address = "198.18.0.1"
+port = 9000
+weight = 1
+"#;
+
+/// What a fixture expects.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    /// NATed to the backend Maglev picks for this flow (predicted from the plan's table).
+    Nat,
+    /// NATed to the same backend as the previous fixture's flow (conntrack).
+    NatSameAs(&'static str),
+    /// Passed or dropped with the bytes untouched.
+    Untouched,
+}
+
+struct Fixture {
+    name: &'static str,
+    packet: Vec<u8>,
+    action: u32,
+    reason: Reason,
+    expect: Expect,
+}
+
+fn tcp_packet(
+    vlan: bool,
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    syn: bool,
+) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(MAC_A, MAC_B);
+    let payload = b"GET / HTTP/1.1\r\n\r\n";
+    let mut out = Vec::new();
+    if vlan {
+        let b = eth
+            .single_vlan(VlanId::try_new(100).expect("vlan id"))
+            .ipv4(src, dst, 64)
+            .tcp(sport, dport, 1000, 65535);
+        let b = if syn { b.syn() } else { b.ack(5000) };
+        b.write(&mut out, payload).expect("build");
+    } else {
+        let b = eth.ipv4(src, dst, 64).tcp(sport, dport, 1000, 65535);
+        let b = if syn { b.syn() } else { b.ack(5000) };
+        b.write(&mut out, payload).expect("build");
+    }
+    out
+}
+
+fn udp_packet(dport: u16, zero_checksum: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(CLIENT, VIP, 64)
+        .udp(40000, dport)
+        .write(&mut out, b"query")
+        .expect("build");
+    if zero_checksum {
+        out[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+    }
+    out
+}
+
+/// One's-complement sum of 16-bit words, folded and complemented: 0 over data that includes
+/// a correct checksum.
+fn ones_complement(chunks: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    for data in chunks {
+        for pair in data.chunks(2) {
+            let word = if pair.len() == 2 {
+                u16::from_be_bytes([pair[0], pair[1]])
+            } else {
+                u16::from(pair[0]) << 8
+            };
+            sum += u32::from(word);
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn fix_ip_checksum(pkt: &mut [u8], l3: usize) {
+    let ihl = usize::from(pkt[l3] & 0x0f) * 4;
+    pkt[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+    let c = ones_complement(&[&pkt[l3..l3 + ihl]]);
+    pkt[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Adds 4 bytes of IPv4 options (NOPs) to an untagged packet.
+fn with_ip_options(mut pkt: Vec<u8>) -> Vec<u8> {
+    pkt.splice(34..34, [1u8, 1, 1, 1]);
+    pkt[14] = 0x46;
+    let len = u16::from_be_bytes([pkt[16], pkt[17]]) + 4;
+    pkt[16..18].copy_from_slice(&len.to_be_bytes());
+    fix_ip_checksum(&mut pkt, 14);
+    pkt
+}
+
+/// A non-first fragment (offset 185 × 8 bytes) of an untagged packet.
+fn as_later_fragment(mut pkt: Vec<u8>) -> Vec<u8> {
+    pkt[20..22].copy_from_slice(&185u16.to_be_bytes());
+    fix_ip_checksum(&mut pkt, 14);
+    pkt
+}
+
+fn arp() -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&[0xff; 6]);
+    p.extend_from_slice(&MAC_A);
+    p.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    p.extend_from_slice(&MAC_A);
+    p.extend_from_slice(&CLIENT);
+    p.extend_from_slice(&[0; 6]);
+    p.extend_from_slice(&VIP);
+    p
+}
+
+fn icmp_echo() -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(CLIENT, VIP, 64)
+        .icmpv4_echo_request(7, 1)
+        .write(&mut out, b"ping")
+        .expect("build");
+    out
+}
+
+/// Parsed view of an IPv4 TCP/UDP frame: (l3 offset, l4 offset).
+fn offsets(pkt: &[u8]) -> (usize, usize) {
+    let l3 = if pkt[12..14] == [0x81, 0x00] { 18 } else { 14 };
+    (l3, l3 + usize::from(pkt[l3] & 0x0f) * 4)
+}
+
+fn flow_of(pkt: &[u8]) -> FlowKey {
+    let (l3, l4) = offsets(pkt);
+    let b4 = |o: usize| u32::from_ne_bytes(pkt[o..o + 4].try_into().expect("4 bytes"));
+    let b2 = |o: usize| u16::from_ne_bytes(pkt[o..o + 2].try_into().expect("2 bytes"));
+    FlowKey {
+        src_be: b4(l3 + 12),
+        dst_be: b4(l3 + 16),
+        sport_be: b2(l4),
+        dport_be: b2(l4 + 2),
+        proto: pkt[l3 + 9],
+        _pad: [0; 3],
+    }
+}
+
+/// Checks both checksums of a rewritten frame by recomputing them from scratch.
+fn assert_checksums_valid(name: &str, pkt: &[u8]) {
+    let (l3, l4) = offsets(pkt);
+    assert_eq!(
+        ones_complement(&[&pkt[l3..l4]]),
+        0,
+        "{name}: IPv4 header checksum"
+    );
+    let total = usize::from(u16::from_be_bytes([pkt[l3 + 2], pkt[l3 + 3]]));
+    let segment = &pkt[l4..l3 + total];
+    let proto = pkt[l3 + 9];
+    if proto == 17 && segment[6..8] == [0, 0] {
+        return; // UDP without checksum
+    }
+    let len = (segment.len() as u16).to_be_bytes();
+    let pseudo = [&pkt[l3 + 12..l3 + 20], &[0, proto], &len[..]].concat();
+    assert_eq!(
+        ones_complement(&[&pseudo, segment]),
+        0,
+        "{name}: L4 checksum"
+    );
+}
+
+#[test]
+fn xdp_fixture_table() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test loads BPF programs: run it as root (cargo xtask test)"
+    );
+    let pins = PinDir::new("packets");
+    let config = Config::parse(Path::new("fixture.toml"), CONFIG).expect("fixture config");
+    let mut dp = Datapath::load(&pins.path, config.conntrack_size).expect("load BPF object");
+    let plan = plan::plan(&config, &[], &[]).expect("plan");
+    plan::apply(&mut dp.maps, &plan).expect("program maps");
+    // The "empty" VIP keeps its service but loses its table: a VIP with no backend.
+    let empty = &plan.services[2];
+    let cleared: Vec<(u32, u32)> = (0..empty.service.table_size).map(|s| (s, 0)).collect();
+    dp.maps
+        .write_slots(empty.service.id, &cleared)
+        .expect("clear table");
+
+    let syn = tcp_packet(false, CLIENT, VIP, 40000, 80, true);
+    let fixtures = vec![
+        Fixture {
+            name: "SYN to VIP",
+            packet: syn.clone(),
+            action: XDP_PASS,
+            reason: Reason::FwdNewFlow,
+            expect: Expect::Nat,
+        },
+        Fixture {
+            name: "established packet",
+            packet: tcp_packet(false, CLIENT, VIP, 40000, 80, false),
+            action: XDP_PASS,
+            reason: Reason::FwdEstablished,
+            expect: Expect::NatSameAs("SYN to VIP"),
+        },
+        Fixture {
+            name: "mid-flow packet without conntrack",
+            packet: tcp_packet(false, CLIENT, VIP, 40001, 80, false),
+            action: XDP_PASS,
+            reason: Reason::FwdRehashed,
+            expect: Expect::Nat,
+        },
+        Fixture {
+            name: "TCP to a non-VIP port",
+            packet: tcp_packet(false, CLIENT, VIP, 40002, 81, true),
+            action: XDP_PASS,
+            reason: Reason::PassNotVip,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "TCP to a non-VIP address",
+            packet: tcp_packet(false, CLIENT, [198, 18, 100, 9], 40002, 80, true),
+            action: XDP_PASS,
+            reason: Reason::PassNotVip,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "ARP request for the VIP",
+            packet: arp(),
+            action: XDP_PASS,
+            reason: Reason::PassNotIpv4,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "ICMP echo to the VIP",
+            packet: icmp_echo(),
+            action: XDP_PASS,
+            reason: Reason::PassNotTcpUdp,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "IPv4 with options, SYN to VIP",
+            packet: with_ip_options(tcp_packet(false, CLIENT, VIP, 40003, 80, true)),
+            action: XDP_PASS,
+            reason: Reason::FwdNewFlow,
+            expect: Expect::Nat,
+        },
+        Fixture {
+            name: "non-first fragment to VIP",
+            packet: as_later_fragment(tcp_packet(false, CLIENT, VIP, 40004, 80, false)),
+            action: XDP_PASS,
+            reason: Reason::PassFragment,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "802.1Q-tagged SYN to VIP",
+            packet: tcp_packet(true, CLIENT, VIP, 40005, 80, true),
+            action: XDP_PASS,
+            reason: Reason::FwdNewFlow,
+            expect: Expect::Nat,
+        },
+        Fixture {
+            name: "UDP to UDP VIP",
+            packet: udp_packet(53, false),
+            action: XDP_PASS,
+            reason: Reason::FwdNewFlow,
+            expect: Expect::Nat,
+        },
+        Fixture {
+            name: "UDP to UDP VIP, no checksum",
+            packet: {
+                let mut p = udp_packet(53, true);
+                p[34..36].copy_from_slice(&40010u16.to_be_bytes());
+                p
+            },
+            action: XDP_PASS,
+            reason: Reason::FwdNewFlow,
+            expect: Expect::Nat,
+        },
+        Fixture {
+            name: "UDP to the TCP VIP's port",
+            packet: udp_packet(80, false),
+            action: XDP_PASS,
+            reason: Reason::PassNotVip,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "SYN to a VIP without backends",
+            packet: tcp_packet(false, CLIENT, [198, 18, 100, 2], 40006, 80, true),
+            action: XDP_DROP,
+            reason: Reason::DropNoBackend,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "truncated 802.1Q header",
+            packet: tcp_packet(true, CLIENT, VIP, 40007, 80, true)[..16].to_vec(),
+            action: XDP_PASS,
+            reason: Reason::PassMalformed,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "truncated IPv4 header",
+            packet: syn[..14 + 12].to_vec(),
+            action: XDP_PASS,
+            reason: Reason::PassMalformed,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "Ethernet header only",
+            packet: syn[..14].to_vec(),
+            action: XDP_PASS,
+            reason: Reason::PassMalformed,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "truncated TCP header",
+            packet: syn[..14 + 20 + 10].to_vec(),
+            action: XDP_PASS,
+            reason: Reason::PassMalformed,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "IPv4 header length below 20",
+            packet: {
+                let mut p = syn.clone();
+                p[14] = 0x44;
+                p
+            },
+            action: XDP_PASS,
+            reason: Reason::PassMalformed,
+            expect: Expect::Untouched,
+        },
+    ];
+
+    let mut outputs: Vec<(&str, Vec<u8>)> = Vec::new();
+    for f in &fixtures {
+        let before = dp.maps.reasons().expect("reasons");
+        let mut out = vec![0u8; f.packet.len() + 64];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&f.packet);
+        opts.data_out = Some(&mut out);
+        let result = dp
+            .ingress()
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("{}: test run: {e}", f.name));
+        out.truncate(result.data_size_out as usize);
+        assert_eq!(result.return_value, f.action, "{}: XDP action", f.name);
+
+        let after = dp.maps.reasons().expect("reasons");
+        let deltas: Vec<(Reason, u64)> = after
+            .iter()
+            .zip(&before)
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|(a, b)| (a.0, a.1 - b.1))
+            .collect();
+        assert_eq!(deltas, vec![(f.reason, 1)], "{}: reason counters", f.name);
+
+        match f.expect {
+            Expect::Untouched => assert_eq!(out, f.packet, "{}: packet must be untouched", f.name),
+            Expect::Nat | Expect::NatSameAs(_) => {
+                let key = flow_of(&f.packet);
+                let svc = plan
+                    .services
+                    .iter()
+                    .find(|s| {
+                        s.key.addr_be == key.dst_be
+                            && s.key.port_be == key.dport_be
+                            && s.key.proto == key.proto
+                    })
+                    .expect("fixture targets a VIP");
+                let backend_id = match f.expect {
+                    Expect::NatSameAs(prev) => {
+                        let prev_out = &outputs
+                            .iter()
+                            .find(|(n, _)| *n == prev)
+                            .expect("earlier fixture")
+                            .1;
+                        let pf = flow_of(prev_out);
+                        svc.backends
+                            .iter()
+                            .find(|(_, b)| b.addr_be == pf.dst_be && b.port_be == pf.dport_be)
+                            .expect("known backend")
+                            .0
+                    }
+                    _ => svc.table[(flow_hash(&key) % svc.service.table_size) as usize],
+                };
+                let backend = svc
+                    .backends
+                    .iter()
+                    .find(|(id, _)| *id == backend_id)
+                    .expect("backend in plan")
+                    .1;
+                let got = flow_of(&out);
+                assert_eq!(
+                    (
+                        Ipv4Addr::from(got.dst_be.to_ne_bytes()),
+                        u16::from_be(got.dport_be)
+                    ),
+                    (
+                        Ipv4Addr::from(backend.addr_be.to_ne_bytes()),
+                        u16::from_be(backend.port_be)
+                    ),
+                    "{}: rewritten destination",
+                    f.name
+                );
+                assert_eq!(
+                    (got.src_be, got.sport_be),
+                    (key.src_be, key.sport_be),
+                    "{}: source untouched",
+                    f.name
+                );
+                assert_checksums_valid(f.name, &out);
+                // Only the destination and the checksums differ from the input.
+                let (l3, l4) = offsets(&out);
+                let check_at = if key.proto == 6 { l4 + 16 } else { l4 + 6 };
+                let changed: Vec<usize> =
+                    (0..out.len()).filter(|&i| out[i] != f.packet[i]).collect();
+                let allowed = |i: usize| {
+                    (l3 + 10..l3 + 12).contains(&i)
+                        || (l3 + 16..l3 + 20).contains(&i)
+                        || (l4 + 2..l4 + 4).contains(&i)
+                        || (check_at..check_at + 2).contains(&i)
+                };
+                assert!(
+                    changed.iter().all(|&i| allowed(i)),
+                    "{}: unexpected bytes changed: {changed:?}",
+                    f.name
+                );
+                if f.name.contains("no checksum") {
+                    assert_eq!(
+                        out[check_at..check_at + 2],
+                        [0, 0],
+                        "{}: a zero UDP checksum stays zero",
+                        f.name
+                    );
+                }
+            }
+        }
+        outputs.push((f.name, out));
+    }
+
+    // Conntrack and reverse NAT hold the NATed flows.
+    let flows = dp.maps.flows().expect("flows");
+    assert_eq!(
+        flows.len(),
+        6,
+        "one conntrack entry per NATed flow: {flows:?}"
+    );
+    drop(dp);
+    drop(pins);
+}
