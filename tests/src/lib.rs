@@ -157,11 +157,17 @@ impl Topology {
     }
 }
 
-/// Where cargo put the workspace's binaries (target/<profile>), next to the running test
-/// or xtask; `GPULB_BIN_DIR` overrides.
+static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Makes `bin` look in `dir` (the demo runs release binaries from a debug xtask).
+pub fn set_bin_dir(dir: PathBuf) {
+    BIN_DIR.set(dir).expect("bin dir set once, before use");
+}
+
+/// Where cargo put the workspace's binaries: target/<profile>, next to the running test.
 pub fn bin_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("GPULB_BIN_DIR") {
-        return dir.into();
+    if let Some(dir) = BIN_DIR.get() {
+        return dir.clone();
     }
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");

@@ -1,0 +1,140 @@
+//! Installs what building and testing gpulb needs, skipping what is present. Every step says
+//! what it is doing. See DEVELOPERS.md for the recipe this automates.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::exec;
+
+/// Debian's rustc 1.96 (LLVM 22) with rust-src builds the BPF crate; LLVM 22 for bpf-linker;
+/// iproute2 and util-linux (nsenter) for the namespaces; curl for the demo's hint.
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "util-linux",
+    "curl",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The rustup name under which /usr's toolchain is linked; lb-userspace/build.rs uses it.
+const BPF_TOOLCHAIN: &str = "gpulb-bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn say(msg: &str) {
+    println!("[setup] {msg}");
+}
+
+fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("{what} needs root: run cargo xtask as root (sudo -E cargo xtask ...)");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn apt_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn ensure_apt() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !apt_installed(p))
+        .collect();
+    if missing.is_empty() {
+        say("apt packages present");
+        return Ok(());
+    }
+    require_root("installing apt packages")?;
+    say(&format!("installing apt packages: {}", missing.join(" ")));
+    exec(Command::new("apt-get").args(["update", "-q"]))?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    if output(Command::new("bpf-linker").arg("--version"))
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
+    {
+        say(&format!("bpf-linker {BPF_LINKER_VERSION} present"));
+        return Ok(());
+    }
+    say(&format!(
+        "installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes)"
+    ));
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    exec(
+        crate::cargo()
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .env("PATH", path),
+    )
+}
+
+fn ensure_toolchain_link() -> anyhow::Result<()> {
+    let list = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("running rustup toolchain list")?;
+    if list.lines().any(|l| l.starts_with(BPF_TOOLCHAIN)) {
+        say(&format!("rustup toolchain {BPF_TOOLCHAIN} present"));
+        return Ok(());
+    }
+    if !Path::new("/usr/lib/rustlib/src/rust/library/core").exists() {
+        bail!("/usr/lib/rustlib/src is missing: rust-web-src did not install");
+    }
+    say(&format!(
+        "linking rustup toolchain {BPF_TOOLCHAIN} to /usr (Debian's rustc with rust-src)"
+    ));
+    exec(Command::new("rustup").args(["toolchain", "link", BPF_TOOLCHAIN, "/usr"]))
+}
+
+fn ensure_bpffs() -> anyhow::Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if nix::sys::statfs::statfs(root).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC) {
+        say("bpffs mounted at /sys/fs/bpf");
+        return Ok(());
+    }
+    require_root("mounting bpffs")?;
+    say("mounting bpffs at /sys/fs/bpf");
+    exec(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+pub fn ensure_all() -> anyhow::Result<()> {
+    ensure_apt()?;
+    ensure_bpf_linker()?;
+    ensure_toolchain_link()?;
+    ensure_bpffs()
+}
