@@ -11,7 +11,8 @@ pub mod plan;
 pub mod sim;
 
 /// The data path programs (`lb-ebpf`, built by build.rs).
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gpulb"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gpulb-ebpf"));
 
 /// The benchmark wrapper and no-op programs (`lb-ebpf/src/bin/bench.rs`).
 pub static BENCH_OBJECT: &[u8] =

@@ -70,8 +70,8 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
     println!(
         "\nTry it:\n  ip netns exec {ns} curl -N http://{VIP}/v1/chat/completions \\\n    \
          -H 'content-type: application/json' \\\n    \
-         -d '{{\"model\":\"sim-llm\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"stream\":true}}'\n  \
-         {g} backends | {g} flows | {g} maglev | {g} stats | {g} vips\n",
+         -d '{{\"model\":\"sim-llm\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"stream\":true}}'\n\n\
+         Inspect it (another terminal):\n  {g} backends\n  {g} flows\n  {g} maglev\n  {g} stats\n  {g} vips\n",
         g = gpulb.display()
     );
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -54,14 +54,54 @@ pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-/// Builds the workspace's binaries (which builds the BPF object through build.rs).
+/// Builds the binaries of the default members (lb-userspace's build.rs builds the BPF
+/// object; lb-ebpf itself only builds for the BPF target, so never `--workspace`).
 pub fn build(release: bool) -> anyhow::Result<()> {
     let mut cmd = cargo();
-    cmd.args(["build", "--workspace", "--bins"]);
+    cmd.args(["build", "--bins"]);
     if release {
         cmd.arg("--release");
     }
     exec(&mut cmd)
+}
+
+/// Runs `cargo test` over the default members, echoing its output, and ends with one
+/// summary line over every test binary ("N passed, N failed").
+fn test() -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = cargo()
+        .args(["test", "--no-fail-fast"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("spawning cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().context("cargo test stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)?
+                            .trim()
+                            .rsplit(' ')
+                            .next()?
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("\ntests: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("cargo test failed ({status}): {failed} failed");
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,7 +115,7 @@ fn main() -> anyhow::Result<()> {
             setup::ensure_all()?;
             build(false)?;
             println!("[xtask] running all tests");
-            exec(cargo().args(["test", "--workspace", "--no-fail-fast"]))
+            test()
         }
         Cmd::Run { duration } => {
             setup::ensure_all()?;
