@@ -81,38 +81,32 @@ fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Res
 impl Maps {
     /// Takes the maps out of a loaded object (the programs keep their own references).
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
-        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing { name });
-        Ok(Self {
-            services: typed(maps::SERVICES, take(maps::SERVICES)?)?,
-            backends: typed(maps::BACKENDS, take(maps::BACKENDS)?)?,
-            maglev: typed(maps::MAGLEV, take(maps::MAGLEV)?)?,
-            conns: typed(maps::CONNS, take(maps::CONNS)?)?,
-            revnat: typed(maps::REVNAT, take(maps::REVNAT)?)?,
-            vip_stats: typed(maps::VIP_STATS, take(maps::VIP_STATS)?)?,
-            backend_stats: typed(maps::BACKEND_STATS, take(maps::BACKEND_STATS)?)?,
-            reasons: typed(maps::REASONS, take(maps::REASONS)?)?,
-        })
+        Self::from_source(|name| ebpf.take_map(name).ok_or(MapsError::Missing { name }))
     }
 
     /// Opens the maps a running daemon pinned under `dir`.
     pub fn open_pinned(dir: &Path) -> Result<Self, MapsError> {
-        let open = |name: &'static str| -> Result<Map, MapsError> {
+        Self::from_source(|name| {
             let path = dir.join(name);
-            let data = MapData::from_pin(&path).map_err(|source| MapsError::OpenPinned {
-                path: path.clone(),
-                source,
-            })?;
+            let data = MapData::from_pin(&path)
+                .map_err(|source| MapsError::OpenPinned { path, source })?;
             Map::from_map_data(data).map_err(|source| MapsError::Layout { name, source })
-        };
+        })
+    }
+
+    /// Builds the typed handles from `get(name)` for each of gpulb's maps.
+    fn from_source(
+        mut get: impl FnMut(&'static str) -> Result<Map, MapsError>,
+    ) -> Result<Self, MapsError> {
         Ok(Self {
-            services: typed(maps::SERVICES, open(maps::SERVICES)?)?,
-            backends: typed(maps::BACKENDS, open(maps::BACKENDS)?)?,
-            maglev: typed(maps::MAGLEV, open(maps::MAGLEV)?)?,
-            conns: typed(maps::CONNS, open(maps::CONNS)?)?,
-            revnat: typed(maps::REVNAT, open(maps::REVNAT)?)?,
-            vip_stats: typed(maps::VIP_STATS, open(maps::VIP_STATS)?)?,
-            backend_stats: typed(maps::BACKEND_STATS, open(maps::BACKEND_STATS)?)?,
-            reasons: typed(maps::REASONS, open(maps::REASONS)?)?,
+            services: typed(maps::SERVICES, get(maps::SERVICES)?)?,
+            backends: typed(maps::BACKENDS, get(maps::BACKENDS)?)?,
+            maglev: typed(maps::MAGLEV, get(maps::MAGLEV)?)?,
+            conns: typed(maps::CONNS, get(maps::CONNS)?)?,
+            revnat: typed(maps::REVNAT, get(maps::REVNAT)?)?,
+            vip_stats: typed(maps::VIP_STATS, get(maps::VIP_STATS)?)?,
+            backend_stats: typed(maps::BACKEND_STATS, get(maps::BACKEND_STATS)?)?,
+            reasons: typed(maps::REASONS, get(maps::REASONS)?)?,
         })
     }
 

@@ -102,6 +102,21 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// Runs an async task to completion on a single-threaded runtime inside this namespace.
+    pub fn block_on<T: Send + 'static>(
+        &self,
+        task: impl Future<Output = anyhow::Result<T>> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        self.run(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(task)
+        })?
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         // Deleting the namespace also deletes the veth end inside it, and so its peer.
@@ -442,45 +457,35 @@ pub fn burst(
     max_tokens: u32,
 ) -> anyhow::Result<Vec<anyhow::Result<Reply>>> {
     let url = url.to_owned();
-    ns.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+    ns.block_on(async move {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(0) // one connection per request: each is a new flow
             .build()?;
-        rt.block_on(async move {
-            let client = reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .pool_max_idle_per_host(0) // one connection per request: each is a new flow
-                .build()?;
-            let results = futures_util::stream::iter(0..count)
-                .map(|_| chat(&client, &url, stream, max_tokens))
-                .buffered(concurrency.max(1))
-                .collect::<Vec<_>>()
-                .await;
-            Ok::<_, anyhow::Error>(results)
-        })
-    })?
+        let results = futures_util::stream::iter(0..count)
+            .map(|_| chat(&client, &url, stream, max_tokens))
+            .buffered(concurrency.max(1))
+            .collect::<Vec<_>>()
+            .await;
+        Ok(results)
+    })
 }
 
 /// A GET from inside `ns`: (status, body).
 pub fn get(ns: &NetNs, url: &str) -> anyhow::Result<(u16, String)> {
     let url = url.to_owned();
-    ns.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+    ns.block_on(async move {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
             .build()?;
-        rt.block_on(async move {
-            let client = reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()?;
-            let resp = client
-                .get(&url)
-                .send()
-                .await
-                .with_context(|| format!("GET {url}"))?;
-            let status = resp.status().as_u16();
-            Ok((status, resp.text().await?))
-        })
-    })?
+        let resp = client
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text().await?))
+    })
 }
 
 /// Polls `f` until it returns true or `timeout` passes.
