@@ -2,20 +2,25 @@
 //! [`Config`]. Every error names the field and the value. Nothing here touches BPF.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fmt,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use lb_common::{MAGLEV_DEFAULT_SIZE, MAGLEV_MAX_SIZE, MAX_BACKENDS, MAX_SERVICES};
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/gpulb";
+pub const DEFAULT_STATE_DIR: &str = "/run/gpulb";
+pub const DEFAULT_LOG_DIR: &str = "/var/log/gpulb";
+/// The control socket, under `state_dir`.
+pub const CONTROL_SOCKET: &str = "control.sock";
 /// Smallest and largest conntrack size accepted (entries).
 const CONNTRACK_MIN: u64 = 1024;
 const CONNTRACK_MAX: u64 = 1 << 26;
-const WEIGHT_MAX: i64 = 1_000_000;
+pub const WEIGHT_MAX: i64 = 1_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -44,8 +49,94 @@ struct RawConfig {
     xdp_mode: XdpMode,
     pin_path: Option<PathBuf>,
     conntrack_size: Option<i64>,
+    state_dir: Option<PathBuf>,
+    log_dir: Option<PathBuf>,
+    #[serde(default = "default_drain_timeout_ms")]
+    drain_timeout_ms: i64,
+    #[serde(default = "default_kill_timeout_ms")]
+    kill_timeout_ms: i64,
     #[serde(default)]
     vip: Vec<RawVip>,
+    #[serde(default)]
+    model: Vec<RawModel>,
+}
+
+fn default_drain_timeout_ms() -> i64 {
+    30_000
+}
+
+fn default_kill_timeout_ms() -> i64 {
+    10_000
+}
+
+/// `[[model]]`: a model server, one instance per GPU (or per `gpus_per_instance` GPUs).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: String,
+    vip: String,
+    #[serde(default)]
+    command: Vec<String>,
+    served_model: Option<String>,
+    gpus: RawGpus,
+    #[serde(default = "default_gpus_per_instance")]
+    gpus_per_instance: i64,
+    address: String,
+    base_port: i64,
+    #[serde(default = "default_weight")]
+    weight: i64,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default = "default_restart_delay_ms")]
+    restart_delay_ms: i64,
+    #[serde(default = "default_restart_delay_max_ms")]
+    restart_delay_max_ms: i64,
+    #[serde(default = "default_stable_after_ms")]
+    stable_after_ms: i64,
+    #[serde(default)]
+    health: RawHealth,
+}
+
+fn default_gpus_per_instance() -> i64 {
+    1
+}
+fn default_restart_delay_ms() -> i64 {
+    1_000
+}
+fn default_restart_delay_max_ms() -> i64 {
+    60_000
+}
+fn default_stable_after_ms() -> i64 {
+    60_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawGpus {
+    /// `"all"` or `"simulated:N"`.
+    Named(String),
+    List(Vec<RawGpuRef>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawGpuRef {
+    Index(i64),
+    Uuid(String),
+}
+
+/// `health` of a model or a VIP (for its `[[vip.backend]]`s).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    check: Option<String>,
+    path: Option<String>,
+    /// External backends: the model `/v1/models` must list (none: not checked).
+    model: Option<String>,
+    interval_ms: Option<i64>,
+    timeout_ms: Option<i64>,
+    rise: Option<i64>,
+    fall: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +150,8 @@ struct RawVip {
     maglev_table_size: Option<i64>,
     #[serde(default)]
     backend: Vec<RawBackend>,
+    #[serde(default)]
+    health: RawHealth,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,8 +221,93 @@ pub struct Config {
     pub interface: String,
     pub xdp_mode: XdpMode,
     pub pin_path: PathBuf,
+    /// Control socket and the record of running instances (for takeover).
+    pub state_dir: PathBuf,
+    /// One output file per model instance.
+    pub log_dir: PathBuf,
     pub conntrack_size: u32,
+    /// How long a drain waits for a backend's connections to end.
+    pub drain_timeout: Duration,
+    /// How long a stopping instance gets between SIGTERM and SIGKILL.
+    pub kill_timeout: Duration,
     pub vips: Vec<Vip>,
+    pub models: Vec<Model>,
+}
+
+impl Config {
+    pub fn control_socket(&self) -> PathBuf {
+        self.state_dir.join(CONTROL_SOCKET)
+    }
+}
+
+/// A model server: its instances are the backends of `vip`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Model {
+    pub name: String,
+    pub vip: String,
+    /// argv with `{port}`, `{address}`, `{name}`, `{model}`, `{gpus}`, `{tp}` placeholders.
+    pub command: Vec<String>,
+    /// What `/v1/models` must list before an instance is ready.
+    pub served_model: String,
+    pub gpus: GpuSelection,
+    pub gpus_per_instance: u32,
+    pub address: Ipv4Addr,
+    pub base_port: u16,
+    pub weight: u32,
+    pub env: BTreeMap<String, String>,
+    pub restart_delay: Duration,
+    pub restart_delay_max: Duration,
+    /// An instance up this long has its restart delay reset.
+    pub stable_after: Duration,
+    pub health: HealthCheck,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuSelection {
+    /// Every GPU NVML finds.
+    All,
+    List(Vec<GpuRef>),
+    /// N simulated GPUs: instances run `gpulb-sim` unless `command` says otherwise.
+    Simulated(u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuRef {
+    Index(u32),
+    Uuid(String),
+}
+
+impl fmt::Display for GpuRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GpuRef::Index(i) => write!(f, "{i}"),
+            GpuRef::Uuid(u) => f.write_str(u),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// GET `path` answers 2xx, and `/v1/models` lists the model if one is named.
+    Http,
+    /// A TCP connect succeeds.
+    Tcp,
+    /// Always healthy (the process being alive is enough).
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    pub path: String,
+    pub model: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes before a backend is ready.
+    pub rise: u32,
+    /// Consecutive failures before a ready backend is unhealthy.
+    pub fall: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,7 +317,10 @@ pub struct Vip {
     pub port: u16,
     pub protocol: Protocol,
     pub maglev_table_size: u32,
+    /// `[[vip.backend]]`: processes gpulb does not start.
     pub backends: Vec<BackendConfig>,
+    /// How those backends are checked.
+    pub health: HealthCheck,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,24 +446,397 @@ impl RawConfig {
             total_backends += vip.backends.len();
             vips.push(vip);
         }
+        let models = validate_models(self.model, &vips)?;
+        for (i, vip) in vips.iter().enumerate() {
+            check_vip_can_serve(i, vip, models.iter().any(|m| m.vip == vip.name))?;
+        }
         // Backend id 0 is reserved.
-        if total_backends >= MAX_BACKENDS as usize {
+        let model_instances: usize = models
+            .iter()
+            .map(|m| m.instance_count().unwrap_or(0) as usize)
+            .sum();
+        if total_backends + model_instances >= MAX_BACKENDS as usize {
             return Err(invalid(
                 "vip",
                 format!(
-                    "{total_backends} backends in all, at most {} are supported",
+                    "{} backends in all, at most {} are supported",
+                    total_backends + model_instances,
                     MAX_BACKENDS - 1
                 ),
             ));
+        }
+        let state_dir = self.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        let log_dir = self.log_dir.unwrap_or_else(|| DEFAULT_LOG_DIR.into());
+        for (field, dir) in [("state_dir", &state_dir), ("log_dir", &log_dir)] {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    field,
+                    format!("{} is not an absolute path", dir.display()),
+                ));
+            }
         }
         Ok(Config {
             interface: self.interface,
             xdp_mode: self.xdp_mode,
             pin_path,
+            state_dir,
+            log_dir,
             conntrack_size,
+            drain_timeout: parse_ms("drain_timeout_ms", self.drain_timeout_ms, 0, 3_600_000)?,
+            kill_timeout: parse_ms("kill_timeout_ms", self.kill_timeout_ms, 0, 600_000)?,
             vips,
+            models,
         })
     }
+}
+
+/// A VIP must be able to serve: a model, or a static backend of non-zero weight.
+fn check_vip_can_serve(i: usize, vip: &Vip, has_model: bool) -> Result<(), FieldError> {
+    if has_model {
+        return Ok(());
+    }
+    let backends = &vip.backends;
+    if backends.is_empty() {
+        return Err(invalid(
+            format!("vip[{i}].backend"),
+            "a VIP needs at least one backend or a [[model]] that serves it",
+        ));
+    }
+    if backends.iter().all(|b| b.weight == 0) {
+        return Err(if backends.len() == 1 {
+            invalid(
+                format!("vip[{i}].backend[0].weight"),
+                "0 on the only backend: the VIP could serve no connection",
+            )
+        } else {
+            invalid(
+                format!("vip[{i}].backend"),
+                "every backend has weight 0: the VIP could serve no connection",
+            )
+        });
+    }
+    Ok(())
+}
+
+fn parse_ms(field: &str, ms: i64, min: i64, max: i64) -> Result<Duration, FieldError> {
+    if !(min..=max).contains(&ms) {
+        return Err(invalid(field, format!("{ms} is out of range {min}-{max}")));
+    }
+    Ok(Duration::from_millis(ms as u64))
+}
+
+fn parse_count(field: &str, n: i64, max: i64) -> Result<u32, FieldError> {
+    if !(1..=max).contains(&n) {
+        return Err(invalid(field, format!("{n} is out of range 1-{max}")));
+    }
+    Ok(n as u32)
+}
+
+fn parse_weight(field: &str, weight: i64) -> Result<u32, FieldError> {
+    match u32::try_from(weight) {
+        Ok(w) if i64::from(w) <= WEIGHT_MAX => Ok(w),
+        _ => Err(invalid(
+            field,
+            format!("{weight} is out of range 0-{WEIGHT_MAX}"),
+        )),
+    }
+}
+
+impl RawHealth {
+    /// `default_model`: what `/v1/models` must list when `model` is not given.
+    fn validate(
+        self,
+        field: &str,
+        default_kind: CheckKind,
+        default_model: Option<String>,
+    ) -> Result<HealthCheck, FieldError> {
+        let f = |name: &str| format!("{field}.{name}");
+        let kind = match self.check.as_deref() {
+            None => default_kind,
+            Some("http") => CheckKind::Http,
+            Some("tcp") => CheckKind::Tcp,
+            Some("none") => CheckKind::None,
+            Some(other) => {
+                return Err(invalid(
+                    f("check"),
+                    format!("{other:?} is not \"http\", \"tcp\" or \"none\""),
+                ));
+            }
+        };
+        let path = self.path.unwrap_or_else(|| "/health".into());
+        if !path.starts_with('/') {
+            return Err(invalid(f("path"), format!("{path:?} must start with '/'")));
+        }
+        let interval = parse_ms(&f("interval_ms"), self.interval_ms.unwrap_or(1000), 10, 3_600_000)?;
+        let timeout = parse_ms(&f("timeout_ms"), self.timeout_ms.unwrap_or(1000), 10, 600_000)?;
+        Ok(HealthCheck {
+            kind,
+            path,
+            model: self.model.or(default_model),
+            interval,
+            timeout,
+            rise: parse_count(&f("rise"), self.rise.unwrap_or(1), 100)?,
+            fall: parse_count(&f("fall"), self.fall.unwrap_or(3), 100)?,
+        })
+    }
+}
+
+impl Model {
+    /// Instances this model runs; `None` for `gpus = "all"` (known after GPU discovery).
+    pub fn instance_count(&self) -> Option<u32> {
+        let gpus = match &self.gpus {
+            GpuSelection::All => return None,
+            GpuSelection::List(l) => l.len() as u32,
+            GpuSelection::Simulated(n) => *n,
+        };
+        Some(gpus / self.gpus_per_instance)
+    }
+}
+
+fn validate_models(raw: Vec<RawModel>, vips: &[Vip]) -> Result<Vec<Model>, FieldError> {
+    let mut models: Vec<Model> = Vec::with_capacity(raw.len());
+    for (i, raw) in raw.into_iter().enumerate() {
+        let model = raw.validate(i, vips)?;
+        if let Some(prev) = models.iter().position(|m| m.name == model.name) {
+            return Err(invalid(
+                format!("model[{i}].name"),
+                format!("{:?} already used by model[{prev}]", model.name),
+            ));
+        }
+        if let GpuSelection::List(gpus) = &model.gpus {
+            for gpu in gpus {
+                let other = models.iter().find(|m| match &m.gpus {
+                    GpuSelection::List(l) => l.contains(gpu),
+                    GpuSelection::All => true,
+                    GpuSelection::Simulated(_) => false,
+                });
+                if let Some(other) = other {
+                    return Err(invalid(
+                        format!("model[{i}].gpus"),
+                        format!("gpu {gpu} already used by {:?}", other.name),
+                    ));
+                }
+            }
+        }
+        if model.gpus == GpuSelection::All
+            && let Some(other) = models
+                .iter()
+                .find(|m| !matches!(m.gpus, GpuSelection::Simulated(_)))
+        {
+            return Err(invalid(
+                format!("model[{i}].gpus"),
+                format!("\"all\" overlaps the GPUs of {:?}", other.name),
+            ));
+        }
+        // Instance ports must not collide with each other or with static backends.
+        let vip = vips.iter().find(|v| v.name == model.vip).expect("checked");
+        let count = model.instance_count().unwrap_or(1);
+        for n in 0..count {
+            let port = model.base_port as u32 + n;
+            let clash = vip
+                .backends
+                .iter()
+                .position(|b| b.address == model.address && u32::from(b.port) == port);
+            if let Some(j) = clash {
+                return Err(invalid(
+                    format!("model[{i}].base_port"),
+                    format!(
+                        "instance {n} would listen on {}:{port}, already vip[{}].backend[{j}]",
+                        model.address,
+                        vips.iter().position(|v| v.name == model.vip).expect("checked")
+                    ),
+                ));
+            }
+            let other = models.iter().find(|m| {
+                m.address == model.address
+                    && (u32::from(m.base_port)
+                        ..u32::from(m.base_port) + m.instance_count().unwrap_or(1))
+                        .contains(&port)
+            });
+            if let Some(other) = other {
+                return Err(invalid(
+                    format!("model[{i}].base_port"),
+                    format!(
+                        "instance {n} would listen on {}:{port}, already used by {:?}",
+                        model.address, other.name
+                    ),
+                ));
+            }
+        }
+        models.push(model);
+    }
+    Ok(models)
+}
+
+impl RawModel {
+    fn validate(self, i: usize, vips: &[Vip]) -> Result<Model, FieldError> {
+        let f = |name: &str| format!("model[{i}].{name}");
+        if self.name.trim().is_empty() || self.name.contains(['/', ' ']) {
+            return Err(invalid(
+                f("name"),
+                format!("{:?} must be non-empty, without '/' or spaces", self.name),
+            ));
+        }
+        let Some(vip) = vips.iter().find(|v| v.name == self.vip) else {
+            return Err(invalid(
+                f("vip"),
+                format!("no [[vip]] named {:?}", self.vip),
+            ));
+        };
+        if vip.protocol != Protocol::Tcp {
+            return Err(invalid(
+                f("vip"),
+                format!("{:?} is a UDP VIP; model servers speak HTTP over TCP", self.vip),
+            ));
+        }
+        let gpus = match self.gpus {
+            RawGpus::Named(s) if s == "all" => GpuSelection::All,
+            RawGpus::Named(s) => match s.strip_prefix("simulated:").map(str::parse::<u32>) {
+                Some(Ok(n)) if (1..=256).contains(&n) => GpuSelection::Simulated(n),
+                _ => {
+                    return Err(invalid(
+                        f("gpus"),
+                        format!(
+                            "{s:?} is not \"all\", \"simulated:N\" (N 1-256) or a list of GPU \
+                             indexes and UUIDs"
+                        ),
+                    ));
+                }
+            },
+            RawGpus::List(list) => {
+                if list.is_empty() {
+                    return Err(invalid(f("gpus"), "must name at least one GPU"));
+                }
+                let mut gpus = Vec::with_capacity(list.len());
+                for (k, g) in list.into_iter().enumerate() {
+                    let gpu = match g {
+                        RawGpuRef::Index(n) => match u32::try_from(n) {
+                            Ok(n) if n < 1024 => GpuRef::Index(n),
+                            _ => {
+                                return Err(invalid(
+                                    format!("model[{i}].gpus[{k}]"),
+                                    format!("{n} is not a GPU index"),
+                                ));
+                            }
+                        },
+                        RawGpuRef::Uuid(u) if u.starts_with("GPU-") || u.starts_with("MIG-") => {
+                            GpuRef::Uuid(u)
+                        }
+                        RawGpuRef::Uuid(u) => {
+                            return Err(invalid(
+                                format!("model[{i}].gpus[{k}]"),
+                                format!("{u:?} is not a GPU UUID (GPU-... or MIG-...)"),
+                            ));
+                        }
+                    };
+                    if gpus.contains(&gpu) {
+                        return Err(invalid(
+                            format!("model[{i}].gpus[{k}]"),
+                            format!("gpu {gpu} is listed twice"),
+                        ));
+                    }
+                    gpus.push(gpu);
+                }
+                GpuSelection::List(gpus)
+            }
+        };
+        let gpus_per_instance = parse_count(&f("gpus_per_instance"), self.gpus_per_instance, 64)?;
+        let listed = match &gpus {
+            GpuSelection::List(l) => Some(l.len() as u32),
+            GpuSelection::Simulated(n) => Some(*n),
+            GpuSelection::All => None,
+        };
+        if let Some(n) = listed
+            && n % gpus_per_instance != 0
+        {
+            return Err(invalid(
+                f("gpus_per_instance"),
+                format!("{gpus_per_instance} does not divide the {n} GPUs"),
+            ));
+        }
+        let command = if self.command.is_empty() {
+            if !matches!(gpus, GpuSelection::Simulated(_)) {
+                return Err(invalid(
+                    f("command"),
+                    "must give the server's argv, e.g. [\"vllm\", \"serve\", \"<model>\", \
+                     \"--port\", \"{port}\"]",
+                ));
+            }
+            ["gpulb-sim", "--listen", "{address}:{port}", "--name", "{name}", "--model", "{model}"]
+                .map(String::from)
+                .to_vec()
+        } else {
+            self.command
+        };
+        for (k, arg) in command.iter().enumerate() {
+            if let Some(bad) = unknown_placeholder(arg) {
+                return Err(invalid(
+                    format!("model[{i}].command[{k}]"),
+                    format!(
+                        "unknown placeholder {{{bad}}} (known: {{port}} {{address}} {{name}} \
+                         {{model}} {{gpus}} {{tp}})"
+                    ),
+                ));
+            }
+        }
+        let address = parse_addr(&f("address"), &self.address)?;
+        let base_port = parse_port(&f("base_port"), self.base_port)?;
+        if let Some(n) = listed
+            && u32::from(base_port) + n / gpus_per_instance - 1 > 65535
+        {
+            return Err(invalid(
+                f("base_port"),
+                format!("{base_port} + {} instances runs past port 65535", n / gpus_per_instance),
+            ));
+        }
+        let served_model = self.served_model.unwrap_or_else(|| self.name.clone());
+        let restart_delay = parse_ms(&f("restart_delay_ms"), self.restart_delay_ms, 0, 3_600_000)?;
+        let restart_delay_max =
+            parse_ms(&f("restart_delay_max_ms"), self.restart_delay_max_ms, 0, 3_600_000)?;
+        if restart_delay_max < restart_delay {
+            return Err(invalid(
+                f("restart_delay_max_ms"),
+                format!(
+                    "{} is below restart_delay_ms ({})",
+                    self.restart_delay_max_ms, self.restart_delay_ms
+                ),
+            ));
+        }
+        Ok(Model {
+            weight: parse_weight(&f("weight"), self.weight)?,
+            health: self
+                .health
+                .validate(&f("health"), CheckKind::Http, Some(served_model.clone()))?,
+            name: self.name,
+            vip: self.vip,
+            command,
+            served_model,
+            gpus,
+            gpus_per_instance,
+            address,
+            base_port,
+            env: self.env,
+            restart_delay,
+            restart_delay_max,
+            stable_after: parse_ms(&f("stable_after_ms"), self.stable_after_ms, 0, 86_400_000)?,
+        })
+    }
+}
+
+/// The first `{...}` in `arg` that is not a known placeholder.
+fn unknown_placeholder(arg: &str) -> Option<&str> {
+    const KNOWN: [&str; 6] = ["port", "address", "name", "model", "gpus", "tp"];
+    let mut rest = arg;
+    while let Some(start) = rest.find('{') {
+        let after = &rest[start + 1..];
+        let end = after.find('}')?;
+        let name = &after[..end];
+        if !KNOWN.contains(&name) {
+            return Some(name);
+        }
+        rest = &after[end + 1..];
+    }
+    None
 }
 
 impl RawVip {
@@ -303,6 +857,11 @@ impl RawVip {
                 ));
             }
         };
+        // UDP services have no HTTP endpoint to probe.
+        let default_check = match protocol {
+            Protocol::Tcp => CheckKind::Http,
+            Protocol::Udp => CheckKind::None,
+        };
         let size = self.maglev_table_size.unwrap_or(MAGLEV_DEFAULT_SIZE as i64);
         let maglev_table_size = match u32::try_from(size) {
             Ok(n) if n <= MAGLEV_MAX_SIZE && is_prime(n) => n,
@@ -313,9 +872,6 @@ impl RawVip {
                 ));
             }
         };
-        if self.backend.is_empty() {
-            return Err(invalid(f("backend"), "a VIP needs at least one backend"));
-        }
         if self.backend.len() > maglev_table_size as usize {
             return Err(invalid(
                 f("maglev_table_size"),
@@ -331,15 +887,7 @@ impl RawVip {
             let bf = |name: &str| format!("vip[{i}].backend[{j}].{name}");
             let address = parse_addr(&bf("address"), &raw.address)?;
             let port = parse_port(&bf("port"), raw.port)?;
-            let weight = match u32::try_from(raw.weight) {
-                Ok(w) if i64::from(w) <= WEIGHT_MAX => w,
-                _ => {
-                    return Err(invalid(
-                        bf("weight"),
-                        format!("{} is out of range 0-{WEIGHT_MAX}", raw.weight),
-                    ));
-                }
-            };
+            let weight = parse_weight(&bf("weight"), raw.weight)?;
             if let Some(prev) = backends
                 .iter()
                 .position(|b| b.address == address && b.port == port)
@@ -355,19 +903,6 @@ impl RawVip {
                 weight,
             });
         }
-        if backends.iter().all(|b| b.weight == 0) {
-            let field = if backends.len() == 1 {
-                format!("vip[{i}].backend[0].weight")
-            } else {
-                format!("vip[{i}].backend")
-            };
-            let message = if backends.len() == 1 {
-                "0 on the only backend: the VIP could serve no connection".to_owned()
-            } else {
-                "every backend has weight 0: the VIP could serve no connection".to_owned()
-            };
-            return Err(invalid(field, message));
-        }
         Ok(Vip {
             name: self.name,
             address,
@@ -375,6 +910,7 @@ impl RawVip {
             protocol,
             maglev_table_size,
             backends,
+            health: self.health.validate(&f("health"), default_check, None)?,
         })
     }
 }

@@ -8,7 +8,12 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+    },
 };
 use lb_common::{maps as names, programs};
 use tracing::{info, warn};
@@ -63,8 +68,46 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
+    #[error("pinning the {what} link at {}", path.display())]
+    PinLink {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("taking over the pinned {what} link at {}", path.display())]
+    TakeOver {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(transparent)]
     Maps(#[from] crate::maps::MapsError),
+}
+
+/// Pinned links are named for their interface: a config naming another interface leaves the
+/// old ones to be removed.
+fn link_pin(pin_path: &Path, what: &str, interface: &str) -> PathBuf {
+    pin_path.join(format!("link_{what}_{interface}"))
+}
+
+/// How `attach` found the interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// Fresh attach, in this XDP mode.
+    New(&'static str),
+    /// A previous daemon's pinned links now run this daemon's programs.
+    TakenOver,
+}
+
+impl Attached {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Attached::New(mode) => mode,
+            Attached::TakenOver => "taken over",
+        }
+    }
 }
 
 /// Mounts bpffs at /sys/fs/bpf if `pin_path` lies there and nothing is mounted.
@@ -182,10 +225,13 @@ pub struct Datapath {
     pub ebpf: Ebpf,
     pub maps: Maps,
     pin_path: PathBuf,
+    /// Links this process pinned (taken-over links live in the programs' link sets).
+    links: Vec<PinnedLink>,
 }
 
 impl Datapath {
     /// Loads the object and pins (or reuses) its maps under `pin_path`; attaches nothing.
+    /// Reused maps keep their contents: conntrack survives a daemon restart or upgrade.
     pub fn load(pin_path: &Path, conntrack_size: u32) -> Result<Self, DatapathError> {
         ensure_bpffs(pin_path)?;
         fs::create_dir_all(pin_path).map_err(|source| DatapathError::PinDir {
@@ -217,6 +263,7 @@ impl Datapath {
             ebpf,
             maps,
             pin_path: pin_path.to_owned(),
+            links: Vec::new(),
         })
     }
 
@@ -236,31 +283,94 @@ impl Datapath {
             .expect("gpulb_egress is TC")
     }
 
-    /// Attaches ingress (XDP, in `mode`) and egress (TC) to `interface`; returns the XDP
-    /// mode in use. Both detach when `self` is dropped.
+    /// Attaches ingress (XDP, in `mode`) and egress (TC) to `interface` through links pinned
+    /// next to the maps, so that the data path outlives this process. Where a previous
+    /// daemon's links are pinned, swaps this daemon's programs into them instead
+    /// (`bpf_link_update`: atomic, no packet sees no program).
     pub fn attach(
         &mut self,
         interface: &str,
         mode: config::XdpMode,
-    ) -> Result<&'static str, DatapathError> {
-        let used = match mode {
-            config::XdpMode::Native => self.attach_xdp(interface, XdpMode::Driver, "native")?,
-            config::XdpMode::Generic => self.attach_xdp(interface, XdpMode::Skb, "generic")?,
-            config::XdpMode::Auto => match self.attach_xdp(interface, XdpMode::Driver, "native") {
-                Ok(used) => used,
-                Err(e) => {
-                    warn!(interface, error = %ErrorChain(&e), "native XDP failed; falling back to generic (slower)");
-                    self.attach_xdp(interface, XdpMode::Skb, "generic")?
+    ) -> Result<Attached, DatapathError> {
+        self.remove_foreign_links(interface);
+        let xdp_pin = link_pin(&self.pin_path, "xdp", interface);
+        let tc_pin = link_pin(&self.pin_path, "tc", interface);
+        let took_over = xdp_pin.exists();
+        let attached = if took_over {
+            let link = take_over::<XdpLink>(&xdp_pin, "XDP")?;
+            self.ingress()
+                .attach_to_link(link)
+                .map_err(|source| DatapathError::Program {
+                    name: programs::INGRESS,
+                    source,
+                })?;
+            Attached::TakenOver
+        } else {
+            let used = match mode {
+                config::XdpMode::Native => {
+                    self.attach_xdp(interface, XdpMode::Driver, "native")?
                 }
-            },
+                config::XdpMode::Generic => self.attach_xdp(interface, XdpMode::Skb, "generic")?,
+                config::XdpMode::Auto => {
+                    match self.attach_xdp(interface, XdpMode::Driver, "native") {
+                        Ok(used) => used,
+                        Err(e) => {
+                            warn!(interface, error = %ErrorChain(&e), "native XDP failed; falling back to generic (slower)");
+                            self.attach_xdp(interface, XdpMode::Skb, "generic")?
+                        }
+                    }
+                }
+            };
+            Attached::New(used)
         };
-        self.egress()
-            .attach(interface, TcAttachType::Egress)
-            .map_err(|source| DatapathError::AttachTc {
+        if tc_pin.exists() {
+            let link = take_over::<SchedClassifierLink>(&tc_pin, "TC")?;
+            self.egress()
+                .attach_to_link(link)
+                .map_err(|source| DatapathError::Program {
+                    name: programs::EGRESS,
+                    source,
+                })?;
+        } else {
+            let egress = self.egress();
+            let id = egress
+                .attach(interface, TcAttachType::Egress)
+                .map_err(|source| DatapathError::AttachTc {
+                    interface: interface.to_owned(),
+                    source,
+                })?;
+            let link = egress.take_link(id).map_err(|source| DatapathError::AttachTc {
                 interface: interface.to_owned(),
                 source,
             })?;
-        Ok(used)
+            let fd = FdLink::try_from(link).map_err(|e| DatapathError::TakeOver {
+                what: "TC",
+                path: tc_pin.clone(),
+                source: Box::new(e),
+            })?;
+            self.links.push(pin_link(fd, &tc_pin, "TC")?);
+        }
+        Ok(attached)
+    }
+
+    /// Removes the pinned links of interfaces other than `interface` (they detach once
+    /// nothing holds them).
+    fn remove_foreign_links(&self, interface: &str) {
+        let Ok(entries) = fs::read_dir(&self.pin_path) else {
+            return;
+        };
+        let ours = [
+            link_pin(&self.pin_path, "xdp", interface),
+            link_pin(&self.pin_path, "tc", interface),
+        ];
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let is_link = entry.file_name().to_string_lossy().starts_with("link_");
+            if is_link && !ours.contains(&path) {
+                info!(link = %path.display(), "removing a pinned link of another interface");
+                let _ = fs::remove_file(path);
+            }
+        }
     }
 
     fn attach_xdp(
@@ -269,33 +379,76 @@ impl Datapath {
         mode: XdpMode,
         name: &'static str,
     ) -> Result<&'static str, DatapathError> {
-        self.ingress()
-            .attach(interface, mode)
-            .map(|_| name)
-            .map_err(|source| DatapathError::AttachXdp {
-                interface: interface.to_owned(),
-                mode: name,
-                source,
-            })
+        let err = |source| DatapathError::AttachXdp {
+            interface: interface.to_owned(),
+            mode: name,
+            source,
+        };
+        let ingress = self.ingress();
+        let id = ingress.attach(interface, mode).map_err(err)?;
+        let link = ingress.take_link(id).map_err(err)?;
+        let path = link_pin(&self.pin_path, "xdp", interface);
+        let fd = FdLink::try_from(link).map_err(|e| DatapathError::TakeOver {
+            what: "XDP",
+            path: path.clone(),
+            source: Box::new(e),
+        })?;
+        self.links.push(pin_link(fd, &path, "XDP")?);
+        Ok(name)
     }
 
-    /// Detaches everything and removes the pinned maps and their directory.
+    /// Detaches everything and removes the pinned maps and links and their directory.
     pub fn unpin(self) -> io::Result<()> {
         let Self {
             ebpf,
             maps,
             pin_path,
+            links,
         } = self;
+        // Links detach when the pin is gone and the last fd is closed.
+        remove_pins(&pin_path)?;
+        drop(links);
         drop(maps);
         drop(ebpf);
-        remove_pins(&pin_path)
+        Ok(())
     }
 }
 
-/// Removes gpulb's pinned maps under `pin_path`, then the directory if it is empty.
+fn pin_link(fd: FdLink, path: &Path, what: &'static str) -> Result<PinnedLink, DatapathError> {
+    let _ = fs::remove_file(path);
+    fd.pin(path).map_err(|source| DatapathError::PinLink {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Opens a pinned link as the program-specific link type (`XdpLink`, `SchedClassifierLink`).
+fn take_over<L>(path: &Path, what: &'static str) -> Result<L, DatapathError>
+where
+    L: TryFrom<FdLink, Error = LinkError>,
+{
+    let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::TakeOver {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    let pinned = PinnedLink::from_pin(path).map_err(|e| err(Box::new(e)))?;
+    L::try_from(FdLink::from(pinned)).map_err(|e| err(Box::new(e)))
+}
+
+/// Removes gpulb's pinned maps and links under `pin_path`, then the directory if it is
+/// empty.
 pub fn remove_pins(pin_path: &Path) -> io::Result<()> {
-    for name in names::ALL {
-        match fs::remove_file(pin_path.join(name)) {
+    let links = fs::read_dir(pin_path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("link_"))
+        .map(|e| e.path());
+    let maps = names::ALL.iter().map(|name| pin_path.join(name));
+    for path in links.collect::<Vec<_>>().into_iter().chain(maps) {
+        match fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }

@@ -1,14 +1,19 @@
 //! gpulb userspace: the daemon (`gpulb run`), the CLI, and the simulated GPU instance.
-#![forbid(unsafe_code)]
+// Unsafe only where the style guide allows it (CPU affinity in `pre_exec`).
+#![deny(unsafe_code)]
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod gpu;
+pub mod health;
 pub mod maglev;
 pub mod maps;
 pub mod plan;
 pub mod sim;
+pub mod supervisor;
 
 /// The data path programs (`lb-ebpf`, built by build.rs).
 pub static EBPF_OBJECT: &[u8] =

@@ -6,8 +6,9 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use gpulb::{
     EXIT_USAGE, cli,
-    config::{Config, DEFAULT_PIN_PATH},
+    config::{CONTROL_SOCKET, Config, DEFAULT_PIN_PATH, DEFAULT_STATE_DIR},
     datapath::ErrorChain,
+    gpu::{self, InstanceSpec, Inventory},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -32,19 +33,72 @@ struct Read {
     json: bool,
 }
 
+#[derive(clap::Args)]
+struct Socket {
+    /// The daemon's control socket (`state_dir`/control.sock).
+    #[arg(long, env = "GPULB_SOCKET", default_value_t = default_socket())]
+    socket: String,
+}
+
+fn default_socket() -> String {
+    format!("{DEFAULT_STATE_DIR}/{CONTROL_SOCKET}")
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Load and attach the data path and program it from the config; runs until SIGINT/SIGTERM.
+    /// Run the daemon: start the model instances, load (or take over) the data path and keep
+    /// it programmed. SIGTERM stops everything, SIGHUP reloads the config, SIGUSR2 hands over
+    /// to the next `gpulb run` leaving the data path and instances running.
     Run {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a config without touching the kernel (exit 64 if invalid).
+    /// Validate a config (and find its GPUs) without touching the kernel (exit 64 if invalid).
     CheckConfig { file: PathBuf },
     /// VIPs and their traffic.
     Vips(Read),
-    /// Backends: weight, state, Maglev share, traffic, tracked flows.
-    Backends(Read),
+    /// Backends: model, GPU, pid, state, restarts, probe latency, live flows, weight, share.
+    Backends {
+        #[command(flatten)]
+        read: Read,
+        #[command(flatten)]
+        socket: Socket,
+    },
+    /// Stop sending new flows to a backend (instance name, address:port or vip/address:port);
+    /// its established flows continue. Shows its live flows until they reach zero.
+    Drain {
+        backend: String,
+        /// Seconds to show the live flows for (0: return at once).
+        #[arg(long, default_value_t = 30)]
+        wait: u64,
+        #[command(flatten)]
+        socket: Socket,
+    },
+    /// Send new flows to a drained backend again.
+    Undrain {
+        backend: String,
+        #[command(flatten)]
+        socket: Socket,
+    },
+    /// Set a backend's weight (0: no new flows). Kept across daemon restarts and config
+    /// reloads until set again; setting the config's weight ends the override.
+    Weight {
+        backend: String,
+        weight: u32,
+        #[command(flatten)]
+        socket: Socket,
+    },
+    /// Rolling restart of a model: drain, restart and re-admit its instances one at a time.
+    Restart {
+        model: String,
+        #[command(flatten)]
+        socket: Socket,
+    },
+    /// Reload the daemon's config (as SIGHUP); prints what changed or why it was rejected.
+    Reload {
+        #[command(flatten)]
+        socket: Socket,
+    },
     /// Tracked flows (conntrack), most recently active first.
     Flows {
         #[command(flatten)]
@@ -59,11 +113,17 @@ enum Command {
     Stats(Read),
 }
 
-fn load_config(path: &PathBuf) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
-        eprintln!("gpulb: invalid config: {}", ErrorChain(&e));
+/// The config and the instances it asks for (GPUs found), or exit 64.
+fn load_config(path: &PathBuf) -> Result<(Config, Vec<InstanceSpec>), ExitCode> {
+    let usage = |e: &dyn std::error::Error| {
+        eprintln!("gpulb: invalid config: {}", ErrorChain(e));
         ExitCode::from(EXIT_USAGE as u8)
-    })
+    };
+    let config = Config::load(path).map_err(|e| usage(&e))?;
+    let specs = Inventory::discover(&config)
+        .and_then(|inv| gpu::instances(&config, &inv))
+        .map_err(|e| usage(&e))?;
+    Ok((config, specs))
 }
 
 fn main() -> ExitCode {
@@ -76,8 +136,8 @@ fn main() -> ExitCode {
         .init();
 
     let result = match args.command {
-        Command::Run { config } => {
-            let config = match load_config(&config) {
+        Command::Run { config: path } => {
+            let (config, specs) = match load_config(&path) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -85,22 +145,47 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(gpulb::daemon::run(config)))
+                .and_then(|rt| rt.block_on(gpulb::daemon::run(config, path, specs)))
         }
         Command::CheckConfig { file } => match load_config(&file) {
-            Ok(c) => {
+            Ok((c, specs)) => {
                 println!(
-                    "{}: ok ({} VIPs, {} backends)",
+                    "{}: ok ({} VIPs, {} static backends, {} models with {} instances)",
                     file.display(),
                     c.vips.len(),
-                    c.vips.iter().map(|v| v.backends.len()).sum::<usize>()
+                    c.vips.iter().map(|v| v.backends.len()).sum::<usize>(),
+                    c.models.len(),
+                    specs.len(),
                 );
                 Ok(())
             }
             Err(code) => return code,
         },
         Command::Vips(r) => cli::vips::run(&r.pin_path, r.json),
-        Command::Backends(r) => cli::backends::run(&r.pin_path, r.json),
+        Command::Backends { read, socket } => {
+            cli::backends::run(&read.pin_path, socket.socket.as_ref(), read.json)
+        }
+        Command::Drain {
+            backend,
+            wait,
+            socket,
+        } => cli::control::drain(socket.socket.as_ref(), &backend, wait),
+        Command::Undrain { backend, socket } => cli::control::simple(
+            socket.socket.as_ref(),
+            gpulb::control::Request::Undrain { backend },
+        ),
+        Command::Weight {
+            backend,
+            weight,
+            socket,
+        } => cli::control::simple(
+            socket.socket.as_ref(),
+            gpulb::control::Request::Weight { backend, weight },
+        ),
+        Command::Restart { model, socket } => cli::control::restart(socket.socket.as_ref(), model),
+        Command::Reload { socket } => {
+            cli::control::simple(socket.socket.as_ref(), gpulb::control::Request::Reload)
+        }
         Command::Flows { read, limit } => cli::flows::run(&read.pin_path, limit, read.json),
         Command::Maglev(r) => cli::maglev::run(&r.pin_path, r.json),
         Command::Stats(r) => cli::stats::run(&r.pin_path, r.json),

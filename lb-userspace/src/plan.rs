@@ -5,7 +5,10 @@
 //! then tables (changed slots only), then SERVICES, so a VIP only becomes visible once its
 //! table is complete; removals go the other way.
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
 
 use lb_common::{Backend, MAX_BACKENDS, MAX_SERVICES, Service, VipKey};
 
@@ -18,6 +21,19 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub services: Vec<PlannedService>,
+}
+
+impl Plan {
+    /// The map contents this plan describes, as `plan` takes them for the next one.
+    pub fn current(&self) -> (Vec<(VipKey, Service)>, Vec<(u32, Backend)>) {
+        (
+            self.services.iter().map(|s| (s.key, s.service)).collect(),
+            self.services
+                .iter()
+                .flat_map(|s| s.backends.iter().copied())
+                .collect(),
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,9 +74,50 @@ pub fn vip_key(vip: &Vip) -> VipKey {
     }
 }
 
-/// What the maps should hold for `config`, reusing the ids found in the maps now.
+/// What one VIP should hold: its backends, and which of them take new flows.
+#[derive(Debug, Clone)]
+pub struct DesiredService<'a> {
+    pub vip: &'a Vip,
+    pub backends: Vec<DesiredBackend>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DesiredBackend {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub weight: u32,
+    /// `BACKEND_DRAINING` etc., for the CLI.
+    pub flags: u16,
+    /// In the Maglev table (ready, not draining); otherwise only its established flows
+    /// reach it.
+    pub in_table: bool,
+}
+
+/// Every `[[vip.backend]]` of `config`, all taking new flows (no model instances).
+pub fn static_backends(config: &Config) -> Vec<DesiredService<'_>> {
+    config
+        .vips
+        .iter()
+        .map(|vip| DesiredService {
+            vip,
+            backends: vip
+                .backends
+                .iter()
+                .map(|b| DesiredBackend {
+                    address: b.address,
+                    port: b.port,
+                    weight: b.weight,
+                    flags: 0,
+                    in_table: true,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// What the maps should hold, reusing the ids found in the maps now.
 pub fn plan(
-    config: &Config,
+    desired: &[DesiredService<'_>],
     current_services: &[(VipKey, Service)],
     current_backends: &[(u32, Backend)],
 ) -> Result<Plan, PlanError> {
@@ -73,7 +130,7 @@ pub fn plan(
         .collect();
 
     // Every VIP/backend that stays keeps its id; new ones get fresh ids.
-    let keys: Vec<VipKey> = config.vips.iter().map(vip_key).collect();
+    let keys: Vec<VipKey> = desired.iter().map(|d| vip_key(d.vip)).collect();
     // Ids in the maps now are not handed to anything new: conntrack entries may still name
     // a removed backend, and must not be sent to its successor.
     let mut used_services: BTreeSet<u32> = service_ids.values().copied().collect();
@@ -87,11 +144,12 @@ pub fn plan(
 
     let mut used_backends: BTreeSet<u32> = backend_ids.values().copied().collect();
 
-    let mut services = Vec::with_capacity(config.vips.len());
-    for ((vip, key), &sid) in config.vips.iter().zip(keys).zip(&service_of) {
-        let mut backends = Vec::with_capacity(vip.backends.len());
-        let mut members = Vec::with_capacity(vip.backends.len());
-        for b in &vip.backends {
+    let mut services = Vec::with_capacity(desired.len());
+    for ((d, key), &sid) in desired.iter().zip(keys).zip(&service_of) {
+        let vip = d.vip;
+        let mut backends = Vec::with_capacity(d.backends.len());
+        let mut members = Vec::with_capacity(d.backends.len());
+        for b in &d.backends {
             let k = (sid as u16, addr_be(b.address), port_be(b.port));
             let id = match backend_ids.get(&k) {
                 Some(&id) => id,
@@ -104,14 +162,14 @@ pub fn plan(
                     weight: b.weight,
                     port_be: k.2,
                     service: sid as u16,
-                    flags: 0,
+                    flags: b.flags,
                     _pad: 0,
                 },
             ));
             members.push(MaglevBackend {
                 id,
                 key: maglev::backend_key(b.address, b.port),
-                weight: b.weight,
+                weight: if b.in_table { b.weight } else { 0 },
             });
         }
         let table = maglev::build_table(&members, vip.maglev_table_size);
@@ -137,15 +195,22 @@ pub struct Applied {
     pub backends_removed: usize,
 }
 
-/// Makes the maps hold `plan`, writing only what differs.
-pub fn apply(maps: &mut Maps, plan: &Plan) -> Result<Applied, MapsError> {
+/// Makes the maps hold `plan`, writing only what differs. `previous`: the plan last applied
+/// by this process, trusted instead of reading the tables back (a 65537-slot table is 65537
+/// syscalls to read); `None` reads the maps.
+pub fn apply(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<Applied, MapsError> {
     let mut applied = Applied::default();
-    let current_services = maps.services()?;
-    let current_backends = maps.backends()?;
+    let (current_services, current_backends) = match previous {
+        Some(p) => p.current(),
+        None => (maps.services()?, maps.backends()?),
+    };
 
     for s in &plan.services {
         for &(id, backend) in &s.backends {
-            maps.set_backend(id, backend)?;
+            let unchanged = current_backends.iter().any(|&(i, b)| i == id && b == backend);
+            if !unchanged {
+                maps.set_backend(id, backend)?;
+            }
         }
     }
     for s in &plan.services {
@@ -153,15 +218,20 @@ pub fn apply(maps: &mut Maps, plan: &Plan) -> Result<Applied, MapsError> {
         let same = current_services.iter().any(|(k, c)| {
             *k == s.key && c.id == s.service.id && c.table_size == s.service.table_size
         });
-        let old = if same {
-            maps.maglev_table(&s.service)?
-        } else {
-            vec![u32::MAX; s.table.len()]
+        let cached = previous
+            .and_then(|p| p.services.iter().find(|c| c.key == s.key && c.service == s.service))
+            .map(|c| c.table.clone());
+        let old = match (same, cached) {
+            (true, Some(table)) => table,
+            (true, None) => maps.maglev_table(&s.service)?,
+            (false, _) => vec![u32::MAX; s.table.len()],
         };
         let changed = maglev::diff(&old, &s.table);
         maps.write_slots(s.service.id, &changed)?;
         applied.slots_written += changed.len();
-        maps.set_service(s.key, s.service)?;
+        if !current_services.contains(&(s.key, s.service)) {
+            maps.set_service(s.key, s.service)?;
+        }
     }
     let planned_keys: Vec<VipKey> = plan.services.iter().map(|s| s.key).collect();
     for (key, _) in current_services
@@ -204,19 +274,14 @@ mod tests {
         Config::parse(Path::new("t.toml"), &text).expect("valid config")
     }
 
-    fn current(plan: &Plan) -> (Vec<(VipKey, Service)>, Vec<(u32, Backend)>) {
-        (
-            plan.services.iter().map(|s| (s.key, s.service)).collect(),
-            plan.services
-                .iter()
-                .flat_map(|s| s.backends.clone())
-                .collect(),
-        )
+    fn plan_of(config: &Config, current: (&[(VipKey, Service)], &[(u32, Backend)])) -> Plan {
+        plan(&static_backends(config), current.0, current.1).expect("plan")
     }
+
 
     #[test]
     fn fresh_plan_numbers_backends_from_one() {
-        let p = plan(&config(&[8001, 8002]), &[], &[]).expect("plan");
+        let p = plan_of(&config(&[8001, 8002]), (&[], &[]));
         let ids: Vec<u32> = p.services[0].backends.iter().map(|(id, _)| *id).collect();
         assert_eq!(ids, vec![1, 2]);
         assert_eq!(p.services[0].service.id, 0);
@@ -225,10 +290,10 @@ mod tests {
 
     #[test]
     fn existing_ids_survive_a_replan() {
-        let first = plan(&config(&[8001, 8002, 8003]), &[], &[]).expect("plan");
-        let (s, b) = current(&first);
+        let first = plan_of(&config(&[8001, 8002, 8003]), (&[], &[]));
+        let (s, b) = first.current();
         // 8001 removed, 8004 added: 8002 and 8003 keep their ids, 8004 takes a free one.
-        let second = plan(&config(&[8002, 8003, 8004]), &s, &b).expect("replan");
+        let second = plan_of(&config(&[8002, 8003, 8004]), (&s, &b));
         let id_of = |p: &Plan, port: u16| {
             p.services[0]
                 .backends
@@ -241,5 +306,19 @@ mod tests {
         // Not even 8001's id: conntrack entries may still name it.
         let new = id_of(&second, 8004).expect("8004 planned");
         assert!(!first.services[0].backends.iter().any(|(id, _)| *id == new));
+    }
+
+    #[test]
+    fn backends_out_of_the_table_keep_their_entry_but_no_slot() {
+        let c = config(&[8001, 8002]);
+        let mut desired = static_backends(&c);
+        desired[0].backends[1].in_table = false;
+        desired[0].backends[1].flags = lb_common::BACKEND_DRAINING;
+        let p = plan(&desired, &[], &[]).expect("plan");
+        let (out_id, out) = p.services[0].backends[1];
+        assert_eq!(out.flags, lb_common::BACKEND_DRAINING);
+        assert_eq!(out.weight, 1, "the configured weight is kept for the CLI");
+        assert!(!p.services[0].table.contains(&out_id));
+        assert!(p.services[0].table.iter().all(|&id| id == p.services[0].backends[0].0));
     }
 }

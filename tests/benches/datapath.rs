@@ -103,8 +103,8 @@ fn main() {
     let pins = PinDir::new("bench");
     let config = Config::parse(Path::new("bench.toml"), CONFIG).expect("bench config");
     let mut dp = Datapath::load(&pins.path, CONNTRACK).expect("load gpulb");
-    let plan = plan::plan(&config, &[], &[]).expect("plan");
-    plan::apply(&mut dp.maps, &plan).expect("program maps");
+    let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
+    plan::apply(&mut dp.maps, &plan, None).expect("program maps");
 
     let mut bench = EbpfLoader::new()
         .load(BENCH_OBJECT)

@@ -236,6 +236,19 @@ impl Proc {
         self.child.as_ref().map_or(0, Child::id)
     }
 
+    /// A placeholder that runs nothing (replaced before use).
+    pub fn idle(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            child: None,
+            log: PathBuf::new(),
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -330,8 +343,12 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        for name in lb_common::maps::ALL {
-            let _ = fs::remove_file(self.path.join(name));
+        // gpulb's maps and its pinned links (`link_*`): removing a link's pin detaches it.
+        for e in fs::read_dir(&self.path).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if lb_common::maps::ALL.contains(&name.as_str()) || name.starts_with("link_") {
+                let _ = fs::remove_file(e.path());
+            }
         }
         let _ = fs::remove_dir(&self.path);
     }
@@ -511,8 +528,10 @@ pub fn gpulb_cli(args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// A running gpulb: the topology, `backends` simulated GPU instances on
-/// `LB_ADDR:8001..`, and `gpulb run` attached to the lb side of the veth. Dropped in field
-/// order: daemon, instances, pins, scratch files, then the namespaces.
+/// `LB_ADDR:8001..` (started by the test bed, or by the daemon as a `[[model]]`), and
+/// `gpulb run` attached to the lb side of the veth. On drop: the daemon stops (and stops
+/// its instances), any instance left behind by a killed daemon is killed, then pins,
+/// scratch files and namespaces go.
 pub struct Stack {
     pub daemon: Proc,
     pub sims: Vec<Proc>,
@@ -520,6 +539,11 @@ pub struct Stack {
     pub dir: TempDir,
     pub topo: Topology,
     pub config: PathBuf,
+    /// The daemon's control socket.
+    pub socket: PathBuf,
+    /// In the environment of every instance the daemon starts (found and killed on drop).
+    pub marker: String,
+    daemons: u32,
 }
 
 /// Port of the i-th (0-based) simulated instance.
@@ -527,7 +551,11 @@ pub fn sim_port(i: usize) -> u16 {
     8001 + i as u16
 }
 
+/// Name of the model the managed stacks run.
+pub const MODEL: &str = "sim-llm";
+
 impl Stack {
+    /// Instances started by the test bed, named in the config as `[[vip.backend]]`s;
     /// `sim_args` are extra `gpulb-sim` flags for every instance.
     pub fn start(
         tag: &str,
@@ -554,40 +582,177 @@ impl Stack {
         for sim in &mut sims {
             sim.wait_for_log("serving", Duration::from_secs(10))?;
         }
-        let mut config = format!(
-            "interface = \"{}\"\npin_path = \"{}\"\nconntrack_size = 65536\n\n\
-             [[vip]]\nname = \"chat\"\naddress = \"{VIP}\"\nport = {VIP_PORT}\n",
-            topo.lb_if,
-            pins.path.display()
-        );
+        let mut vip = String::new();
         for i in 0..backends {
-            config.push_str(&format!(
+            vip.push_str(&format!(
                 "\n[[vip.backend]]\naddress = \"{LB_ADDR}\"\nport = {}\n",
                 sim_port(i)
             ));
         }
+        let stack = Self::launch(topo, dir, pins, sims, &vip)?;
+        stack.wait_ready(backends, Duration::from_secs(30))?;
+        Ok(stack)
+    }
+
+    /// `backends` instances of model `sim-llm` on `gpus = "simulated:N"`, started and
+    /// supervised by the daemon. `model_extra`: more TOML lines for the `[[model]]` table
+    /// (e.g. a `command` with simulator flags, restart delays, `[model.health]`). Returns
+    /// once the daemon is up; `wait_ready` waits for the instances.
+    pub fn managed(
+        tag: &str,
+        backends: usize,
+        pins: PinDir,
+        model_extra: &str,
+    ) -> anyhow::Result<Self> {
+        let topo = Topology::new(tag)?;
+        let dir = TempDir::new(tag)?;
+        let marker = format!("{}", dir.path.display());
+        let model = format!(
+            "\n[[model]]\nname = \"{MODEL}\"\nvip = \"chat\"\ngpus = \"simulated:{backends}\"\n\
+             address = \"{LB_ADDR}\"\nbase_port = {}\nrestart_delay_ms = 200\n\
+             env = {{ GPULB_TEST_MARKER = \"{marker}\" }}\n{model_extra}\n",
+            sim_port(0)
+        );
+        Self::launch(topo, dir, pins, Vec::new(), &model)
+    }
+
+    fn launch(
+        topo: Topology,
+        dir: TempDir,
+        pins: PinDir,
+        sims: Vec<Proc>,
+        rest: &str,
+    ) -> anyhow::Result<Self> {
+        let config = format!(
+            "interface = \"{}\"\npin_path = \"{}\"\nstate_dir = \"{dir}/state\"\n\
+             log_dir = \"{dir}/instances\"\nconntrack_size = 65536\n\
+             drain_timeout_ms = 2000\nkill_timeout_ms = 2000\n\n\
+             [[vip]]\nname = \"chat\"\naddress = \"{VIP}\"\nport = {VIP_PORT}\n\
+             [vip.health]\ninterval_ms = 200\n{rest}",
+            topo.lb_if,
+            pins.path.display(),
+            dir = dir.path.display(),
+        );
         let config_path = dir.path.join("gpulb.toml");
         fs::write(&config_path, config)?;
-        let config_arg = config_path.to_str().context("UTF-8 path")?.to_owned();
-        let mut daemon = Proc::spawn(
-            "gpulb",
-            &topo.lb,
-            &bin("gpulb"),
-            &["run", "--config", &config_arg],
-            &dir.path,
-        )?;
-        daemon.wait_for_log("gpulb ready", Duration::from_secs(30))?;
-        Ok(Self {
-            daemon,
+        let mut stack = Self {
+            daemon: Proc::idle("gpulb"),
             sims,
             pins,
+            socket: dir.path.join("state/control.sock"),
+            marker: dir.path.display().to_string(),
             dir,
             topo,
             config: config_path,
-        })
+            daemons: 0,
+        };
+        stack.start_daemon()?;
+        Ok(stack)
+    }
+
+    /// Starts `gpulb run` (again: a restart takes over what the last one left).
+    pub fn start_daemon(&mut self) -> anyhow::Result<()> {
+        self.daemons += 1;
+        let name = if self.daemons == 1 {
+            "gpulb".to_owned()
+        } else {
+            format!("gpulb-{}", self.daemons)
+        };
+        let config_arg = self.config.to_str().context("UTF-8 path")?.to_owned();
+        self.daemon = Proc::spawn(
+            &name,
+            &self.topo.lb,
+            &bin("gpulb"),
+            &["run", "--config", &config_arg],
+            &self.dir.path,
+        )?;
+        self.daemon
+            .wait_for_log("gpulb ready", Duration::from_secs(30))
+    }
+
+    /// Waits until `n` backends are ready (in the table, probes passing).
+    pub fn wait_ready(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let mut last = serde_json::Value::Null;
+        let ok = wait_until(timeout, || {
+            let Ok(rows) = self.backends() else {
+                return false;
+            };
+            let ready = rows.iter().filter(|r| r["state"] == "ready").count();
+            last = serde_json::Value::Array(rows);
+            ready == n
+        });
+        ensure!(
+            ok,
+            "{n} backends not ready within {timeout:?}: {last:#}\n{}",
+            self.daemon.log_text()
+        );
+        Ok(())
     }
 
     pub fn pin_arg(&self) -> String {
         self.pins.path.display().to_string()
     }
+
+    pub fn socket_arg(&self) -> String {
+        self.socket.display().to_string()
+    }
+
+    /// `gpulb backends --json`, with the daemon's view.
+    pub fn backends(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let out = gpulb_cli(&[
+            "backends",
+            "--json",
+            "--pin-path",
+            &self.pin_arg(),
+            "--socket",
+            &self.socket_arg(),
+        ])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v.as_array().cloned().context("backends JSON is an array")
+    }
+
+    /// A control command (`drain`, `weight`, ...) with this stack's socket.
+    pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let socket = self.socket_arg();
+        let mut full = args.to_vec();
+        full.extend_from_slice(&["--socket", &socket]);
+        gpulb_cli(&full)
+    }
+
+    /// Pids of processes carrying this stack's marker (instances the daemon started).
+    pub fn instance_pids(&self) -> Vec<u32> {
+        tagged_pids(&format!("GPULB_TEST_MARKER={}", self.marker))
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Err(e) = self.daemon.stop_with(Signal::SIGTERM, Duration::from_secs(15)) {
+            if self.daemon.running() {
+                eprintln!("cleanup: {e:#}");
+            }
+        }
+        // A SIGKILLed or handed-over daemon leaves its instances running.
+        for pid in self.instance_pids() {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Pids whose environment holds `entry` (`NAME=value`).
+pub fn tagged_pids(entry: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(env) = fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|&b| b == 0).any(|v| v == entry.as_bytes()) {
+            out.push(pid);
+        }
+    }
+    out
 }

@@ -237,8 +237,8 @@ fn xdp_fixture_table() {
     let pins = PinDir::new("packets");
     let config = Config::parse(Path::new("fixture.toml"), CONFIG).expect("fixture config");
     let mut dp = Datapath::load(&pins.path, config.conntrack_size).expect("load BPF object");
-    let plan = plan::plan(&config, &[], &[]).expect("plan");
-    plan::apply(&mut dp.maps, &plan).expect("program maps");
+    let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
+    plan::apply(&mut dp.maps, &plan, None).expect("program maps");
     // The "empty" VIP keeps its service but loses its table: a VIP with no backend.
     let empty = &plan.services[2];
     let cleared: Vec<(u32, u32)> = (0..empty.service.table_size).map(|s| (s, 0)).collect();

@@ -1,60 +1,106 @@
-//! `gpulb backends`: every backend, its weight, table share, traffic and tracked flows.
+//! `gpulb backends`: every backend with the daemon's view (model, GPU, pid, state, restarts,
+//! probe latency, live flows) and the maps' (weight, table share, traffic).
 
-use std::{collections::HashMap, path::Path};
+use std::{collections::HashMap, path::Path, time::Duration};
 
 use lb_common::BACKEND_DRAINING;
 use serde::Serialize;
 
 use super::{TableRow, emit, open, percent, vip_label};
-use crate::{maglev, maps::sock_of};
+use crate::{
+    control::{self, BackendStatus, GpuStatus, Request},
+    maglev,
+    maps::sock_of,
+};
 
 #[derive(Serialize)]
 pub struct BackendRow {
     pub id: u32,
     pub vip: String,
     pub backend: String,
+    pub model: Option<String>,
+    pub instance: Option<String>,
+    pub gpus: Vec<GpuStatus>,
+    pub pid: Option<u32>,
+    /// starting, ready, unhealthy, draining, ejected, crash-looping (daemon), or from the
+    /// maps alone: active, draining, standby.
+    pub state: String,
+    pub restarts: u32,
+    pub last_probe_ms: Option<f64>,
+    pub last_error: Option<String>,
+    /// Established connections now (daemon); `None` if the daemon did not answer.
+    pub live_flows: Option<usize>,
     pub weight: u32,
-    pub state: &'static str,
     /// Maglev slots held / table size.
     pub share: String,
     pub slots: usize,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
-    /// Conntrack entries naming this backend.
+    /// Conntrack entries naming this backend (closed flows stay until evicted).
     pub tracked_flows: usize,
+    pub cpus: Vec<usize>,
+}
+
+fn dash<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
 impl TableRow for BackendRow {
     const HEADERS: &'static [&'static str] = &[
-        "ID",
-        "VIP",
-        "BACKEND",
-        "WEIGHT",
-        "STATE",
-        "SHARE",
-        "PACKETS",
-        "BYTES",
-        "NEW_FLOWS",
-        "FLOWS",
+        "ID", "VIP", "BACKEND", "INSTANCE", "GPU", "PID", "STATE", "RESTARTS", "PROBE", "FLOWS",
+        "WEIGHT", "SHARE", "NEW_FLOWS",
     ];
     fn cells(&self) -> Vec<String> {
+        let gpu = if self.gpus.is_empty() {
+            "-".into()
+        } else {
+            self.gpus
+                .iter()
+                .map(|g| {
+                    let short: String = g.uuid.chars().take(12).collect();
+                    format!("{} {short} ({})", g.index, g.name)
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         vec![
             self.id.to_string(),
             self.vip.clone(),
             self.backend.clone(),
+            dash(self.instance.as_ref()),
+            gpu,
+            dash(self.pid),
+            self.state.clone(),
+            self.restarts.to_string(),
+            dash(self.last_probe_ms.map(|ms| format!("{ms:.1}ms"))),
+            dash(self.live_flows),
             self.weight.to_string(),
-            self.state.to_owned(),
             self.share.clone(),
-            self.packets.to_string(),
-            self.bytes.to_string(),
             self.new_flows.to_string(),
-            self.tracked_flows.to_string(),
         ]
     }
 }
 
-pub fn rows(pin_path: &Path) -> anyhow::Result<Vec<BackendRow>> {
+/// The daemon's status, or `None` (with a note on stderr) if it does not answer.
+fn daemon_status(socket: &Path) -> Option<Vec<BackendStatus>> {
+    match control::call(socket, &Request::Status, Duration::from_secs(5)) {
+        Ok(r) if r.ok => Some(r.backends),
+        Ok(r) => {
+            eprintln!("gpulb: daemon: {}", r.error.unwrap_or_default());
+            None
+        }
+        Err(e) => {
+            eprintln!(
+                "gpulb: {}; showing what the maps hold",
+                crate::datapath::ErrorChain(&e)
+            );
+            None
+        }
+    }
+}
+
+pub fn rows(pin_path: &Path, socket: &Path) -> anyhow::Result<Vec<BackendRow>> {
     let maps = open(pin_path)?;
     let services = maps.services()?;
     let mut slots: HashMap<u32, usize> = HashMap::new();
@@ -67,6 +113,7 @@ pub fn rows(pin_path: &Path) -> anyhow::Result<Vec<BackendRow>> {
     for (_, flow) in maps.flows()? {
         *tracked.entry(flow.backend).or_insert(0) += 1;
     }
+    let daemon = daemon_status(socket);
     let mut rows = Vec::new();
     for (id, b) in maps.backends()? {
         let service = u32::from(b.service);
@@ -74,30 +121,46 @@ pub fn rows(pin_path: &Path) -> anyhow::Result<Vec<BackendRow>> {
             .iter()
             .find(|(_, s)| s.id == service)
             .map_or_else(|| format!("(service {service})"), |(k, _)| vip_label(k));
+        let backend = sock_of(b.addr_be, b.port_be).to_string();
         let held = slots.get(&id).copied().unwrap_or(0);
         let c = maps.backend_counters(id)?;
-        let state = match (b.flags & BACKEND_DRAINING != 0, b.weight) {
-            (true, _) => "draining",
-            (false, 0) => "standby",
-            (false, _) => "active",
+        let status = daemon
+            .iter()
+            .flatten()
+            .find(|s| s.vip_address == vip && s.backend == backend);
+        let state = match (status, b.flags & BACKEND_DRAINING != 0, b.weight) {
+            (Some(s), _, _) => s.state.clone(),
+            (None, true, _) => "draining".into(),
+            (None, false, 0) => "standby".into(),
+            (None, false, _) if held > 0 => "active".into(),
+            (None, false, _) => "out of table".into(),
         };
         rows.push(BackendRow {
             id,
             vip,
-            backend: sock_of(b.addr_be, b.port_be).to_string(),
-            weight: b.weight,
+            backend,
+            model: status.and_then(|s| s.model.clone()),
+            instance: status.and_then(|s| s.instance.clone()),
+            gpus: status.map_or_else(Vec::new, |s| s.gpus.clone()),
+            pid: status.and_then(|s| s.pid),
             state,
+            restarts: status.map_or(0, |s| s.restarts),
+            last_probe_ms: status.and_then(|s| s.last_probe_ms),
+            last_error: status.and_then(|s| s.last_error.clone()),
+            live_flows: status.map(|s| s.live_flows),
+            weight: status.map_or(b.weight, |s| s.weight),
             share: percent(held, table_sizes.get(&service).copied().unwrap_or(0)),
             slots: held,
             packets: c.packets,
             bytes: c.bytes,
             new_flows: c.new_flows,
             tracked_flows: tracked.get(&id).copied().unwrap_or(0),
+            cpus: status.map_or_else(Vec::new, |s| s.cpus.clone()),
         });
     }
     Ok(rows)
 }
 
-pub fn run(pin_path: &Path, json: bool) -> anyhow::Result<()> {
-    emit(&rows(pin_path)?, json)
+pub fn run(pin_path: &Path, socket: &Path, json: bool) -> anyhow::Result<()> {
+    emit(&rows(pin_path, socket)?, json)
 }

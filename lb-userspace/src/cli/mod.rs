@@ -1,6 +1,7 @@
 //! CLI subcommands that read the pinned maps; one file each.
 
 pub mod backends;
+pub mod control;
 pub mod flows;
 pub mod maglev;
 pub mod stats;

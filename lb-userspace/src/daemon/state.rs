@@ -1,0 +1,830 @@
+//! The daemon's view of every backend (health, process, drain, weight) and the one place
+//! that turns it into map contents. Owned by a single task: every change arrives as a
+//! message, and each change that moves a backend in or out of a table rewrites only the
+//! slots that changed.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use lb_common::BACKEND_DRAINING;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{Config, HealthCheck, Vip},
+    control::{BackendStatus, GpuStatus, Response},
+    datapath::{Datapath, ErrorChain},
+    gpu::{self, InstanceSpec, Inventory},
+    health::{self, Health},
+    maglev,
+    maps::sock_of,
+    plan::{self, DesiredBackend, DesiredService, Plan},
+    supervisor::{self, Command, InstanceRecord, RestartPolicy},
+};
+
+/// `state_dir/state.json`: what a restarted daemon needs to carry on.
+const STATE_FILE: &str = "state.json";
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Persisted {
+    pub instances: Vec<InstanceRecord>,
+    /// Operator weights (`gpulb weight`), by `vip/address:port`.
+    pub weights: BTreeMap<String, u32>,
+    /// Drained backends (`gpulb drain`), by `vip/address:port`.
+    pub drained: Vec<String>,
+}
+
+impl Persisted {
+    pub fn read(state_dir: &Path) -> Self {
+        let path = state_dir.join(STATE_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+                warn!(path = %path.display(), error = %e, "ignoring unreadable state file");
+                Self::default()
+            }),
+            Err(_) => Self::default(),
+        }
+    }
+}
+
+pub fn remove_state_file(state_dir: &Path) {
+    let _ = std::fs::remove_file(state_dir.join(STATE_FILE));
+}
+
+/// Messages to the state task.
+#[derive(Debug)]
+pub enum Msg {
+    Supervisor(supervisor::Event),
+    Probe {
+        key: String,
+        generation: u64,
+        result: Result<Duration, String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    /// Exited, waiting for its restart.
+    Exited { crash_loop: bool },
+}
+
+pub struct Instance {
+    pub spec: InstanceSpec,
+    pub pid: Option<u32>,
+    pub start_time: u64,
+    pub restarts: u32,
+    pub phase: Phase,
+    pub commands: mpsc::UnboundedSender<Command>,
+}
+
+pub struct Backend {
+    pub vip: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub config_weight: u32,
+    pub weight_override: Option<u32>,
+    pub draining: bool,
+    pub health: Health,
+    pub check: HealthCheck,
+    pub instance: Option<Instance>,
+    /// Probe results from an older probe task are dropped.
+    probe_generation: u64,
+    probe_cancel: CancellationToken,
+}
+
+impl Backend {
+    /// `vip/address:port`: unique, and stable across restarts.
+    pub fn key(&self) -> String {
+        format!("{}/{}:{}", self.vip, self.address, self.port)
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight_override.unwrap_or(self.config_weight)
+    }
+
+    fn running(&self) -> bool {
+        self.instance
+            .as_ref()
+            .is_none_or(|i| i.phase == Phase::Running)
+    }
+
+    /// Takes new flows.
+    pub fn in_table(&self) -> bool {
+        self.running() && self.health.up && !self.draining && self.weight() > 0
+    }
+
+    pub fn state(&self) -> &'static str {
+        match self.instance.as_ref().map(|i| i.phase) {
+            Some(Phase::Exited { crash_loop: true }) => "crash-looping",
+            Some(Phase::Exited { crash_loop: false }) => "ejected",
+            _ if self.draining => "draining",
+            _ if self.health.up => "ready",
+            _ if self.health.seen_up => "unhealthy",
+            _ => "starting",
+        }
+    }
+
+    fn matches(&self, selector: &str) -> bool {
+        let addr = format!("{}:{}", self.address, self.port);
+        selector == addr
+            || selector == self.key()
+            || self.instance.as_ref().is_some_and(|i| i.spec.name == selector)
+    }
+}
+
+/// What takeover found in the maps: backends holding slots, and the drain flags.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    pub in_table: Vec<String>,
+    pub draining: Vec<String>,
+}
+
+impl Inherited {
+    pub fn read(config: &Config, datapath: &Datapath) -> Result<Self, crate::maps::MapsError> {
+        let maps = &datapath.maps;
+        let mut out = Self::default();
+        let backends = maps.backends()?;
+        for (key, service) in maps.services()? {
+            let Some(vip) = config
+                .vips
+                .iter()
+                .find(|v| plan::vip_key(v) == key)
+            else {
+                continue;
+            };
+            let held = maglev::slot_counts(&maps.maglev_table(&service)?);
+            for (id, b) in backends.iter().filter(|(_, b)| u32::from(b.service) == service.id) {
+                let name = format!("{}/{}", vip.name, sock_of(b.addr_be, b.port_be));
+                if held.get(id).copied().unwrap_or(0) > 0 {
+                    out.in_table.push(name.clone());
+                }
+                if b.flags & BACKEND_DRAINING != 0 {
+                    out.draining.push(name);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub struct State {
+    pub config: Config,
+    config_path: PathBuf,
+    pub datapath: Datapath,
+    pub backends: Vec<Backend>,
+    applied: Option<Plan>,
+    msgs: mpsc::UnboundedSender<Msg>,
+    supervisor_events: mpsc::UnboundedSender<supervisor::Event>,
+    cancel: CancellationToken,
+    probe_client: reqwest::Client,
+    next_generation: u64,
+}
+
+impl State {
+    pub fn new(
+        config: Config,
+        config_path: PathBuf,
+        datapath: Datapath,
+        msgs: mpsc::UnboundedSender<Msg>,
+        cancel: CancellationToken,
+    ) -> Self {
+        // Supervisor events are forwarded into the state task's queue.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let forward = msgs.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                if forward.send(Msg::Supervisor(ev)).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            config,
+            config_path,
+            datapath,
+            backends: Vec::new(),
+            applied: None,
+            msgs,
+            supervisor_events: tx,
+            cancel,
+            probe_client: health::client(),
+            next_generation: 0,
+        }
+    }
+
+    /// Builds the backends of `config`, starting (or adopting) instances and probes.
+    pub fn start(
+        &mut self,
+        specs: Vec<InstanceSpec>,
+        inherited: &Inherited,
+        persisted: &Persisted,
+    ) {
+        let backends = build_backends(&self.config, specs);
+        for mut b in backends {
+            let key = b.key();
+            if inherited.in_table.contains(&key) {
+                b.health = Health::inherited();
+            }
+            b.draining = inherited.draining.contains(&key) || persisted.drained.contains(&key);
+            b.weight_override = persisted.weights.get(&key).copied();
+            self.add(b, &persisted.instances);
+        }
+    }
+
+    fn add(&mut self, mut b: Backend, records: &[InstanceRecord]) {
+        if let Some(inst) = &mut b.instance {
+            let record = records
+                .iter()
+                .find(|r| r.name == inst.spec.name && r.port == inst.spec.port)
+                .cloned();
+            inst.restarts = record.as_ref().map_or(0, |r| r.restarts);
+            inst.pid = record.as_ref().map(|r| r.pid);
+            inst.commands = self.spawn_supervisor(inst.spec.clone(), record, async {});
+        }
+        self.start_probe(&mut b);
+        self.backends.push(b);
+    }
+
+    /// Starts the supervisor of `spec` once `before` is done (adopting `record`'s process
+    /// if it is still running).
+    fn spawn_supervisor(
+        &self,
+        spec: InstanceSpec,
+        record: Option<InstanceRecord>,
+        before: impl Future<Output = ()> + Send + 'static,
+    ) -> mpsc::UnboundedSender<Command> {
+        let model = self
+            .config
+            .models
+            .iter()
+            .find(|m| m.name == spec.model)
+            .expect("instances come from the config's models");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ctx = supervisor::Context {
+            log_dir: self.config.log_dir.clone(),
+            kill_timeout: self.config.kill_timeout,
+            events: self.supervisor_events.clone(),
+            cancel: self.cancel.clone(),
+        };
+        let policy = RestartPolicy::of(model);
+        tokio::spawn(async move {
+            before.await;
+            supervisor::supervise(spec, policy, record, ctx, rx).await;
+        });
+        tx
+    }
+
+    fn start_probe(&mut self, b: &mut Backend) {
+        b.probe_cancel.cancel();
+        b.probe_cancel = self.cancel.child_token();
+        self.next_generation += 1;
+        b.probe_generation = self.next_generation;
+        let (key, generation, cancel) = (b.key(), b.probe_generation, b.probe_cancel.clone());
+        let (addr, check, client, msgs) = (
+            SocketAddrV4::new(b.address, b.port),
+            b.check.clone(),
+            self.probe_client.clone(),
+            self.msgs.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(check.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = cancel.cancelled() => return,
+                }
+                let result = health::probe(&client, addr, &check).await;
+                let msg = Msg::Probe {
+                    key: key.clone(),
+                    generation,
+                    result,
+                };
+                if msgs.send(msg).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Handles one message; returns true if the tables may need rewriting.
+    pub fn handle(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Probe {
+                key,
+                generation,
+                result,
+            } => {
+                let Some(b) = self.backends.iter_mut().find(|b| b.key() == key) else {
+                    return false;
+                };
+                if b.probe_generation != generation {
+                    return false;
+                }
+                let error = result.as_ref().err().cloned();
+                let changed = b.health.record(result, &b.check);
+                if changed && b.health.up {
+                    info!(backend = %key, latency = ?b.health.last_latency, "backend ready");
+                } else if changed {
+                    warn!(backend = %key, error = error.as_deref().unwrap_or(""), "backend unhealthy");
+                }
+                changed
+            }
+            Msg::Supervisor(ev) => self.on_supervisor(ev),
+        }
+    }
+
+    fn on_supervisor(&mut self, ev: supervisor::Event) -> bool {
+        match ev {
+            supervisor::Event::Started {
+                instance,
+                pid,
+                start_time,
+                restarts,
+                adopted,
+            } => {
+                let Some(b) = self.instance_mut(&instance) else {
+                    return false;
+                };
+                let inst = b.instance.as_mut().expect("instance_mut");
+                inst.pid = Some(pid);
+                inst.start_time = start_time;
+                inst.restarts = restarts;
+                inst.phase = Phase::Running;
+                if !adopted {
+                    // A new process must prove itself ready again.
+                    b.health = Health::default();
+                }
+                self.persist();
+                true
+            }
+            supervisor::Event::Exited {
+                instance,
+                at,
+                status,
+                restarts,
+                crash_loop,
+                restart_in: _,
+            } => {
+                let Some(b) = self.instance_mut(&instance) else {
+                    return false;
+                };
+                let key = b.key();
+                let was_in = b.in_table();
+                let inst = b.instance.as_mut().expect("instance_mut");
+                inst.phase = Phase::Exited { crash_loop };
+                inst.restarts = restarts;
+                inst.pid = None;
+                b.health = Health::default();
+                if was_in {
+                    // Rewrite the table now, and say how long that took from the exit.
+                    self.sync();
+                    info!(
+                        backend = %key,
+                        instance = %instance,
+                        %status,
+                        ejected_in_us = at.elapsed().as_micros() as u64,
+                        "backend ejected"
+                    );
+                }
+                self.persist();
+                !was_in
+            }
+        }
+    }
+
+    fn instance_mut(&mut self, name: &str) -> Option<&mut Backend> {
+        self.backends
+            .iter_mut()
+            .find(|b| b.instance.as_ref().is_some_and(|i| i.spec.name == name))
+    }
+
+    /// The desired table contents: per VIP in config order.
+    fn desired(&self) -> Vec<DesiredService<'_>> {
+        desired(&self.config.vips, &self.backends)
+    }
+
+    /// Rewrites the maps to match the backends' states (only what changed).
+    pub fn sync(&mut self) {
+        let (services, backends) = match &self.applied {
+            Some(p) => p.current(),
+            None => match (self.datapath.maps.services(), self.datapath.maps.backends()) {
+                (Ok(s), Ok(b)) => (s, b),
+                (Err(e), _) | (_, Err(e)) => {
+                    error!(error = %ErrorChain(&e), "reading the maps");
+                    return;
+                }
+            },
+        };
+        let plan = match plan::plan(&self.desired(), &services, &backends) {
+            Ok(p) => p,
+            Err(e) => {
+                error!(error = %e, "planning the tables");
+                return;
+            }
+        };
+        if self.applied.as_ref() == Some(&plan) {
+            return;
+        }
+        match plan::apply(&mut self.datapath.maps, &plan, self.applied.as_ref()) {
+            Ok(applied) if applied.slots_written > 0 => {
+                let in_table = self.backends.iter().filter(|b| b.in_table()).count();
+                info!(slots_written = applied.slots_written, in_table, "tables updated");
+                self.applied = Some(plan);
+            }
+            Ok(_) => self.applied = Some(plan),
+            Err(e) => {
+                // Unknown what was written: read the maps back next time.
+                self.applied = None;
+                error!(error = %ErrorChain(&e), "writing the maps");
+            }
+        }
+    }
+
+    /// Writes `state_dir/state.json`; a SIGKILLed daemon leaves it current.
+    pub fn persist(&self) {
+        let persisted = Persisted {
+            instances: self
+                .backends
+                .iter()
+                .filter_map(|b| {
+                    let inst = b.instance.as_ref()?;
+                    Some(InstanceRecord {
+                        name: inst.spec.name.clone(),
+                        pid: inst.pid?,
+                        start_time: inst.start_time,
+                        port: inst.spec.port,
+                        restarts: inst.restarts,
+                    })
+                })
+                .collect(),
+            weights: self
+                .backends
+                .iter()
+                .filter_map(|b| Some((b.key(), b.weight_override?)))
+                .collect(),
+            drained: self
+                .backends
+                .iter()
+                .filter(|b| b.draining)
+                .map(Backend::key)
+                .collect(),
+        };
+        let dir = &self.config.state_dir;
+        let result = std::fs::create_dir_all(dir).and_then(|()| {
+            let tmp = dir.join("state.json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&persisted).map_err(std::io::Error::other)?)?;
+            std::fs::rename(tmp, dir.join(STATE_FILE))
+        });
+        if let Err(e) = result {
+            warn!(dir = %dir.display(), error = %e, "writing the state file");
+        }
+    }
+
+    fn select(&mut self, selector: &str) -> Result<&mut Backend, String> {
+        let matching: Vec<usize> = (0..self.backends.len())
+            .filter(|&i| self.backends[i].matches(selector))
+            .collect();
+        match matching[..] {
+            [i] => Ok(&mut self.backends[i]),
+            [] => Err(format!(
+                "no backend {selector:?} (give an instance name, address:port or vip/address:port)"
+            )),
+            _ => Err(format!(
+                "{selector:?} names {} backends; say which VIP: {}",
+                matching.len(),
+                matching
+                    .iter()
+                    .map(|&i| self.backends[i].key())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+
+    pub fn drain(&mut self, selector: &str, on: bool) -> Response {
+        let b = match self.select(selector) {
+            Ok(b) => b,
+            Err(e) => return Response::error(e),
+        };
+        let key = b.key();
+        let changed = b.draining != on;
+        b.draining = on;
+        if changed {
+            info!(backend = %key, "{}", if on { "draining" } else { "drain ended" });
+            self.sync();
+            self.persist();
+        }
+        Response::ok(format!("{key}: {}", if on { "draining" } else { "taking new flows" }))
+    }
+
+    pub fn set_weight(&mut self, selector: &str, weight: u32) -> Response {
+        if i64::from(weight) > crate::config::WEIGHT_MAX {
+            return Response::error(format!(
+                "weight {weight} is out of range 0-{}",
+                crate::config::WEIGHT_MAX
+            ));
+        }
+        let b = match self.select(selector) {
+            Ok(b) => b,
+            Err(e) => return Response::error(e),
+        };
+        let key = b.key();
+        b.weight_override = (weight != b.config_weight).then_some(weight);
+        info!(backend = %key, weight, "weight set");
+        self.sync();
+        self.persist();
+        Response::ok(format!("{key}: weight {weight}"))
+    }
+
+    /// The supervisor handle of an instance, for restarts.
+    pub fn instance_commands(&self, name: &str) -> Option<mpsc::UnboundedSender<Command>> {
+        self.backends
+            .iter()
+            .find_map(|b| b.instance.as_ref().filter(|i| i.spec.name == name))
+            .map(|i| i.commands.clone())
+    }
+
+    pub fn status(&self) -> Vec<BackendStatus> {
+        let live = live_connections();
+        self.backends
+            .iter()
+            .map(|b| {
+                let vip = self.config.vips.iter().find(|v| v.name == b.vip);
+                let inst = b.instance.as_ref();
+                BackendStatus {
+                    vip: b.vip.clone(),
+                    vip_address: vip.map_or_else(String::new, |v| format!("{}:{}", v.address, v.port)),
+                    backend: format!("{}:{}", b.address, b.port),
+                    model: inst.map(|i| i.spec.model.clone()),
+                    instance: inst.map(|i| i.spec.name.clone()),
+                    gpus: inst.map_or_else(Vec::new, |i| {
+                        i.spec
+                            .gpus
+                            .iter()
+                            .map(|g| GpuStatus {
+                                index: g.index,
+                                uuid: g.uuid.clone(),
+                                name: g.name.clone(),
+                            })
+                            .collect()
+                    }),
+                    pid: inst.and_then(|i| i.pid),
+                    state: b.state().into(),
+                    healthy: b.running() && b.health.up,
+                    in_table: b.in_table(),
+                    restarts: inst.map_or(0, |i| i.restarts),
+                    last_probe_ms: b.health.last_latency.map(|d| d.as_secs_f64() * 1000.0),
+                    last_error: b.health.last_error.clone(),
+                    live_flows: live.get(&(b.address, b.port)).copied().unwrap_or(0),
+                    weight: b.weight(),
+                    cpus: inst.map_or_else(Vec::new, |i| i.spec.cpus.clone()),
+                }
+            })
+            .collect()
+    }
+
+    /// SIGHUP: a valid config is applied as a diff; an invalid one changes nothing.
+    pub fn reload(&mut self) -> Response {
+        let new = match Config::load(&self.config_path) {
+            Ok(c) => c,
+            Err(e) => return reload_rejected(ErrorChain(&e).to_string()),
+        };
+        let old = &self.config;
+        let fixed: [(&str, bool); 5] = [
+            ("interface", new.interface != old.interface),
+            ("xdp_mode", new.xdp_mode != old.xdp_mode),
+            ("pin_path", new.pin_path != old.pin_path),
+            ("state_dir", new.state_dir != old.state_dir),
+            ("conntrack_size", new.conntrack_size != old.conntrack_size),
+        ];
+        if let Some((field, _)) = fixed.iter().find(|(_, changed)| *changed) {
+            return reload_rejected(format!(
+                "{}: {field}: changed; this takes a restart of gpulb, not a reload",
+                self.config_path.display()
+            ));
+        }
+        let specs = match Inventory::discover(&new).and_then(|inv| gpu::instances(&new, &inv)) {
+            Ok(s) => s,
+            Err(e) => return reload_rejected(ErrorChain(&e).to_string()),
+        };
+        let mut incoming = build_backends(&new, specs);
+        // Dry run: ids must be allocatable before anything changes.
+        let (services, backends) = match &self.applied {
+            Some(p) => p.current(),
+            None => (Vec::new(), Vec::new()),
+        };
+        if let Err(e) = plan::plan(&desired(&new.vips, &incoming), &services, &backends) {
+            return reload_rejected(e.to_string());
+        }
+
+        let (mut added, mut removed, mut replaced) = (0, 0, 0);
+        let old_backends = std::mem::take(&mut self.backends);
+        let mut kept: HashMap<String, Backend> = HashMap::new();
+        for b in old_backends {
+            let key = b.key();
+            if incoming.iter().any(|n| n.key() == key) {
+                kept.insert(key, b);
+            } else {
+                removed += 1;
+                info!(backend = %key, "backend removed by reload");
+                b.probe_cancel.cancel();
+                if let Some(inst) = b.instance {
+                    let (done, _) = tokio::sync::oneshot::channel();
+                    let _ = inst.commands.send(Command::Stop(done));
+                }
+            }
+        }
+        self.config = new;
+        for mut n in incoming.drain(..) {
+            match kept.remove(&n.key()) {
+                Some(mut b) => {
+                    b.config_weight = n.config_weight;
+                    b.check = n.check;
+                    let same_spec = match (&b.instance, &n.instance) {
+                        (Some(a), Some(c)) => a.spec == c.spec,
+                        (None, None) => true,
+                        _ => false,
+                    };
+                    if !same_spec {
+                        replaced += 1;
+                        if let Some(inst) = b.instance.take() {
+                            let (done, _) = tokio::sync::oneshot::channel();
+                            let _ = inst.commands.send(Command::Stop(done));
+                        }
+                        b.instance = n.instance.take();
+                        if let Some(inst) = &mut b.instance {
+                            // The old process is stopped first: it holds the port.
+                            inst.commands = self.spawn_replacement(inst.spec.clone());
+                        }
+                        b.health = Health::default();
+                    }
+                    self.start_probe(&mut b);
+                    self.backends.push(b);
+                }
+                None => {
+                    added += 1;
+                    info!(backend = %n.key(), "backend added by reload");
+                    self.add(n, &[]);
+                }
+            }
+        }
+        self.sync();
+        self.persist();
+        let message = format!(
+            "config reloaded: {added} backends added, {removed} removed, {replaced} restarted with a new command"
+        );
+        info!(added, removed, replaced, "config reloaded");
+        Response::ok(message)
+    }
+
+    /// A supervisor for an instance whose previous process is being stopped: it waits for
+    /// the port to be free before starting.
+    fn spawn_replacement(&self, spec: InstanceSpec) -> mpsc::UnboundedSender<Command> {
+        let addr = SocketAddrV4::new(spec.address, spec.port);
+        let deadline = Instant::now() + self.config.kill_timeout + Duration::from_secs(1);
+        self.spawn_supervisor(spec, None, async move {
+            while Instant::now() < deadline && std::net::TcpListener::bind(addr).is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    }
+
+    /// Full stop: no new flows, wait for connections to end (up to the drain timeout),
+    /// then stop every instance.
+    pub async fn shut_down(&mut self) {
+        for b in &mut self.backends {
+            b.draining = true;
+        }
+        self.sync();
+        let deadline = Instant::now() + self.config.drain_timeout;
+        loop {
+            let live: usize = self.status().iter().map(|s| s.live_flows).sum();
+            if live == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                warn!(live, timeout = ?self.config.drain_timeout, "drain timeout; stopping with connections open");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut waits = Vec::new();
+        for b in &self.backends {
+            b.probe_cancel.cancel();
+            if let Some(inst) = &b.instance {
+                let (done, wait) = tokio::sync::oneshot::channel();
+                if inst.commands.send(Command::Stop(done)).is_ok() {
+                    waits.push(wait);
+                }
+            }
+        }
+        for wait in waits {
+            let _ = tokio::time::timeout(self.config.kill_timeout + Duration::from_secs(5), wait).await;
+        }
+    }
+}
+
+fn reload_rejected(error: String) -> Response {
+    error!(error = %error, "config reload rejected; nothing changed");
+    Response::error(format!("reload rejected, nothing changed: {error}"))
+}
+
+fn desired<'a>(vips: &'a [Vip], backends: &[Backend]) -> Vec<DesiredService<'a>> {
+    vips.iter()
+        .map(|vip| DesiredService {
+            vip,
+            backends: backends
+                .iter()
+                .filter(|b| b.vip == vip.name)
+                .map(|b| DesiredBackend {
+                    address: b.address,
+                    port: b.port,
+                    weight: b.weight(),
+                    flags: if b.draining { BACKEND_DRAINING } else { 0 },
+                    in_table: b.in_table(),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The backends `config` declares: `[[vip.backend]]`s, then model instances.
+fn build_backends(config: &Config, specs: Vec<InstanceSpec>) -> Vec<Backend> {
+    let mut out = Vec::new();
+    let blank = |vip: &str, address, port, weight, check: &HealthCheck| Backend {
+        vip: vip.to_owned(),
+        address,
+        port,
+        config_weight: weight,
+        weight_override: None,
+        draining: false,
+        health: Health::default(),
+        check: check.clone(),
+        instance: None,
+        probe_generation: 0,
+        probe_cancel: CancellationToken::new(),
+    };
+    for vip in &config.vips {
+        for b in &vip.backends {
+            out.push(blank(&vip.name, b.address, b.port, b.weight, &vip.health));
+        }
+    }
+    for spec in specs {
+        let model = config
+            .models
+            .iter()
+            .find(|m| m.name == spec.model)
+            .expect("instances come from the config's models");
+        let mut b = blank(&spec.vip, spec.address, spec.port, spec.weight, &model.health);
+        let (commands, _) = mpsc::unbounded_channel();
+        b.instance = Some(Instance {
+            spec,
+            pid: None,
+            start_time: 0,
+            restarts: 0,
+            // Until the supervisor reports: an adopted process keeps its slots meanwhile.
+            phase: Phase::Running,
+            commands,
+        });
+        out.push(b);
+    }
+    out
+}
+
+/// Established TCP connections by local address and port, from /proc/net/tcp of this
+/// network namespace (the backends are local).
+pub fn live_connections() -> HashMap<(Ipv4Addr, u16), usize> {
+    let mut out = HashMap::new();
+    let Ok(text) = std::fs::read_to_string("/proc/net/tcp") else {
+        return out;
+    };
+    for line in text.lines().skip(1) {
+        let mut fields = line.split_whitespace();
+        let (Some(local), Some(_remote), Some(state)) =
+            (fields.nth(1), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if state != "01" {
+            continue; // not ESTABLISHED
+        }
+        let Some((addr, port)) = local.split_once(':') else {
+            continue;
+        };
+        let (Ok(addr), Ok(port)) = (u32::from_str_radix(addr, 16), u16::from_str_radix(port, 16))
+        else {
+            continue;
+        };
+        // The kernel prints the network-order address as a host integer.
+        *out.entry((Ipv4Addr::from(addr.to_ne_bytes()), port)).or_insert(0) += 1;
+    }
+    out
+}

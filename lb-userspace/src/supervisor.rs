@@ -1,0 +1,498 @@
+//! Model server processes: spawning one per instance (GPU by UUID, CPUs of the GPU's NUMA
+//! node, own process group, output to a log file the daemon follows), noticing their exit
+//! through a pidfd at once, restarting them with capped exponential backoff, and adopting the
+//! instances a previous daemon left running.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Read as _, Seek as _, SeekFrom},
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    process::{ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sched::CpuSet,
+    sys::signal::{Signal, killpg},
+    unistd::Pid,
+};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, oneshot},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::{config::Model, gpu::InstanceSpec};
+
+/// Consecutive short-lived runs after which an instance is reported as crash-looping.
+pub const CRASH_LOOP_AFTER: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("opening log file {}", path.display())]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("spawning {instance} ({program})")]
+    Spawn {
+        instance: String,
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// When to restart a crashed instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    pub delay: Duration,
+    pub delay_max: Duration,
+    pub stable_after: Duration,
+}
+
+impl RestartPolicy {
+    pub fn of(model: &Model) -> Self {
+        Self {
+            delay: model.restart_delay,
+            delay_max: model.restart_delay_max,
+            stable_after: model.stable_after,
+        }
+    }
+
+    /// Delay before the restart after `failures` consecutive short runs (≥ 1).
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let factor = 1u32.checked_shl(failures.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.delay.saturating_mul(factor).min(self.delay_max)
+    }
+}
+
+/// What a daemon leaves behind for the next one to adopt (`state_dir/instances.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub name: String,
+    pub pid: u32,
+    /// Start time in clock ticks since boot (/proc/PID/stat field 22): tells a reused pid.
+    pub start_time: u64,
+    pub port: u16,
+    pub restarts: u32,
+}
+
+pub fn read_records(path: &Path) -> Vec<InstanceRecord> {
+    match fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+            warn!(path = %path.display(), error = %e, "ignoring unreadable instance record");
+            Vec::new()
+        }),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Atomic replace: a reader (the next daemon) never sees half a file.
+pub fn write_records(path: &Path, records: &[InstanceRecord]) -> io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(records).map_err(io::Error::other)?)?;
+    fs::rename(tmp, path)
+}
+
+/// /proc/PID/stat field 22, the process's start time.
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// What the supervisor tells the daemon.
+#[derive(Debug)]
+pub enum Event {
+    Started {
+        instance: String,
+        pid: u32,
+        start_time: u64,
+        restarts: u32,
+        adopted: bool,
+    },
+    Exited {
+        instance: String,
+        /// When the pidfd became readable.
+        at: Instant,
+        status: String,
+        restarts: u32,
+        crash_loop: bool,
+        /// `None`: stopped on purpose, not restarted.
+        restart_in: Option<Duration>,
+    },
+}
+
+/// What the daemon asks of a supervisor; the sender is told when it is done.
+#[derive(Debug)]
+pub enum Command {
+    /// Stop (SIGTERM, then SIGKILL after the kill timeout) and start again at once.
+    Restart(oneshot::Sender<()>),
+    /// Stop and do not start again; the supervisor ends.
+    Stop(oneshot::Sender<()>),
+}
+
+/// A running instance: our child, or one adopted from a previous daemon.
+enum Running {
+    Child(tokio::process::Child),
+    Adopted { pid: u32, pidfd: AsyncFd<OwnedFd> },
+}
+
+impl Running {
+    fn pid(&self) -> u32 {
+        match self {
+            Running::Child(c) => c.id().unwrap_or(0),
+            Running::Adopted { pid, .. } => *pid,
+        }
+    }
+
+    /// Resolves when the process has exited (tokio watches children through a pidfd too).
+    async fn wait(&mut self) -> String {
+        match self {
+            Running::Child(c) => match c.wait().await {
+                Ok(status) => describe(status),
+                Err(e) => format!("wait failed: {e}"),
+            },
+            Running::Adopted { pidfd, .. } => {
+                // An adopted process is init's child: its status is not ours to read.
+                let _ = pidfd.readable().await;
+                "exited (adopted; status unknown)".into()
+            }
+        }
+    }
+
+    /// SIGTERM to the process group, SIGKILL after `grace`; returns once the leader is gone.
+    async fn terminate(&mut self, grace: Duration) -> String {
+        let pgid = Pid::from_raw(self.pid() as i32);
+        let _ = killpg(pgid, Signal::SIGTERM);
+        let status = match tokio::time::timeout(grace, self.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                warn!(pid = self.pid(), ?grace, "did not stop after SIGTERM; sending SIGKILL");
+                let _ = killpg(pgid, Signal::SIGKILL);
+                self.wait().await
+            }
+        };
+        // Workers the server forked (they hold GPU memory) go with it.
+        let _ = killpg(pgid, Signal::SIGKILL);
+        status
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => Signal::try_from(sig)
+            .map_or_else(|_| format!("signal {sig}"), |s| format!("killed by {s}")),
+        _ => status.to_string(),
+    }
+}
+
+/// Adopts `record`'s process if it is still the same process (pid and start time).
+#[expect(unsafe_code, reason = "registering the pidfd with tokio's reactor")]
+fn adopt(record: &InstanceRecord) -> Option<Running> {
+    let pid = rustix::process::Pid::from_raw(record.pid as i32)?;
+    // pidfd first, then the start time: the pidfd pins the process we checked.
+    let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK).ok()?;
+    if proc_start_time(record.pid) != Some(record.start_time) {
+        return None;
+    }
+    // SAFETY: the AsyncFd owns the OwnedFd, so the fd stays open and the same for its whole
+    // lifetime.
+    let pidfd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()?;
+    Some(Running::Adopted {
+        pid: record.pid,
+        pidfd,
+    })
+}
+
+pub fn log_path(log_dir: &Path, instance: &str) -> PathBuf {
+    log_dir.join(format!("{instance}.log"))
+}
+
+#[expect(unsafe_code, reason = "pre_exec sets the CPU affinity of the child")]
+fn spawn(spec: &InstanceSpec, log_dir: &Path) -> Result<Running, SupervisorError> {
+    let path = log_path(log_dir, &spec.name);
+    let log_err = |source| SupervisorError::Log {
+        path: path.clone(),
+        source,
+    };
+    fs::create_dir_all(log_dir).map_err(log_err)?;
+    // A file, not a pipe: the server keeps writing if the daemon dies or restarts.
+    let log = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(log_err)?;
+    let err = log.try_clone().map_err(log_err)?;
+    let mut cmd = tokio::process::Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..])
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env("CUDA_VISIBLE_DEVICES", spec.cuda_visible_devices())
+        .env("GPULB_INSTANCE", &spec.name)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        // Its own group: stopping it reaches the workers it forks, and a signal to the
+        // daemon's group (Ctrl-C) does not.
+        .process_group(0);
+    if !spec.cpus.is_empty() {
+        let mut set = CpuSet::new();
+        for &cpu in &spec.cpus {
+            if cpu < CpuSet::count() {
+                let _ = set.set(cpu);
+            }
+        }
+        // SAFETY: runs in the forked child before exec; it only calls sched_setaffinity(2),
+        // which is async-signal-safe, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sched::sched_setaffinity(Pid::from_raw(0), &set).map_err(io::Error::from)
+            });
+        }
+    }
+    let child = cmd.spawn().map_err(|source| SupervisorError::Spawn {
+        instance: spec.name.clone(),
+        program: spec.argv[0].clone(),
+        source,
+    })?;
+    Ok(Running::Child(child))
+}
+
+/// Everything a supervisor needs besides its instance.
+#[derive(Clone)]
+pub struct Context {
+    pub log_dir: PathBuf,
+    pub kill_timeout: Duration,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub cancel: CancellationToken,
+}
+
+/// Runs one instance until told to stop, or until `cancel` (then the process is left
+/// running for the next daemon to adopt).
+pub async fn supervise(
+    spec: InstanceSpec,
+    policy: RestartPolicy,
+    adopt_from: Option<InstanceRecord>,
+    ctx: Context,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) {
+    let mut restarts = adopt_from.as_ref().map_or(0, |r| r.restarts);
+    let mut failures = 0u32;
+    let mut adopted = adopt_from.as_ref().and_then(adopt);
+    if adopt_from.is_some() && adopted.is_none() {
+        warn!(instance = %spec.name, "recorded instance is gone; starting a new one");
+    }
+    let tail = tokio::spawn(follow_log(
+        spec.name.clone(),
+        log_path(&ctx.log_dir, &spec.name),
+        adopted.is_some(),
+        ctx.cancel.clone(),
+    ));
+    loop {
+        let is_adopted = adopted.is_some();
+        let mut running = match adopted.take() {
+            Some(r) => r,
+            None => match spawn(&spec, &ctx.log_dir) {
+                Ok(r) => r,
+                Err(e) => {
+                    error!(instance = %spec.name, error = %crate::datapath::ErrorChain(&e), "spawn failed");
+                    failures += 1;
+                    let delay = policy.backoff(failures);
+                    let _ = ctx.events.send(Event::Exited {
+                        instance: spec.name.clone(),
+                        at: Instant::now(),
+                        status: format!("spawn failed: {e}"),
+                        restarts,
+                        crash_loop: failures >= CRASH_LOOP_AFTER,
+                        restart_in: Some(delay),
+                    });
+                    if !pause(delay, &mut commands, &ctx.cancel).await {
+                        break;
+                    }
+                    restarts += 1;
+                    continue;
+                }
+            },
+        };
+        let pid = running.pid();
+        let started = Instant::now();
+        let _ = ctx.events.send(Event::Started {
+            instance: spec.name.clone(),
+            pid,
+            start_time: proc_start_time(pid).unwrap_or(0),
+            restarts,
+            adopted: is_adopted,
+        });
+        info!(instance = %spec.name, pid, adopted = is_adopted, gpus = %spec.cuda_visible_devices(), "instance started");
+
+        tokio::select! {
+            status = running.wait() => {
+                let at = Instant::now();
+                // The rest of its process group (forked workers) goes too.
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                if started.elapsed() >= policy.stable_after {
+                    failures = 0;
+                }
+                failures += 1;
+                let delay = policy.backoff(failures);
+                let crash_loop = failures >= CRASH_LOOP_AFTER;
+                let _ = ctx.events.send(Event::Exited {
+                    instance: spec.name.clone(),
+                    at,
+                    status: status.clone(),
+                    restarts,
+                    crash_loop,
+                    restart_in: Some(delay),
+                });
+                if crash_loop {
+                    error!(instance = %spec.name, pid, %status, failures, restart_in = ?delay, "instance is crash-looping");
+                } else {
+                    warn!(instance = %spec.name, pid, %status, restart_in = ?delay, "instance exited");
+                }
+                if !pause(delay, &mut commands, &ctx.cancel).await {
+                    break;
+                }
+                restarts += 1;
+            }
+            command = commands.recv() => {
+                let status = running.terminate(ctx.kill_timeout).await;
+                let (done, again) = match command {
+                    Some(Command::Restart(done)) => (Some(done), true),
+                    Some(Command::Stop(done)) => (Some(done), false),
+                    None => (None, false),
+                };
+                info!(instance = %spec.name, pid, %status, restart = again, "instance stopped");
+                let _ = ctx.events.send(Event::Exited {
+                    instance: spec.name.clone(),
+                    at: Instant::now(),
+                    status,
+                    restarts,
+                    crash_loop: false,
+                    restart_in: again.then_some(Duration::ZERO),
+                });
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+                if !again {
+                    break;
+                }
+                failures = 0;
+            }
+            () = ctx.cancel.cancelled() => {
+                // Hand-over: the process keeps serving; the next daemon adopts it.
+                break;
+            }
+        }
+    }
+    tail.abort();
+}
+
+/// Sleeps `delay` before a restart; false if told to stop (or cancelled) meanwhile.
+async fn pause(
+    delay: Duration,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    cancel: &CancellationToken,
+) -> bool {
+    let sleep = tokio::time::sleep(delay);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            () = &mut sleep => return true,
+            () = cancel.cancelled() => return false,
+            command = commands.recv() => match command {
+                // Restart: go now.
+                Some(Command::Restart(done)) => {
+                    let _ = done.send(());
+                    return true;
+                }
+                Some(Command::Stop(done)) => {
+                    let _ = done.send(());
+                    return false;
+                }
+                None => return false,
+            },
+        }
+    }
+}
+
+/// Copies the instance's output into the daemon's log, a line at a time, tagged with the
+/// instance. `from_end`: skip what an adopted instance wrote before this daemon started.
+async fn follow_log(instance: String, path: PathBuf, from_end: bool, cancel: CancellationToken) {
+    let mut file: Option<File> = None;
+    let mut pos = 0u64;
+    let mut pending = String::new();
+    let mut skip = from_end;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if file.is_none() {
+            file = File::open(&path).ok();
+            if let (Some(f), true) = (&mut file, skip) {
+                pos = f.seek(SeekFrom::End(0)).unwrap_or(0);
+                skip = false;
+            }
+        }
+        let mut read_any = false;
+        if let Some(f) = &mut file {
+            // A restart truncates the file: start over from its beginning.
+            if f.metadata().map(|m| m.len()).unwrap_or(0) < pos {
+                pos = 0;
+                pending.clear();
+            }
+            if f.seek(SeekFrom::Start(pos)).is_ok()
+                && let Ok(n) = f.read(&mut buf)
+                && n > 0
+            {
+                pos += n as u64;
+                read_any = true;
+                pending.push_str(&String::from_utf8_lossy(&buf[..n]));
+                while let Some(end) = pending.find('\n') {
+                    let line: String = pending.drain(..=end).collect();
+                    let line = line.trim_end();
+                    if !line.is_empty() {
+                        info!(target: "gpulb::model", instance = %instance, "{line}");
+                    }
+                }
+            }
+        }
+        if !read_any {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = cancel.cancelled() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let p = RestartPolicy {
+            delay: Duration::from_millis(100),
+            delay_max: Duration::from_millis(1000),
+            stable_after: Duration::from_secs(60),
+        };
+        let got: Vec<u64> = (1..=6).map(|f| p.backoff(f).as_millis() as u64).collect();
+        assert_eq!(got, vec![100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(p.backoff(200), Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn start_time_of_this_process_is_stable() {
+        let me = std::process::id();
+        let t = proc_start_time(me).expect("own /proc/PID/stat");
+        assert_eq!(proc_start_time(me), Some(t));
+        assert_eq!(proc_start_time(u32::MAX), None);
+    }
+}
