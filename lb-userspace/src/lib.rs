@@ -25,3 +25,17 @@ pub static BENCH_OBJECT: &[u8] =
 
 /// Exit code for a bad config or bad arguments (sysexits EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
+
+/// Logs to stderr at `RUST_LOG` (default info); colours only on a terminal, so that log
+/// files (an instance's output, the daemon under systemd) stay plain text.
+pub fn init_logging() {
+    use std::io::IsTerminal as _;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

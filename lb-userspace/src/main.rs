@@ -10,7 +10,6 @@ use gpulb::{
     datapath::ErrorChain,
     gpu::{self, InstanceSpec, Inventory},
 };
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -128,12 +127,7 @@ fn load_config(path: &PathBuf) -> Result<(Config, Vec<InstanceSpec>), ExitCode> 
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    gpulb::init_logging();
 
     let result = match args.command {
         Command::Run { config: path } => {

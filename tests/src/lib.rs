@@ -91,14 +91,22 @@ impl NetNs {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> anyhow::Result<T> {
+        self.spawn(f)?
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+    }
+
+    /// Starts `f` on a thread that lives in this namespace; join it for the result.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<thread::JoinHandle<anyhow::Result<T>>> {
         let file =
             fs::File::open(self.path()).with_context(|| format!("opening netns {}", self.name))?;
-        thread::spawn(move || {
+        Ok(thread::spawn(move || {
             setns(file.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
             Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+        }))
     }
 }
 
@@ -473,19 +481,55 @@ pub fn burst(
     stream: bool,
     max_tokens: u32,
 ) -> anyhow::Result<Vec<anyhow::Result<Reply>>> {
+    burst_in_background(ns, url, count, concurrency, stream, max_tokens)?
+        .join()
+        .map_err(|_| anyhow::anyhow!("burst thread panicked"))?
+}
+
+/// Replies of a `burst`.
+pub type Replies = anyhow::Result<Vec<anyhow::Result<Reply>>>;
+
+/// `burst` on its own thread: join the handle for the replies.
+pub fn burst_in_background(
+    ns: &NetNs,
+    url: &str,
+    count: usize,
+    concurrency: usize,
+    stream: bool,
+    max_tokens: u32,
+) -> anyhow::Result<thread::JoinHandle<Replies>> {
     let url = url.to_owned();
-    ns.block_on(async move {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(0) // one connection per request: each is a new flow
-            .build()?;
-        let results = futures_util::stream::iter(0..count)
-            .map(|_| chat(&client, &url, stream, max_tokens))
-            .buffered(concurrency.max(1))
-            .collect::<Vec<_>>()
-            .await;
-        Ok(results)
-    })
+    let handle = ns.spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(burst_task(url, count, concurrency, stream, max_tokens))
+    })?;
+    Ok(thread::spawn(move || {
+        handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("burst thread panicked"))?
+            .and_then(|r| r)
+    }))
+}
+
+async fn burst_task(
+    url: String,
+    count: usize,
+    concurrency: usize,
+    stream: bool,
+    max_tokens: u32,
+) -> Replies {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(0) // one connection per request: each is a new flow
+        .build()?;
+    let results = futures_util::stream::iter(0..count)
+        .map(|_| chat(&client, &url, stream, max_tokens))
+        .buffered(concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await;
+    Ok(results)
 }
 
 /// A GET from inside `ns`: (status, body).
@@ -609,7 +653,7 @@ impl Stack {
         let marker = format!("{}", dir.path.display());
         let model = format!(
             "\n[[model]]\nname = \"{MODEL}\"\nvip = \"chat\"\ngpus = \"simulated:{backends}\"\n\
-             address = \"{LB_ADDR}\"\nbase_port = {}\nrestart_delay_ms = 200\n\
+             address = \"{LB_ADDR}\"\nbase_port = {}\n\
              env = {{ GPULB_TEST_MARKER = \"{marker}\" }}\n{model_extra}\n",
             sim_port(0)
         );
@@ -755,4 +799,91 @@ pub fn tagged_pids(entry: &str) -> Vec<u32> {
         }
     }
     out
+}
+
+/// One request of a `Load`.
+#[derive(Debug)]
+pub struct LoadResult {
+    pub started: Instant,
+    pub result: Result<Reply, String>,
+}
+
+impl LoadResult {
+    /// Succeeded with every token and `[DONE]`.
+    pub fn complete(&self, max_tokens: u32) -> bool {
+        matches!(&self.result, Ok(r) if r.done && r.tokens == max_tokens as usize)
+    }
+}
+
+/// Steady streaming load from a namespace: `concurrency` clients, each sending one request
+/// after another (a new connection each) until stopped, or `limit` passes.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<thread::JoinHandle<anyhow::Result<anyhow::Result<Vec<LoadResult>>>>>,
+}
+
+impl Load {
+    pub fn start(
+        ns: &NetNs,
+        url: &str,
+        concurrency: usize,
+        max_tokens: u32,
+        limit: Duration,
+    ) -> anyhow::Result<Self> {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let url = url.to_owned();
+        let handle = ns.spawn(move || -> anyhow::Result<Vec<LoadResult>> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(60))
+                    .pool_max_idle_per_host(0)
+                    .build()?;
+                let deadline = Instant::now() + limit;
+                let workers = (0..concurrency).map(|_| {
+                    let (client, url, flag) = (client.clone(), url.clone(), flag.clone());
+                    async move {
+                        let mut out = Vec::new();
+                        while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                            let started = Instant::now();
+                            let result = chat(&client, &url, true, max_tokens)
+                                .await
+                                .map_err(|e| format!("{e:#}"));
+                            out.push(LoadResult { started, result });
+                        }
+                        out
+                    }
+                });
+                let all = futures_util::future::join_all(workers).await;
+                Ok(all.into_iter().flatten().collect())
+            })
+        })?;
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Stops sending; waits for the requests in flight and returns every result.
+    pub fn stop(mut self) -> Vec<LoadResult> {
+        self.stop.store(true, Ordering::Relaxed);
+        let handle = self.handle.take().expect("stopped once");
+        handle
+            .join()
+            .expect("load thread panicked")
+            .and_then(|r| r)
+            .expect("load thread")
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }

@@ -4,7 +4,6 @@
 
 use clap::Parser;
 use gpulb::sim::{SimConfig, serve};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -20,12 +19,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    gpulb::init_logging();
     let shutdown = gpulb::daemon::shutdown_signal()?;
     serve(args.sim, async move {
         shutdown.await;
