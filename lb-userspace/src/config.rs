@@ -567,8 +567,18 @@ impl RawHealth {
         if !path.starts_with('/') {
             return Err(invalid(f("path"), format!("{path:?} must start with '/'")));
         }
-        let interval = parse_ms(&f("interval_ms"), self.interval_ms.unwrap_or(1000), 10, 3_600_000)?;
-        let timeout = parse_ms(&f("timeout_ms"), self.timeout_ms.unwrap_or(1000), 10, 600_000)?;
+        let interval = parse_ms(
+            &f("interval_ms"),
+            self.interval_ms.unwrap_or(1000),
+            10,
+            3_600_000,
+        )?;
+        let timeout = parse_ms(
+            &f("timeout_ms"),
+            self.timeout_ms.unwrap_or(1000),
+            10,
+            600_000,
+        )?;
         Ok(HealthCheck {
             kind,
             path,
@@ -643,7 +653,9 @@ fn validate_models(raw: Vec<RawModel>, vips: &[Vip]) -> Result<Vec<Model>, Field
                     format!(
                         "instance {n} would listen on {}:{port}, already vip[{}].backend[{j}]",
                         model.address,
-                        vips.iter().position(|v| v.name == model.vip).expect("checked")
+                        vips.iter()
+                            .position(|v| v.name == model.vip)
+                            .expect("checked")
                     ),
                 ));
             }
@@ -686,7 +698,10 @@ impl RawModel {
         if vip.protocol != Protocol::Tcp {
             return Err(invalid(
                 f("vip"),
-                format!("{:?} is a UDP VIP; model servers speak HTTP over TCP", self.vip),
+                format!(
+                    "{:?} is a UDP VIP; model servers speak HTTP over TCP",
+                    self.vip
+                ),
             ));
         }
         let gpus = match self.gpus {
@@ -762,9 +777,17 @@ impl RawModel {
                      \"--port\", \"{port}\"]",
                 ));
             }
-            ["gpulb-sim", "--listen", "{address}:{port}", "--name", "{name}", "--model", "{model}"]
-                .map(String::from)
-                .to_vec()
+            [
+                "gpulb-sim",
+                "--listen",
+                "{address}:{port}",
+                "--name",
+                "{name}",
+                "--model",
+                "{model}",
+            ]
+            .map(String::from)
+            .to_vec()
         } else {
             self.command
         };
@@ -786,13 +809,20 @@ impl RawModel {
         {
             return Err(invalid(
                 f("base_port"),
-                format!("{base_port} + {} instances runs past port 65535", n / gpus_per_instance),
+                format!(
+                    "{base_port} + {} instances runs past port 65535",
+                    n / gpus_per_instance
+                ),
             ));
         }
         let served_model = self.served_model.unwrap_or_else(|| self.name.clone());
         let restart_delay = parse_ms(&f("restart_delay_ms"), self.restart_delay_ms, 0, 3_600_000)?;
-        let restart_delay_max =
-            parse_ms(&f("restart_delay_max_ms"), self.restart_delay_max_ms, 0, 3_600_000)?;
+        let restart_delay_max = parse_ms(
+            &f("restart_delay_max_ms"),
+            self.restart_delay_max_ms,
+            0,
+            3_600_000,
+        )?;
         if restart_delay_max < restart_delay {
             return Err(invalid(
                 f("restart_delay_max_ms"),
@@ -804,9 +834,11 @@ impl RawModel {
         }
         Ok(Model {
             weight: parse_weight(&f("weight"), self.weight)?,
-            health: self
-                .health
-                .validate(&f("health"), CheckKind::Http, Some(served_model.clone()))?,
+            health: self.health.validate(
+                &f("health"),
+                CheckKind::Http,
+                Some(served_model.clone()),
+            )?,
             name: self.name,
             vip: self.vip,
             command,
@@ -1120,5 +1152,158 @@ port = 8002
             e.contains("interface: no network interface named \"gpulb-nosuch0\""),
             "{e}"
         );
+    }
+
+    const MODEL: &str = r#"
+[[model]]
+name = "qwen"
+vip = "chat"
+command = ["vllm", "serve", "Qwen/Qwen2.5-7B-Instruct", "--port", "{port}"]
+served_model = "Qwen/Qwen2.5-7B-Instruct"
+gpus = [0, 1]
+address = "198.18.0.1"
+base_port = 9001
+"#;
+
+    fn model_error(from: &str, to: &str) -> String {
+        assert!(MODEL.contains(from), "fixture lacks {from:?}");
+        error_for_text(&format!("{GOOD}{}", MODEL.replacen(from, to, 1)))
+    }
+
+    #[test]
+    fn model_parses_with_defaults() {
+        let c = parse(&format!("{GOOD}{MODEL}")).expect("valid config");
+        let m = &c.models[0];
+        assert_eq!(
+            m.gpus,
+            GpuSelection::List(vec![GpuRef::Index(0), GpuRef::Index(1)])
+        );
+        assert_eq!(m.gpus_per_instance, 1);
+        assert_eq!(m.instance_count(), Some(2));
+        assert_eq!(m.health.kind, CheckKind::Http);
+        assert_eq!(m.health.model.as_deref(), Some("Qwen/Qwen2.5-7B-Instruct"));
+        assert_eq!(m.restart_delay, Duration::from_secs(1));
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_model_alone_can_serve_a_vip() {
+        let text = format!(
+            "interface = \"lo\"\n[[vip]]\nname = \"chat\"\naddress = \"198.18.100.1\"\nport = 80\n{}",
+            MODEL.replace("gpus = [0, 1]", "gpus = \"simulated:2\"")
+        );
+        let c = parse(&text).expect("a VIP served by a model needs no static backend");
+        assert_eq!(c.models[0].gpus, GpuSelection::Simulated(2));
+    }
+
+    #[test]
+    fn model_errors_name_field_and_value() {
+        let cases = [
+            (
+                "vip = \"chat\"",
+                "vip = \"chta\"",
+                "model[0].vip: no [[vip]] named \"chta\"",
+            ),
+            (
+                "gpus = [0, 1]",
+                "gpus = \"most\"",
+                "model[0].gpus: \"most\" is not \"all\"",
+            ),
+            (
+                "gpus = [0, 1]",
+                "gpus = [0, 0]",
+                "model[0].gpus[1]: gpu 0 is listed twice",
+            ),
+            (
+                "gpus = [0, 1]",
+                "gpus = [\"H100\"]",
+                "model[0].gpus[0]: \"H100\" is not a GPU UUID",
+            ),
+            (
+                "gpus = [0, 1]",
+                "gpus = []",
+                "model[0].gpus: must name at least one GPU",
+            ),
+            (
+                "gpus = [0, 1]",
+                "gpus = [0, 1, 2]\ngpus_per_instance = 2",
+                "model[0].gpus_per_instance: 2 does not divide the 3 GPUs",
+            ),
+            (
+                "\"{port}\"]",
+                "\"{prot}\"]",
+                "model[0].command[4]: unknown placeholder {prot}",
+            ),
+            (
+                "command = [\"vllm\", \"serve\", \"Qwen/Qwen2.5-7B-Instruct\", \"--port\", \"{port}\"]\n",
+                "",
+                "model[0].command: must give the server's argv",
+            ),
+            (
+                "base_port = 9001",
+                "base_port = 8002",
+                "model[0].base_port: instance 0 would listen on 198.18.0.1:8002, already vip[0].backend[1]",
+            ),
+            (
+                "base_port = 9001",
+                "base_port = 65535",
+                "runs past port 65535",
+            ),
+            (
+                "name = \"qwen\"",
+                "name = \"a b\"",
+                "model[0].name: \"a b\" must be non-empty",
+            ),
+            (
+                "base_port = 9001",
+                "base_port = 9001\n[model.health]\ncheck = \"icmp\"",
+                "model[0].health.check: \"icmp\" is not",
+            ),
+            (
+                "base_port = 9001",
+                "base_port = 9001\n[model.health]\nrise = 0",
+                "model[0].health.rise: 0 is out of range 1-100",
+            ),
+            (
+                "base_port = 9001",
+                "base_port = 9001\nrestart_delay_ms = 5000\nrestart_delay_max_ms = 1000",
+                "model[0].restart_delay_max_ms: 1000 is below restart_delay_ms (5000)",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let e = model_error(from, to);
+            assert!(e.contains(want), "{from:?} -> {to:?}: got {e}");
+        }
+    }
+
+    #[test]
+    fn a_gpu_serves_one_model() {
+        let second = MODEL
+            .replace("name = \"qwen\"", "name = \"llama\"")
+            .replace("gpus = [0, 1]", "gpus = [1]")
+            .replace("base_port = 9001", "base_port = 9101");
+        let e = error_for_text(&format!("{GOOD}{MODEL}{second}"));
+        assert!(
+            e.contains("model[1].gpus: gpu 1 already used by \"qwen\""),
+            "{e}"
+        );
+        let e = error_for_text(&format!(
+            "{GOOD}{MODEL}{}",
+            second
+                .replace("base_port = 9101", "base_port = 9002")
+                .replace("[1]", "[3]")
+        ));
+        assert!(
+            e.contains("model[1].base_port: instance 0 would listen on 198.18.0.1:9002, already used by \"qwen\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn udp_vip_cannot_take_a_model() {
+        let text = GOOD.replace("port = 80\n", "port = 80\nprotocol = \"udp\"\n");
+        let e = error_for_text(&format!("{text}{MODEL}"));
+        assert!(e.contains("model[0].vip: \"chat\" is a UDP VIP"), "{e}");
     }
 }

@@ -15,11 +15,20 @@ use serde::{Deserialize, Serialize};
 pub enum Request {
     Status,
     /// `backend`: an instance name (`qwen-0`), `address:port`, or `vip/address:port`.
-    Drain { backend: String },
-    Undrain { backend: String },
-    Weight { backend: String, weight: u32 },
+    Drain {
+        backend: String,
+    },
+    Undrain {
+        backend: String,
+    },
+    Weight {
+        backend: String,
+        weight: u32,
+    },
     /// Rolling restart: drain, restart and re-admit the model's instances one at a time.
-    Restart { model: String },
+    Restart {
+        model: String,
+    },
     /// Re-read the config file (as SIGHUP).
     Reload,
 }

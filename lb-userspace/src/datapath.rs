@@ -307,9 +307,7 @@ impl Datapath {
             Attached::TakenOver
         } else {
             let used = match mode {
-                config::XdpMode::Native => {
-                    self.attach_xdp(interface, XdpMode::Driver, "native")?
-                }
+                config::XdpMode::Native => self.attach_xdp(interface, XdpMode::Driver, "native")?,
                 config::XdpMode::Generic => self.attach_xdp(interface, XdpMode::Skb, "generic")?,
                 config::XdpMode::Auto => {
                     match self.attach_xdp(interface, XdpMode::Driver, "native") {
@@ -339,10 +337,12 @@ impl Datapath {
                     interface: interface.to_owned(),
                     source,
                 })?;
-            let link = egress.take_link(id).map_err(|source| DatapathError::AttachTc {
-                interface: interface.to_owned(),
-                source,
-            })?;
+            let link = egress
+                .take_link(id)
+                .map_err(|source| DatapathError::AttachTc {
+                    interface: interface.to_owned(),
+                    source,
+                })?;
             let fd = FdLink::try_from(link).map_err(|e| DatapathError::TakeOver {
                 what: "TC",
                 path: tc_pin.clone(),

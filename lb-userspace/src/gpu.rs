@@ -344,7 +344,10 @@ mod tests {
 
     #[test]
     fn cpulist_parses_ranges_and_singles() {
-        assert_eq!(parse_cpulist("0-3,8,10-11"), Some(vec![0, 1, 2, 3, 8, 10, 11]));
+        assert_eq!(
+            parse_cpulist("0-3,8,10-11"),
+            Some(vec![0, 1, 2, 3, 8, 10, 11])
+        );
         assert_eq!(parse_cpulist("5"), Some(vec![5]));
         assert_eq!(parse_cpulist("3-1"), None);
         assert_eq!(parse_cpulist("x"), None);
@@ -407,7 +410,15 @@ mod tests {
         assert_eq!(list[0].port, 8001);
         assert_eq!(
             list[0].argv,
-            ["vllm", "serve", "Qwen/Qwen2.5-7B", "--port", "8001", "-tp", "2"]
+            [
+                "vllm",
+                "serve",
+                "Qwen/Qwen2.5-7B",
+                "--port",
+                "8001",
+                "-tp",
+                "2"
+            ]
         );
         assert_eq!(list[1].cuda_visible_devices(), "GPU-00000000,GPU-00000001");
         assert_eq!(list[1].port, 8002);
@@ -422,7 +433,10 @@ mod tests {
         let e = instances(&c, &Inventory::with(vec![gpu(0, &[])]))
             .expect_err("gpu 7 is missing")
             .to_string();
-        assert!(e.contains("gpu 7 not found (this host has: 0 GPU-00000000)"), "{e}");
+        assert!(
+            e.contains("gpu 7 not found (this host has: 0 GPU-00000000)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -435,6 +449,9 @@ mod tests {
         let uuids: BTreeSet<String> = list.iter().map(|i| i.cuda_visible_devices()).collect();
         assert_eq!(uuids.len(), 3);
         assert!(list[2].argv[0].ends_with("gpulb-sim"));
-        assert_eq!(list[2].argv[1..5], ["--listen", "198.18.0.1:9002", "--name", "sim-2"]);
+        assert_eq!(
+            list[2].argv[1..5],
+            ["--listen", "198.18.0.1:9002", "--name", "sim-2"]
+        );
     }
 }

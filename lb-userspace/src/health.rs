@@ -28,11 +28,13 @@ pub async fn probe(
     let start = Instant::now();
     match check.kind {
         CheckKind::None => Ok(Duration::ZERO),
-        CheckKind::Tcp => match tokio::time::timeout(check.timeout, tokio::net::TcpStream::connect(addr)).await {
-            Ok(Ok(_)) => Ok(start.elapsed()),
-            Ok(Err(e)) => Err(format!("connect: {e}")),
-            Err(_) => Err(format!("connect: no answer within {:?}", check.timeout)),
-        },
+        CheckKind::Tcp => {
+            match tokio::time::timeout(check.timeout, tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(_)) => Ok(start.elapsed()),
+                Ok(Err(e)) => Err(format!("connect: {e}")),
+                Err(_) => Err(format!("connect: no answer within {:?}", check.timeout)),
+            }
+        }
         CheckKind::Http => {
             let get = |path: &str| {
                 client
@@ -40,7 +42,9 @@ pub async fn probe(
                     .timeout(check.timeout)
                     .send()
             };
-            let resp = get(&check.path).await.map_err(|e| describe(&check.path, &e))?;
+            let resp = get(&check.path)
+                .await
+                .map_err(|e| describe(&check.path, &e))?;
             if !resp.status().is_success() {
                 return Err(format!("GET {}: HTTP {}", check.path, resp.status()));
             }
@@ -59,7 +63,9 @@ pub async fn probe(
                     .as_array()
                     .is_some_and(|d| d.iter().any(|m| m["id"].as_str() == Some(model)));
                 if !listed {
-                    return Err(format!("GET /v1/models: {model:?} not listed (still loading?)"));
+                    return Err(format!(
+                        "GET /v1/models: {model:?} not listed (still loading?)"
+                    ));
                 }
             }
             Ok(start.elapsed())
@@ -155,7 +161,10 @@ mod tests {
         let bad = || Err("refused".to_string());
         assert!(!h.record(ok(), &c), "one success is below rise = 2");
         assert!(h.record(ok(), &c) && h.up);
-        assert!(!h.record(bad(), &c) && !h.record(bad(), &c), "two failures are below fall = 3");
+        assert!(
+            !h.record(bad(), &c) && !h.record(bad(), &c),
+            "two failures are below fall = 3"
+        );
         assert!(h.up);
         assert!(h.record(bad(), &c) && !h.up && h.seen_up);
         // A success in between resets the failure count.

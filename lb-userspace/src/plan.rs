@@ -207,7 +207,9 @@ pub fn apply(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<Ap
 
     for s in &plan.services {
         for &(id, backend) in &s.backends {
-            let unchanged = current_backends.iter().any(|&(i, b)| i == id && b == backend);
+            let unchanged = current_backends
+                .iter()
+                .any(|&(i, b)| i == id && b == backend);
             if !unchanged {
                 maps.set_backend(id, backend)?;
             }
@@ -219,7 +221,11 @@ pub fn apply(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<Ap
             *k == s.key && c.id == s.service.id && c.table_size == s.service.table_size
         });
         let cached = previous
-            .and_then(|p| p.services.iter().find(|c| c.key == s.key && c.service == s.service))
+            .and_then(|p| {
+                p.services
+                    .iter()
+                    .find(|c| c.key == s.key && c.service == s.service)
+            })
             .map(|c| c.table.clone());
         let old = match (same, cached) {
             (true, Some(table)) => table,
@@ -278,7 +284,6 @@ mod tests {
         plan(&static_backends(config), current.0, current.1).expect("plan")
     }
 
-
     #[test]
     fn fresh_plan_numbers_backends_from_one() {
         let p = plan_of(&config(&[8001, 8002]), (&[], &[]));
@@ -319,6 +324,11 @@ mod tests {
         assert_eq!(out.flags, lb_common::BACKEND_DRAINING);
         assert_eq!(out.weight, 1, "the configured weight is kept for the CLI");
         assert!(!p.services[0].table.contains(&out_id));
-        assert!(p.services[0].table.iter().all(|&id| id == p.services[0].backends[0].0));
+        assert!(
+            p.services[0]
+                .table
+                .iter()
+                .all(|&id| id == p.services[0].backends[0].0)
+        );
     }
 }

@@ -66,7 +66,9 @@ impl RestartPolicy {
 
     /// Delay before the restart after `failures` consecutive short runs (≥ 1).
     pub fn backoff(&self, failures: u32) -> Duration {
-        let factor = 1u32.checked_shl(failures.saturating_sub(1)).unwrap_or(u32::MAX);
+        let factor = 1u32
+            .checked_shl(failures.saturating_sub(1))
+            .unwrap_or(u32::MAX);
         self.delay.saturating_mul(factor).min(self.delay_max)
     }
 }
@@ -95,7 +97,10 @@ pub fn read_records(path: &Path) -> Vec<InstanceRecord> {
 /// Atomic replace: a reader (the next daemon) never sees half a file.
 pub fn write_records(path: &Path, records: &[InstanceRecord]) -> io::Result<()> {
     let tmp = path.with_extension("json.tmp");
-    fs::write(&tmp, serde_json::to_vec_pretty(records).map_err(io::Error::other)?)?;
+    fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(records).map_err(io::Error::other)?,
+    )?;
     fs::rename(tmp, path)
 }
 
@@ -174,7 +179,11 @@ impl Running {
         let status = match tokio::time::timeout(grace, self.wait()).await {
             Ok(status) => status,
             Err(_) => {
-                warn!(pid = self.pid(), ?grace, "did not stop after SIGTERM; sending SIGKILL");
+                warn!(
+                    pid = self.pid(),
+                    ?grace,
+                    "did not stop after SIGTERM; sending SIGKILL"
+                );
                 let _ = killpg(pgid, Signal::SIGKILL);
                 self.wait().await
             }
@@ -206,7 +215,8 @@ fn adopt(record: &InstanceRecord) -> Option<Running> {
     }
     // SAFETY: the AsyncFd owns the OwnedFd, so the fd stays open and the same for its whole
     // lifetime.
-    let pidfd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()?;
+    let pidfd =
+        unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()?;
     Some(Running::Adopted {
         pid: record.pid,
         pidfd,

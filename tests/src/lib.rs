@@ -771,7 +771,10 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        if let Err(e) = self.daemon.stop_with(Signal::SIGTERM, Duration::from_secs(15)) {
+        if let Err(e) = self
+            .daemon
+            .stop_with(Signal::SIGTERM, Duration::from_secs(15))
+        {
             if self.daemon.running() {
                 eprintln!("cleanup: {e:#}");
             }

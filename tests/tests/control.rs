@@ -4,15 +4,14 @@
 
 use std::{
     collections::BTreeMap,
-    fs,
-    thread,
+    fs, thread,
     time::{Duration, Instant},
 };
 
 use gpulb::maps::Maps;
 use gpulb_testbed::{
-    LB_ADDR, Load, MODEL, PinDir, Proc, Stack, bin, burst, burst_in_background, gpulb_cli, sim_port, vip_url,
-    wait_until,
+    LB_ADDR, Load, MODEL, PinDir, Proc, Stack, bin, burst, burst_in_background, gpulb_cli,
+    sim_port, vip_url, wait_until,
 };
 use lb_common::MAGLEV_MAX_SIZE;
 use nix::{
@@ -24,7 +23,13 @@ use serde_json::Value;
 /// `command` for the simulator with extra flags.
 fn sim_command(flags: &[&str]) -> String {
     let mut args = vec![
-        "gpulb-sim", "--listen", "{address}:{port}", "--name", "{name}", "--model", "{model}",
+        "gpulb-sim",
+        "--listen",
+        "{address}:{port}",
+        "--name",
+        "{name}",
+        "--model",
+        "{model}",
     ];
     args.extend_from_slice(flags);
     let quoted: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
@@ -52,16 +57,18 @@ fn table(stack: &Stack) -> Vec<u32> {
 
 fn instance_pids(rows: &[Value]) -> BTreeMap<String, u32> {
     rows.iter()
-        .map(|r| (r["instance"].as_str().expect("instance").to_owned(), pid_of(r)))
+        .map(|r| {
+            (
+                r["instance"].as_str().expect("instance").to_owned(),
+                pid_of(r),
+            )
+        })
         .collect()
 }
 
 #[test]
 fn instances_get_their_gpu_and_enter_only_when_the_model_is_loaded() {
-    let extra = format!(
-        "{}{FAST_PROBES}",
-        sim_command(&["--load-delay-ms", "1500"])
-    );
+    let extra = format!("{}{FAST_PROBES}", sim_command(&["--load-delay-ms", "1500"]));
     let stack = Stack::managed("mgd", 2, PinDir::new("mgd"), &extra).expect("start stack");
 
     // /health answers at once, /v1/models only after the load delay: not ready yet.
@@ -77,7 +84,10 @@ fn instances_get_their_gpu_and_enter_only_when_the_model_is_loaded() {
                         .is_some_and(|e| e.contains("not listed"))
             })
     });
-    assert!(starting, "both loading instances are starting and out of the table: {seen:#?}");
+    assert!(
+        starting,
+        "both loading instances are starting and out of the table: {seen:#?}"
+    );
     stack
         .wait_ready(2, Duration::from_secs(20))
         .expect("instances become ready once the model is listed");
@@ -92,7 +102,10 @@ fn instances_get_their_gpu_and_enter_only_when_the_model_is_loaded() {
         let env: Vec<&[u8]> = env.split(|&b| b == 0).collect();
         let has = |entry: String| env.contains(&entry.as_bytes());
         assert!(has(format!("CUDA_VISIBLE_DEVICES={uuid}")), "{r}");
-        assert!(has(format!("GPULB_INSTANCE={}", r["instance"].as_str().expect("name"))));
+        assert!(has(format!(
+            "GPULB_INSTANCE={}",
+            r["instance"].as_str().expect("name")
+        )));
         // Its own process group, so that stopping it reaches its workers and not the daemon.
         let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
         let pgrp: u32 = stat[stat.rfind(')').expect(")") + 2..]
@@ -110,13 +123,21 @@ fn instances_get_their_gpu_and_enter_only_when_the_model_is_loaded() {
     // The instances' output reaches the daemon's log, tagged with the instance.
     let log = stack.daemon.log_text();
     assert!(
-        log.lines().any(|l| l.contains("simulated GPU instance serving")
-            && l.contains(&format!("instance={MODEL}-1"))),
+        log.lines()
+            .any(|l| l.contains("simulated GPU instance serving")
+                && l.contains(&format!("instance={MODEL}-1"))),
         "{log}"
     );
 
-    let replies = burst(&stack.topo.client, &vip_url("/v1/chat/completions"), 20, 4, true, 4)
-        .expect("burst");
+    let replies = burst(
+        &stack.topo.client,
+        &vip_url("/v1/chat/completions"),
+        20,
+        4,
+        true,
+        4,
+    )
+    .expect("burst");
     let mut split: BTreeMap<String, usize> = BTreeMap::new();
     for r in replies {
         *split.entry(r.expect("request").instance).or_default() += 1;
@@ -159,7 +180,10 @@ fn killed_instance_is_ejected_within_100ms_and_gets_no_new_connection() {
         if gone {
             break;
         }
-        assert!(killed.elapsed() < Duration::from_secs(2), "not ejected within 2 s");
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "not ejected within 2 s"
+        );
         thread::sleep(Duration::from_micros(500));
     }
     let ejected = killed.elapsed();
@@ -182,11 +206,18 @@ fn killed_instance_is_ejected_within_100ms_and_gets_no_new_connection() {
         ejected.as_secs_f64() * 1000.0,
         logged_us as f64 / 1000.0
     );
-    assert!(ejected < Duration::from_millis(100), "ejection took {ejected:?}");
+    assert!(
+        ejected < Duration::from_millis(100),
+        "ejection took {ejected:?}"
+    );
 
     // Every connection opened after the ejection succeeded, and none reached the victim.
     let after: Vec<_> = results.iter().filter(|r| r.started > ejected_at).collect();
-    assert!(after.len() >= 8, "load kept going: {} requests", after.len());
+    assert!(
+        after.len() >= 8,
+        "load kept going: {} requests",
+        after.len()
+    );
     for r in &after {
         assert!(r.complete(8), "request after ejection failed: {r:?}");
         assert_ne!(r.result.as_ref().expect("ok").instance, victim);
@@ -206,16 +237,28 @@ fn killed_instance_is_ejected_within_100ms_and_gets_no_new_connection() {
         .count();
     let victims = before.iter().filter(|&&b| b == victim_id).count();
     eprintln!("ejection rewrote {victims} victim slots and moved {moved} of the others");
-    assert!((moved as f64) < 0.02 * before.len() as f64, "{moved} healthy slots moved");
+    assert!(
+        (moved as f64) < 0.02 * before.len() as f64,
+        "{moved} healthy slots moved"
+    );
     let written = format!("slots_written={}", victims + moved);
-    assert!(log.contains(&written), "only changed slots are written ({written}):\n{log}");
+    assert!(
+        log.contains(&written),
+        "only changed slots are written ({written}):\n{log}"
+    );
 
     // The supervisor restarts it; once ready it gets its old slots back.
-    stack.wait_ready(4, Duration::from_secs(20)).expect("restarted");
+    stack
+        .wait_ready(4, Duration::from_secs(20))
+        .expect("restarted");
     let rows = stack.backends().expect("backends");
     assert_eq!(row(&rows, &victim)["restarts"], 1);
     assert_ne!(pid_of(row(&rows, &victim)), victim_pid);
-    assert_eq!(table(&stack), before, "re-admission restores the same table");
+    assert_eq!(
+        table(&stack),
+        before,
+        "re-admission restores the same table"
+    );
 }
 
 #[test]
@@ -249,22 +292,36 @@ fn drain_keeps_established_streams_and_sends_no_new_flow() {
     let r = row(&rows, &busy);
     assert_eq!(r["state"], "draining");
     assert_eq!(r["slots"], 0, "no table slot while draining");
-    assert!(r["live_flows"].as_u64().expect("live") > 0, "its streams continue: {r}");
+    assert!(
+        r["live_flows"].as_u64().expect("live") > 0,
+        "its streams continue: {r}"
+    );
 
     let replies = burst(&stack.topo.client, &url, 30, 6, true, 2).expect("burst");
     for r in replies {
-        assert_ne!(r.expect("request").instance, busy, "a new flow reached {busy}");
+        assert_ne!(
+            r.expect("request").instance,
+            busy,
+            "a new flow reached {busy}"
+        );
     }
     // The CLI follows the live flows down to zero.
-    let out = stack.ctl(&["drain", &busy, "--wait", "20"]).expect("drain --wait");
-    assert!(out.contains("live flows") && out.trim_end().ends_with("drained"), "{out}");
+    let out = stack
+        .ctl(&["drain", &busy, "--wait", "20"])
+        .expect("drain --wait");
+    assert!(
+        out.contains("live flows") && out.trim_end().ends_with("drained"),
+        "{out}"
+    );
     for r in long.join().expect("thread").expect("long streams") {
         let r = r.expect("stream across the drain");
         assert!(r.done && r.tokens == 30, "stream cut: {r:?}");
     }
 
     stack.ctl(&["undrain", &busy]).expect("undrain");
-    stack.wait_ready(3, Duration::from_secs(5)).expect("ready again");
+    stack
+        .wait_ready(3, Duration::from_secs(5))
+        .expect("ready again");
     let replies = burst(&stack.topo.client, &url, 30, 6, true, 2).expect("burst");
     let served = replies
         .into_iter()
@@ -272,8 +329,13 @@ fn drain_keeps_established_streams_and_sends_no_new_flow() {
         .count();
     assert!(served > 0, "{busy} takes new flows again");
 
-    let bad = stack.ctl(&["drain", "nosuch-9"]).expect_err("unknown backend");
-    assert!(bad.to_string().contains("no backend \"nosuch-9\""), "{bad:#}");
+    let bad = stack
+        .ctl(&["drain", "nosuch-9"])
+        .expect_err("unknown backend");
+    assert!(
+        bad.to_string().contains("no backend \"nosuch-9\""),
+        "{bad:#}"
+    );
 }
 
 #[test]
@@ -327,27 +389,32 @@ fn daemon_restart_and_sigkill_drop_no_stream_and_move_no_flow() {
     let url = vip_url("/v1/chat/completions");
 
     for (round, signal) in [(1, Signal::SIGKILL), (2, Signal::SIGUSR2)] {
-        let long =
-            burst_in_background(&stack.topo.client, &url, 6, 6, true, 30).expect("streams");
+        let long = burst_in_background(&stack.topo.client, &url, 6, 6, true, 30).expect("streams");
         thread::sleep(Duration::from_millis(800));
         let flows = |pins: &str| -> BTreeMap<String, Value> {
-            let out = gpulb_cli(&["flows", "--json", "--limit", "0", "--pin-path", pins])
-                .expect("flows");
+            let out =
+                gpulb_cli(&["flows", "--json", "--limit", "0", "--pin-path", pins]).expect("flows");
             let v: Value = serde_json::from_str(&out).expect("json");
             v.as_array()
                 .expect("array")
                 .iter()
-                .map(|f| (f["client"].as_str().expect("client").to_owned(), f["backend"].clone()))
+                .map(|f| {
+                    (
+                        f["client"].as_str().expect("client").to_owned(),
+                        f["backend"].clone(),
+                    )
+                })
                 .collect()
         };
         let flows_before = flows(&pins);
 
         match signal {
             Signal::SIGKILL => {
-                let _ = stack.daemon.stop_with(Signal::SIGKILL, Duration::from_secs(2));
+                let _ = stack
+                    .daemon
+                    .stop_with(Signal::SIGKILL, Duration::from_secs(2));
                 // No daemon: the pinned data path keeps forwarding, new flows too.
-                let replies =
-                    burst(&stack.topo.client, &url, 10, 5, false, 2).expect("burst");
+                let replies = burst(&stack.topo.client, &url, 10, 5, false, 2).expect("burst");
                 assert!(
                     replies.iter().all(Result::is_ok),
                     "requests while the daemon is dead: {replies:?}"
@@ -364,9 +431,19 @@ fn daemon_restart_and_sigkill_drop_no_stream_and_move_no_flow() {
         }
         stack.start_daemon().expect("new daemon");
         let log = stack.daemon.log_text();
-        assert!(log.contains("xdp_mode=\"taken over\"") || log.contains("xdp_mode=taken over"), "{log}");
-        assert_eq!(log.matches("adopted=true").count(), 2, "both instances adopted: {log}");
-        assert!(!log.contains("tables updated"), "takeover rewrote the table: {log}");
+        assert!(
+            log.contains("xdp_mode=\"taken over\"") || log.contains("xdp_mode=taken over"),
+            "{log}"
+        );
+        assert_eq!(
+            log.matches("adopted=true").count(),
+            2,
+            "both instances adopted: {log}"
+        );
+        assert!(
+            !log.contains("tables updated"),
+            "takeover rewrote the table: {log}"
+        );
 
         for r in long.join().expect("thread").expect("long streams") {
             let r = r.unwrap_or_else(|e| panic!("round {round}: stream dropped: {e:#}"));
@@ -374,11 +451,23 @@ fn daemon_restart_and_sigkill_drop_no_stream_and_move_no_flow() {
         }
         let flows_after = flows(&pins);
         for (client, backend) in &flows_before {
-            assert_eq!(flows_after.get(client), Some(backend), "round {round}: {client} moved");
+            assert_eq!(
+                flows_after.get(client),
+                Some(backend),
+                "round {round}: {client} moved"
+            );
         }
         let rows = stack.backends().expect("backends");
-        assert_eq!(instance_pids(&rows), pids, "round {round}: instances kept running");
-        assert_eq!(table(&stack), table_before, "round {round}: table unchanged");
+        assert_eq!(
+            instance_pids(&rows),
+            pids,
+            "round {round}: instances kept running"
+        );
+        assert_eq!(
+            table(&stack),
+            table_before,
+            "round {round}: table unchanged"
+        );
         eprintln!(
             "round {round} ({signal}): {} live flows kept their backend across the restart",
             flows_before.len()
@@ -392,7 +481,9 @@ fn daemon_restart_and_sigkill_drop_no_stream_and_move_no_flow() {
         .daemon
         .wait_for_log("backend ejected", Duration::from_secs(2))
         .expect("adopted instance's death is seen");
-    stack.wait_ready(2, Duration::from_secs(20)).expect("restarted");
+    stack
+        .wait_ready(2, Duration::from_secs(20))
+        .expect("restarted");
 }
 
 #[test]
@@ -425,7 +516,9 @@ fn sighup_applies_a_diff_and_rejects_a_bad_config_untouched() {
         .daemon
         .wait_for_log("config reloaded", Duration::from_secs(5))
         .expect("reloaded");
-    stack.wait_ready(3, Duration::from_secs(10)).expect("3 ready");
+    stack
+        .wait_ready(3, Duration::from_secs(10))
+        .expect("3 ready");
     let after = table(&stack);
     let rows = stack.backends().expect("backends");
     let id_of = |port: u16| {
@@ -461,12 +554,19 @@ fn sighup_applies_a_diff_and_rejects_a_bad_config_untouched() {
         e.contains("vip[0].backend[2].weight: -1 is out of range") && e.contains("nothing changed"),
         "{e}"
     );
-    assert_eq!(table(&stack), after, "the rejected config changed the table");
+    assert_eq!(
+        table(&stack),
+        after,
+        "the rejected config changed the table"
+    );
     assert_eq!(stack.backends().expect("backends").len(), 3);
 
     // Changing the interface takes a restart.
     fs::write(&stack.config, added.replace(&stack.topo.lb_if, "lo")).expect("write");
-    let e = format!("{:#}", stack.ctl(&["reload"]).expect_err("interface change"));
+    let e = format!(
+        "{:#}",
+        stack.ctl(&["reload"]).expect_err("interface change")
+    );
     assert!(e.contains("interface: changed"), "{e}");
     assert_eq!(table(&stack), after);
 }
@@ -491,16 +591,28 @@ fn crash_looping_instance_is_reported_and_kept_out() {
     });
     assert!(looping, "broken-0 reported as crash-looping: {last:#?}");
     let log = stack.daemon.log_text();
-    assert!(log.contains("instance is crash-looping") && log.contains("exit code 3"), "{log}");
+    assert!(
+        log.contains("instance is crash-looping") && log.contains("exit code 3"),
+        "{log}"
+    );
     assert!(
         log.lines()
             .any(|l| l.contains("failing to load weights") && l.contains("instance=broken-0")),
         "{log}"
     );
-    stack.wait_ready(1, Duration::from_secs(10)).expect("the good model serves");
+    stack
+        .wait_ready(1, Duration::from_secs(10))
+        .expect("the good model serves");
     let rows = stack.backends().expect("backends");
     assert_eq!(row(&rows, "broken-0")["slots"], 0);
-    let replies =
-        burst(&stack.topo.client, &vip_url("/v1/chat/completions"), 5, 5, true, 2).expect("burst");
+    let replies = burst(
+        &stack.topo.client,
+        &vip_url("/v1/chat/completions"),
+        5,
+        5,
+        true,
+        2,
+    )
+    .expect("burst");
     assert!(replies.iter().all(Result::is_ok), "{replies:?}");
 }

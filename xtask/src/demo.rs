@@ -1,10 +1,11 @@
-//! `cargo xtask run`: 4 simulated GPU instances behind gpulb in a two-namespace topology, a
-//! burst of streaming chats from the client namespace, then wait for the user.
+//! `cargo xtask run`: gpulb in a two-namespace topology, starting and supervising 4
+//! simulated GPU instances (`gpus = "simulated:4"`, the same path as real GPUs), a burst of
+//! streaming chats from the client namespace, then wait for the user.
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, bail};
-use gpulb_testbed::{PinDir, Stack, VIP, VIP_PORT, bin, burst, gpulb_cli, set_bin_dir, vip_url};
+use gpulb_testbed::{MODEL, PinDir, Stack, VIP, VIP_PORT, bin, burst, set_bin_dir, vip_url};
 
 const PIN_PATH: &str = "/sys/fs/bpf/gpulb";
 const BACKENDS: usize = 4;
@@ -23,8 +24,16 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
         );
     }
 
-    println!("[demo] starting {BACKENDS} simulated GPU instances and gpulb in network namespaces");
-    let stack = Stack::start("demo", BACKENDS, PinDir::at(PIN_PATH.into()), &[])?;
+    println!(
+        "[demo] starting gpulb in network namespaces; it starts {BACKENDS} simulated GPU instances"
+    );
+    let stack = Stack::managed(
+        "demo",
+        BACKENDS,
+        PinDir::at(PIN_PATH.into()),
+        "[model.health]\ninterval_ms = 500\n",
+    )?;
+    stack.wait_ready(BACKENDS, Duration::from_secs(60))?;
     let ns = stack.topo.client.name.clone();
 
     println!("[demo] sending {BURST} streaming chat completions to {VIP}:{VIP_PORT} from {ns}");
@@ -62,16 +71,20 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
             *ttft / *n as u32
         );
     }
-    println!("\n$ gpulb backends");
-    print!("{}", gpulb_cli(&["backends"])?);
-
     let gpulb = bin("gpulb");
+    let socket = stack.socket_arg();
+    println!("\n$ gpulb backends");
+    print!("{}", stack.ctl(&["backends"])?);
+
     println!("\ngpulb demo ready: netns={ns} vip={VIP}:{VIP_PORT}");
     println!(
         "\nTry it:\n  ip netns exec {ns} curl -N http://{VIP}/v1/chat/completions \\\n    \
          -H 'content-type: application/json' \\\n    \
          -d '{{\"model\":\"sim-llm\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"stream\":true}}'\n\n\
-         Inspect it (another terminal):\n  {g} backends\n  {g} flows\n  {g} maglev\n  {g} stats\n  {g} vips\n",
+         Inspect it (another terminal):\n  export GPULB_SOCKET={socket}\n  {g} backends\n  {g} flows\n  \
+         {g} maglev\n  {g} stats\n  {g} vips\n\n\
+         Operate it:\n  {g} drain {MODEL}-0\n  {g} undrain {MODEL}-0\n  {g} weight {MODEL}-1 3\n  \
+         {g} restart {MODEL}\n  kill -9 <pid of {MODEL}-2>   # ejected at once, restarted\n",
         g = gpulb.display()
     );
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -92,7 +105,9 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
             }
         }
     });
-    println!("[demo] stopping: gpulb detaches and unpins, instances stop, namespaces go");
+    println!(
+        "[demo] stopping: gpulb drains, stops its instances, detaches and unpins; namespaces go"
+    );
     drop(stack);
     println!("[demo] done");
     Ok(())

@@ -48,8 +48,19 @@ fn dash<T: ToString>(v: Option<T>) -> String {
 
 impl TableRow for BackendRow {
     const HEADERS: &'static [&'static str] = &[
-        "ID", "VIP", "BACKEND", "INSTANCE", "GPU", "PID", "STATE", "RESTARTS", "PROBE", "FLOWS",
-        "WEIGHT", "SHARE", "NEW_FLOWS",
+        "ID",
+        "VIP",
+        "BACKEND",
+        "INSTANCE",
+        "GPU",
+        "PID",
+        "STATE",
+        "RESTARTS",
+        "PROBE",
+        "FLOWS",
+        "WEIGHT",
+        "SHARE",
+        "NEW_FLOWS",
     ];
     fn cells(&self) -> Vec<String> {
         let gpu = if self.gpus.is_empty() {

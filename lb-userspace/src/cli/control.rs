@@ -72,7 +72,11 @@ pub fn drain(socket: &Path, backend: &str, wait: u64) -> anyhow::Result<()> {
 pub fn restart(socket: &Path, model: String) -> anyhow::Result<()> {
     println!("rolling restart of {model}: one instance at a time (drain, restart, ready, undrain)");
     // Each instance may take its drain timeout plus model loading time.
-    let r = call(socket, &Request::Restart { model }, Duration::from_secs(24 * 3600))?;
+    let r = call(
+        socket,
+        &Request::Restart { model },
+        Duration::from_secs(24 * 3600),
+    )?;
     println!("{}", r.message.unwrap_or_default());
     Ok(())
 }

@@ -48,7 +48,11 @@ pub enum Control {
     ),
 }
 
-pub async fn run(config: Config, config_path: PathBuf, specs: Vec<InstanceSpec>) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    config_path: PathBuf,
+    specs: Vec<InstanceSpec>,
+) -> anyhow::Result<()> {
     // Handlers first: a signal during set-up must still lead to a clean tear-down.
     let shutdown = shutdown_signal()?;
     tokio::pin!(shutdown);
@@ -133,7 +137,9 @@ pub async fn run(config: Config, config_path: PathBuf, specs: Vec<InstanceSpec>)
     let started = Instant::now();
     state.shut_down().await;
     cancel.cancel();
-    let State { config, datapath, .. } = state;
+    let State {
+        config, datapath, ..
+    } = state;
     datapath
         .unpin()
         .with_context(|| format!("removing pins under {}", config.pin_path.display()))?;

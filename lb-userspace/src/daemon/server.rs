@@ -134,7 +134,11 @@ impl Handle {
 
     async fn ok(&self, request: Request) -> Result<(), String> {
         let r = self.request(request).await;
-        if r.ok { Ok(()) } else { Err(r.error.unwrap_or_default()) }
+        if r.ok {
+            Ok(())
+        } else {
+            Err(r.error.unwrap_or_default())
+        }
     }
 }
 
@@ -160,7 +164,11 @@ async fn rolling_restart(
     let started = Instant::now();
     for name in &instances {
         let before = handle.instance(name).await?;
-        handle.ok(Request::Drain { backend: name.clone() }).await?;
+        handle
+            .ok(Request::Drain {
+                backend: name.clone(),
+            })
+            .await?;
         info!(instance = %name, live_flows = before.live_flows, "rolling restart: draining");
         let deadline = Instant::now() + drain_timeout;
         loop {
@@ -175,7 +183,12 @@ async fn rolling_restart(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let (tx, rx) = oneshot::channel();
-        if handle.0.send(Control::Instance(name.clone(), tx)).await.is_err() {
+        if handle
+            .0
+            .send(Control::Instance(name.clone(), tx))
+            .await
+            .is_err()
+        {
             return Err("the daemon is shutting down".into());
         }
         let commands = rx
@@ -202,7 +215,11 @@ async fn rolling_restart(
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        handle.ok(Request::Undrain { backend: name.clone() }).await?;
+        handle
+            .ok(Request::Undrain {
+                backend: name.clone(),
+            })
+            .await?;
         info!(instance = %name, "rolling restart: instance back in service");
     }
     Ok(format!(

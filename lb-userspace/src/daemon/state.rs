@@ -72,7 +72,9 @@ pub enum Msg {
 pub enum Phase {
     Running,
     /// Exited, waiting for its restart.
-    Exited { crash_loop: bool },
+    Exited {
+        crash_loop: bool,
+    },
 }
 
 pub struct Instance {
@@ -135,7 +137,10 @@ impl Backend {
         let addr = format!("{}:{}", self.address, self.port);
         selector == addr
             || selector == self.key()
-            || self.instance.as_ref().is_some_and(|i| i.spec.name == selector)
+            || self
+                .instance
+                .as_ref()
+                .is_some_and(|i| i.spec.name == selector)
     }
 }
 
@@ -152,15 +157,14 @@ impl Inherited {
         let mut out = Self::default();
         let backends = maps.backends()?;
         for (key, service) in maps.services()? {
-            let Some(vip) = config
-                .vips
-                .iter()
-                .find(|v| plan::vip_key(v) == key)
-            else {
+            let Some(vip) = config.vips.iter().find(|v| plan::vip_key(v) == key) else {
                 continue;
             };
             let held = maglev::slot_counts(&maps.maglev_table(&service)?);
-            for (id, b) in backends.iter().filter(|(_, b)| u32::from(b.service) == service.id) {
+            for (id, b) in backends
+                .iter()
+                .filter(|(_, b)| u32::from(b.service) == service.id)
+            {
                 let name = format!("{}/{}", vip.name, sock_of(b.addr_be, b.port_be));
                 if held.get(id).copied().unwrap_or(0) > 0 {
                     out.in_table.push(name.clone());
@@ -436,7 +440,10 @@ impl State {
         match plan::apply(&mut self.datapath.maps, &plan, self.applied.as_ref()) {
             Ok(applied) if applied.slots_written > 0 => {
                 let in_table = self.backends.iter().filter(|b| b.in_table()).count();
-                info!(slots_written = applied.slots_written, in_table, "tables updated");
+                info!(
+                    slots_written = applied.slots_written,
+                    in_table, "tables updated"
+                );
                 self.applied = Some(plan);
             }
             Ok(_) => self.applied = Some(plan),
@@ -480,7 +487,10 @@ impl State {
         let dir = &self.config.state_dir;
         let result = std::fs::create_dir_all(dir).and_then(|()| {
             let tmp = dir.join("state.json.tmp");
-            std::fs::write(&tmp, serde_json::to_vec_pretty(&persisted).map_err(std::io::Error::other)?)?;
+            std::fs::write(
+                &tmp,
+                serde_json::to_vec_pretty(&persisted).map_err(std::io::Error::other)?,
+            )?;
             std::fs::rename(tmp, dir.join(STATE_FILE))
         });
         if let Err(e) = result {
@@ -522,7 +532,10 @@ impl State {
             self.sync();
             self.persist();
         }
-        Response::ok(format!("{key}: {}", if on { "draining" } else { "taking new flows" }))
+        Response::ok(format!(
+            "{key}: {}",
+            if on { "draining" } else { "taking new flows" }
+        ))
     }
 
     pub fn set_weight(&mut self, selector: &str, weight: u32) -> Response {
@@ -561,7 +574,8 @@ impl State {
                 let inst = b.instance.as_ref();
                 BackendStatus {
                     vip: b.vip.clone(),
-                    vip_address: vip.map_or_else(String::new, |v| format!("{}:{}", v.address, v.port)),
+                    vip_address: vip
+                        .map_or_else(String::new, |v| format!("{}:{}", v.address, v.port)),
                     backend: format!("{}:{}", b.address, b.port),
                     model: inst.map(|i| i.spec.model.clone()),
                     instance: inst.map(|i| i.spec.name.clone()),
@@ -727,7 +741,8 @@ impl State {
             }
         }
         for wait in waits {
-            let _ = tokio::time::timeout(self.config.kill_timeout + Duration::from_secs(5), wait).await;
+            let _ =
+                tokio::time::timeout(self.config.kill_timeout + Duration::from_secs(5), wait).await;
         }
     }
 }
@@ -783,7 +798,13 @@ fn build_backends(config: &Config, specs: Vec<InstanceSpec>) -> Vec<Backend> {
             .iter()
             .find(|m| m.name == spec.model)
             .expect("instances come from the config's models");
-        let mut b = blank(&spec.vip, spec.address, spec.port, spec.weight, &model.health);
+        let mut b = blank(
+            &spec.vip,
+            spec.address,
+            spec.port,
+            spec.weight,
+            &model.health,
+        );
         let (commands, _) = mpsc::unbounded_channel();
         b.instance = Some(Instance {
             spec,
@@ -824,7 +845,8 @@ pub fn live_connections() -> HashMap<(Ipv4Addr, u16), usize> {
             continue;
         };
         // The kernel prints the network-order address as a host integer.
-        *out.entry((Ipv4Addr::from(addr.to_ne_bytes()), port)).or_insert(0) += 1;
+        *out.entry((Ipv4Addr::from(addr.to_ne_bytes()), port))
+            .or_insert(0) += 1;
     }
     out
 }
