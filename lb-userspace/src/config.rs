@@ -387,7 +387,10 @@ fn parse_addr(field: &str, addr: &str) -> Result<Ipv4Addr, FieldError> {
 }
 
 fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 impl RawConfig {

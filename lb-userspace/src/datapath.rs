@@ -116,9 +116,8 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<(), DatapathError> {
     if !pin_path.starts_with(root) {
         return Ok(());
     }
-    let is_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-    };
+    let is_bpffs =
+        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     if is_bpffs(root) {
         return Ok(());
     }

@@ -1,7 +1,10 @@
 //! `gpulb`: the daemon (`gpulb run`) and the CLI that reads its pinned maps.
 #![forbid(unsafe_code)]
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use clap::{Parser, Subcommand};
 use gpulb::{
@@ -113,7 +116,7 @@ enum Command {
 }
 
 /// The config and the instances it asks for (GPUs found), or exit 64.
-fn load_config(path: &PathBuf) -> Result<(Config, Vec<InstanceSpec>), ExitCode> {
+fn load_config(path: &Path) -> Result<(Config, Vec<InstanceSpec>), ExitCode> {
     let usage = |e: &dyn std::error::Error| {
         eprintln!("gpulb: invalid config: {}", ErrorChain(e));
         ExitCode::from(EXIT_USAGE as u8)

@@ -175,8 +175,7 @@ impl Maps {
     /// Tracked flows (conntrack entries), client → VIP.
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>, MapsError> {
         // A flow evicted between key and value reads is skipped, not an error.
-        Ok(self
-            .conns
+        self.conns
             .iter()
             .filter_map(|r| match r {
                 Ok(kv) => Some(Ok(kv)),
@@ -184,7 +183,7 @@ impl Maps {
                 Err(e) => Some(Err(e)),
             })
             .collect::<Result<Vec<_>, _>>()
-            .map_err(op("reading", maps::CONNS))?)
+            .map_err(op("reading", maps::CONNS))
     }
 
     /// Per-CPU counters summed.

@@ -23,9 +23,12 @@ pub struct Plan {
     pub services: Vec<PlannedService>,
 }
 
+/// SERVICES and BACKENDS contents, as `plan` takes them.
+pub type Current = (Vec<(VipKey, Service)>, Vec<(u32, Backend)>);
+
 impl Plan {
     /// The map contents this plan describes, as `plan` takes them for the next one.
-    pub fn current(&self) -> (Vec<(VipKey, Service)>, Vec<(u32, Backend)>) {
+    pub fn current(&self) -> Current {
         (
             self.services.iter().map(|s| (s.key, s.service)).collect(),
             self.services
@@ -280,13 +283,13 @@ mod tests {
         Config::parse(Path::new("t.toml"), &text).expect("valid config")
     }
 
-    fn plan_of(config: &Config, current: (&[(VipKey, Service)], &[(u32, Backend)])) -> Plan {
-        plan(&static_backends(config), current.0, current.1).expect("plan")
+    fn plan_of(config: &Config, current: &Current) -> Plan {
+        plan(&static_backends(config), &current.0, &current.1).expect("plan")
     }
 
     #[test]
     fn fresh_plan_numbers_backends_from_one() {
-        let p = plan_of(&config(&[8001, 8002]), (&[], &[]));
+        let p = plan_of(&config(&[8001, 8002]), &Current::default());
         let ids: Vec<u32> = p.services[0].backends.iter().map(|(id, _)| *id).collect();
         assert_eq!(ids, vec![1, 2]);
         assert_eq!(p.services[0].service.id, 0);
@@ -295,10 +298,9 @@ mod tests {
 
     #[test]
     fn existing_ids_survive_a_replan() {
-        let first = plan_of(&config(&[8001, 8002, 8003]), (&[], &[]));
-        let (s, b) = first.current();
+        let first = plan_of(&config(&[8001, 8002, 8003]), &Current::default());
         // 8001 removed, 8004 added: 8002 and 8003 keep their ids, 8004 takes a free one.
-        let second = plan_of(&config(&[8002, 8003, 8004]), (&s, &b));
+        let second = plan_of(&config(&[8002, 8003, 8004]), &first.current());
         let id_of = |p: &Plan, port: u16| {
             p.services[0]
                 .backends

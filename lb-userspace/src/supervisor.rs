@@ -412,25 +412,21 @@ async fn pause(
     commands: &mut mpsc::UnboundedReceiver<Command>,
     cancel: &CancellationToken,
 ) -> bool {
-    let sleep = tokio::time::sleep(delay);
-    tokio::pin!(sleep);
-    loop {
-        tokio::select! {
-            () = &mut sleep => return true,
-            () = cancel.cancelled() => return false,
-            command = commands.recv() => match command {
-                // Restart: go now.
-                Some(Command::Restart(done)) => {
-                    let _ = done.send(());
-                    return true;
-                }
-                Some(Command::Stop(done)) => {
-                    let _ = done.send(());
-                    return false;
-                }
-                None => return false,
-            },
-        }
+    tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        () = cancel.cancelled() => false,
+        command = commands.recv() => match command {
+            // Restart: go now.
+            Some(Command::Restart(done)) => {
+                let _ = done.send(());
+                true
+            }
+            Some(Command::Stop(done)) => {
+                let _ = done.send(());
+                false
+            }
+            None => false,
+        },
     }
 }
 

@@ -318,10 +318,10 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if self.child.is_some() {
-            if let Err(e) = self.stop() {
-                eprintln!("cleanup: {e:#}");
-            }
+        if self.child.is_some()
+            && let Err(e) = self.stop()
+        {
+            eprintln!("cleanup: {e:#}");
         }
     }
 }
@@ -771,13 +771,12 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        if let Err(e) = self
-            .daemon
-            .stop_with(Signal::SIGTERM, Duration::from_secs(15))
+        if self.daemon.running()
+            && let Err(e) = self
+                .daemon
+                .stop_with(Signal::SIGTERM, Duration::from_secs(15))
         {
-            if self.daemon.running() {
-                eprintln!("cleanup: {e:#}");
-            }
+            eprintln!("cleanup: {e:#}");
         }
         // A SIGKILLed or handed-over daemon leaves its instances running.
         for pid in self.instance_pids() {

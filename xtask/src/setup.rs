@@ -123,7 +123,7 @@ fn ensure_toolchain_link() -> anyhow::Result<()> {
 
 fn ensure_bpffs() -> anyhow::Result<()> {
     let root = Path::new("/sys/fs/bpf");
-    if nix::sys::statfs::statfs(root).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC) {
+    if nix::sys::statfs::statfs(root).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC) {
         say("bpffs mounted at /sys/fs/bpf");
         return Ok(());
     }

@@ -38,9 +38,12 @@ pub fn drain(socket: &Path, backend: &str, wait: u64) -> anyhow::Result<()> {
         TIMEOUT,
     )?;
     println!("{}", r.message.unwrap_or_default());
+    if wait == 0 {
+        return Ok(());
+    }
     let deadline = Instant::now() + Duration::from_secs(wait);
     let mut last = None;
-    while wait > 0 {
+    loop {
         let status = call(socket, &Request::Status, TIMEOUT)?;
         let Some(b) = status.backends.iter().find(|b| {
             b.instance.as_deref() == Some(backend)
@@ -66,7 +69,6 @@ pub fn drain(socket: &Path, backend: &str, wait: u64) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    Ok(())
 }
 
 pub fn restart(socket: &Path, model: String) -> anyhow::Result<()> {
