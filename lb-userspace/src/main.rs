@@ -70,9 +70,10 @@ enum Command {
     /// its established flows continue. Shows its live flows until they reach zero.
     Drain {
         backend: String,
-        /// Seconds to show the live flows for (0: return at once).
-        #[arg(long, default_value_t = 30)]
-        wait: u64,
+        /// Seconds to show the live flows for (0: return at once; default: the daemon's
+        /// drain_timeout_ms).
+        #[arg(long)]
+        wait: Option<u64>,
         #[command(flatten)]
         socket: Socket,
     },

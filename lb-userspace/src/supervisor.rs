@@ -145,27 +145,44 @@ pub enum Command {
 
 /// A running instance: our child, or one adopted from a previous daemon.
 enum Running {
-    Child(tokio::process::Child),
-    Adopted { pid: u32, pidfd: AsyncFd<OwnedFd> },
+    /// `pidfd` tells the exit before the child is reaped: while it is a zombie its pid (the
+    /// process group's id) cannot be reused, so the group can be killed safely.
+    Child {
+        child: tokio::process::Child,
+        pidfd: Option<AsyncFd<OwnedFd>>,
+    },
+    Adopted {
+        pid: u32,
+        pidfd: AsyncFd<OwnedFd>,
+    },
 }
 
 impl Running {
     fn pid(&self) -> u32 {
         match self {
-            Running::Child(c) => c.id().unwrap_or(0),
+            Running::Child { child, .. } => child.id().unwrap_or(0),
             Running::Adopted { pid, .. } => *pid,
         }
     }
 
-    /// Resolves when the process has exited (tokio watches children through a pidfd too).
+    /// Resolves when the process has exited; for our child, the rest of its process group
+    /// (workers it forked, holding GPU memory) is killed before it is reaped.
     async fn wait(&mut self) -> String {
+        let pid = self.pid();
         match self {
-            Running::Child(c) => match c.wait().await {
-                Ok(status) => describe(status),
-                Err(e) => format!("wait failed: {e}"),
-            },
+            Running::Child { child, pidfd } => {
+                if let Some(fd) = pidfd {
+                    let _ = fd.readable().await;
+                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
+                match child.wait().await {
+                    Ok(status) => describe(status),
+                    Err(e) => format!("wait failed: {e}"),
+                }
+            }
             Running::Adopted { pidfd, .. } => {
-                // An adopted process is init's child: its status is not ours to read.
+                // An adopted process is init's child: its status is not ours to read, and
+                // once init reaps it its pid may be reused, so its group is left alone.
                 let _ = pidfd.readable().await;
                 "exited (adopted; status unknown)".into()
             }
@@ -176,7 +193,7 @@ impl Running {
     async fn terminate(&mut self, grace: Duration) -> String {
         let pgid = Pid::from_raw(self.pid() as i32);
         let _ = killpg(pgid, Signal::SIGTERM);
-        let status = match tokio::time::timeout(grace, self.wait()).await {
+        match tokio::time::timeout(grace, self.wait()).await {
             Ok(status) => status,
             Err(_) => {
                 warn!(
@@ -187,11 +204,18 @@ impl Running {
                 let _ = killpg(pgid, Signal::SIGKILL);
                 self.wait().await
             }
-        };
-        // Workers the server forked (they hold GPU memory) go with it.
-        let _ = killpg(pgid, Signal::SIGKILL);
-        status
+        }
     }
+}
+
+/// A pidfd for `pid`, registered with tokio: readable once the process has exited.
+#[expect(unsafe_code, reason = "registering the pidfd with tokio's reactor")]
+fn pidfd(pid: u32) -> Option<AsyncFd<OwnedFd>> {
+    let pid = rustix::process::Pid::from_raw(pid as i32)?;
+    let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK).ok()?;
+    // SAFETY: the AsyncFd owns the OwnedFd, so the fd stays open and the same for its whole
+    // lifetime.
+    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
 }
 
 fn describe(status: ExitStatus) -> String {
@@ -205,18 +229,12 @@ fn describe(status: ExitStatus) -> String {
 }
 
 /// Adopts `record`'s process if it is still the same process (pid and start time).
-#[expect(unsafe_code, reason = "registering the pidfd with tokio's reactor")]
 fn adopt(record: &InstanceRecord) -> Option<Running> {
-    let pid = rustix::process::Pid::from_raw(record.pid as i32)?;
     // pidfd first, then the start time: the pidfd pins the process we checked.
-    let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK).ok()?;
+    let pidfd = pidfd(record.pid)?;
     if proc_start_time(record.pid) != Some(record.start_time) {
         return None;
     }
-    // SAFETY: the AsyncFd owns the OwnedFd, so the fd stays open and the same for its whole
-    // lifetime.
-    let pidfd =
-        unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()?;
     Some(Running::Adopted {
         pid: record.pid,
         pidfd,
@@ -274,7 +292,9 @@ fn spawn(spec: &InstanceSpec, log_dir: &Path) -> Result<Running, SupervisorError
         program: spec.argv[0].clone(),
         source,
     })?;
-    Ok(Running::Child(child))
+    // Opened before anything can reap the child, so it is this process's pidfd.
+    let pidfd = child.id().and_then(pidfd);
+    Ok(Running::Child { child, pidfd })
 }
 
 /// Everything a supervisor needs besides its instance.
@@ -347,8 +367,6 @@ pub async fn supervise(
         tokio::select! {
             status = running.wait() => {
                 let at = Instant::now();
-                // The rest of its process group (forked workers) goes too.
-                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 if started.elapsed() >= policy.stable_after {
                     failures = 0;
                 }

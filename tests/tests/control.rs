@@ -45,7 +45,9 @@ fn row<'a>(rows: &'a [Value], instance: &str) -> &'a Value {
 }
 
 fn pid_of(row: &Value) -> u32 {
-    row["pid"].as_u64().expect("pid") as u32
+    row["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no pid: {row:#}")) as u32
 }
 
 /// The VIP's Maglev table, from the pinned maps.
@@ -305,7 +307,8 @@ fn drain_keeps_established_streams_and_sends_no_new_flow() {
             "a new flow reached {busy}"
         );
     }
-    // The CLI follows the live flows down to zero.
+    // The CLI follows the live flows down to zero (waiting up to drain_timeout_ms, 2 s here:
+    // the streams have about 2.5 s left).
     let out = stack
         .ctl(&["drain", &busy, "--wait", "20"])
         .expect("drain --wait");
@@ -328,6 +331,18 @@ fn drain_keeps_established_streams_and_sends_no_new_flow() {
         .filter(|r| r.as_ref().is_ok_and(|r| r.instance == busy))
         .count();
     assert!(served > 0, "{busy} takes new flows again");
+
+    // Weight 2 against 1 and 1: half the table.
+    let out = stack.ctl(&["weight", &busy, "2"]).expect("weight");
+    assert!(out.contains("weight 2"), "{out}");
+    let rows = stack.backends().expect("backends");
+    let r = row(&rows, &busy);
+    assert_eq!(r["weight"], 2);
+    let share = r["slots"].as_u64().expect("slots") as f64 / 65537.0;
+    assert!(
+        (share - 0.5).abs() < 0.01,
+        "weight 2 of 4 gives half: {share}"
+    );
 
     let bad = stack
         .ctl(&["drain", "nosuch-9"])

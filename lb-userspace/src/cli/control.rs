@@ -27,9 +27,9 @@ pub fn simple(socket: &Path, request: Request) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Drains, then shows the backend's live flows each second until none are left or `wait`
-/// seconds pass.
-pub fn drain(socket: &Path, backend: &str, wait: u64) -> anyhow::Result<()> {
+/// Drains, then shows the backend's live flows until none are left or `wait` seconds (default:
+/// the daemon's drain timeout) pass.
+pub fn drain(socket: &Path, backend: &str, wait: Option<u64>) -> anyhow::Result<()> {
     let r = call(
         socket,
         &Request::Drain {
@@ -38,10 +38,14 @@ pub fn drain(socket: &Path, backend: &str, wait: u64) -> anyhow::Result<()> {
         TIMEOUT,
     )?;
     println!("{}", r.message.unwrap_or_default());
-    if wait == 0 {
+    let wait = wait.map_or_else(
+        || Duration::from_millis(r.drain_timeout_ms.unwrap_or(0)),
+        Duration::from_secs,
+    );
+    if wait.is_zero() {
         return Ok(());
     }
-    let deadline = Instant::now() + Duration::from_secs(wait);
+    let deadline = Instant::now() + wait;
     let mut last = None;
     loop {
         let status = call(socket, &Request::Status, TIMEOUT)?;
@@ -62,7 +66,7 @@ pub fn drain(socket: &Path, backend: &str, wait: u64) -> anyhow::Result<()> {
         }
         if Instant::now() >= deadline {
             println!(
-                "{}: still {} live flows after {wait}s; they continue, no new flows arrive",
+                "{}: still {} live flows after {wait:?}; they continue, no new flows arrive",
                 b.backend, b.live_flows
             );
             return Ok(());

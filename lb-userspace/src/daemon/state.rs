@@ -532,10 +532,13 @@ impl State {
             self.sync();
             self.persist();
         }
-        Response::ok(format!(
-            "{key}: {}",
-            if on { "draining" } else { "taking new flows" }
-        ))
+        Response {
+            drain_timeout_ms: Some(self.config.drain_timeout.as_millis() as u64),
+            ..Response::ok(format!(
+                "{key}: {}",
+                if on { "draining" } else { "taking new flows" }
+            ))
+        }
     }
 
     pub fn set_weight(&mut self, selector: &str, weight: u32) -> Response {
@@ -662,11 +665,23 @@ impl State {
                 Some(mut b) => {
                     b.config_weight = n.config_weight;
                     b.check = n.check;
+                    // A weight change alone does not restart the process.
                     let same_spec = match (&b.instance, &n.instance) {
-                        (Some(a), Some(c)) => a.spec == c.spec,
+                        (Some(a), Some(c)) => {
+                            InstanceSpec {
+                                weight: 0,
+                                ..a.spec.clone()
+                            } == InstanceSpec {
+                                weight: 0,
+                                ..c.spec.clone()
+                            }
+                        }
                         (None, None) => true,
                         _ => false,
                     };
+                    if let (Some(a), Some(c)) = (&mut b.instance, &n.instance) {
+                        a.spec.weight = c.spec.weight;
+                    }
                     if !same_spec {
                         replaced += 1;
                         if let Some(inst) = b.instance.take() {
