@@ -148,10 +148,11 @@ fn instances_get_their_gpu_and_enter_only_when_the_model_is_loaded() {
 }
 
 #[test]
-fn killed_instance_is_ejected_within_100ms_and_gets_no_new_connection() {
+fn killed_instance_is_ejected_at_once_and_gets_no_new_connection() {
     // A long restart delay keeps the dead instance out long enough to check that window.
-    let extra = format!("restart_delay_ms = 3000\n{FAST_PROBES}");
-    let stack = Stack::managed("eject", 4, PinDir::new("eject"), &extra).expect("start stack");
+    // Probes every 5 s (3 failures to eject): an ejection within a second is the pidfd's.
+    let extra = "restart_delay_ms = 3000\n[model.health]\ninterval_ms = 5000\n";
+    let stack = Stack::managed("eject", 4, PinDir::new("eject"), extra).expect("start stack");
     stack.wait_ready(4, Duration::from_secs(30)).expect("ready");
     let victim = format!("{MODEL}-1");
     let rows = stack.backends().expect("backends");
@@ -208,9 +209,15 @@ fn killed_instance_is_ejected_within_100ms_and_gets_no_new_connection() {
         ejected.as_secs_f64() * 1000.0,
         logged_us as f64 / 1000.0
     );
+    // Speed is `cargo xtask bench`'s to judge; here: the exit, not a probe, ejected it.
     assert!(
-        ejected < Duration::from_millis(100),
+        ejected < Duration::from_secs(1),
         "ejection took {ejected:?}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("backend ejected") && l.contains("killed by SIGKILL")),
+        "{log}"
     );
 
     // Every connection opened after the ejection succeeded, and none reached the victim.

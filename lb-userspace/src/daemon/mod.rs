@@ -72,7 +72,8 @@ pub async fn run(
     let (msgs, mut inbox) = mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
     let (interface, xdp_mode) = (config.interface.clone(), config.xdp_mode);
-    let mut state = State::new(config, config_path, datapath, msgs, cancel.clone());
+    let (mut state, mut supervisor_events) =
+        State::new(config, config_path, datapath, msgs, cancel.clone());
     state.start(specs, &inherited, &persisted);
     // Tables before the programs: a taken-over data path keeps its slots meanwhile.
     state.sync();
@@ -102,6 +103,13 @@ pub async fn run(
 
     let handover = loop {
         tokio::select! {
+            // Exits first (ejection), and a start before any probe of the new process.
+            biased;
+            Some(event) = supervisor_events.recv() => {
+                if state.on_supervisor(event) {
+                    state.sync();
+                }
+            }
             Some(msg) = inbox.recv() => {
                 if state.handle(msg) {
                     state.sync();

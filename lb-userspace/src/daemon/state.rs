@@ -57,10 +57,9 @@ pub fn remove_state_file(state_dir: &Path) {
     let _ = std::fs::remove_file(state_dir.join(STATE_FILE));
 }
 
-/// Messages to the state task.
+/// Probe results, to the state task.
 #[derive(Debug)]
 pub enum Msg {
-    Supervisor(supervisor::Event),
     Probe {
         key: String,
         generation: u64,
@@ -192,24 +191,18 @@ pub struct State {
 }
 
 impl State {
+    /// Also returns the receiver of the supervisors' events, which the state task must
+    /// read before its other messages: an instance's `Started` is sent before the process
+    /// can answer a probe, and must be handled before that probe's result.
     pub fn new(
         config: Config,
         config_path: PathBuf,
         datapath: Datapath,
         msgs: mpsc::UnboundedSender<Msg>,
         cancel: CancellationToken,
-    ) -> Self {
-        // Supervisor events are forwarded into the state task's queue.
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let forward = msgs.clone();
-        tokio::spawn(async move {
-            while let Some(ev) = rx.recv().await {
-                if forward.send(Msg::Supervisor(ev)).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
+    ) -> (Self, mpsc::UnboundedReceiver<supervisor::Event>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = Self {
             config,
             config_path,
             datapath,
@@ -220,7 +213,8 @@ impl State {
             cancel,
             probe_client: health::client(),
             next_generation: 0,
-        }
+        };
+        (state, rx)
     }
 
     /// Builds the backends of `config`, starting (or adopting) instances and probes.
@@ -318,7 +312,7 @@ impl State {
         });
     }
 
-    /// Handles one message; returns true if the tables may need rewriting.
+    /// Handles one probe result; returns true if the tables may need rewriting.
     pub fn handle(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Probe {
@@ -341,11 +335,11 @@ impl State {
                 }
                 changed
             }
-            Msg::Supervisor(ev) => self.on_supervisor(ev),
         }
     }
 
-    fn on_supervisor(&mut self, ev: supervisor::Event) -> bool {
+    /// Handles one supervisor event; returns true if the tables may need rewriting.
+    pub fn on_supervisor(&mut self, ev: supervisor::Event) -> bool {
         match ev {
             supervisor::Event::Started {
                 instance,
