@@ -40,12 +40,12 @@ const FAST_PROBES: &str = "[model.health]\ninterval_ms = 100\n";
 
 fn row<'a>(rows: &'a [Value], instance: &str) -> &'a Value {
     rows.iter()
-        .find(|r| r["instance"] == instance)
+        .find(|r| r["daemon"]["instance"] == instance)
         .unwrap_or_else(|| panic!("no backend {instance} in {rows:#?}"))
 }
 
 fn pid_of(row: &Value) -> u32 {
-    row["pid"]
+    row["daemon"]["pid"]
         .as_u64()
         .unwrap_or_else(|| panic!("no pid: {row:#}")) as u32
 }
@@ -61,7 +61,10 @@ fn instance_pids(rows: &[Value]) -> BTreeMap<String, u32> {
     rows.iter()
         .map(|r| {
             (
-                r["instance"].as_str().expect("instance").to_owned(),
+                r["daemon"]["instance"]
+                    .as_str()
+                    .expect("instance")
+                    .to_owned(),
                 pid_of(r),
             )
         })
@@ -81,7 +84,7 @@ fn instances_get_their_gpu_and_enter_only_when_the_model_is_loaded() {
             && seen.iter().all(|r| {
                 r["state"] == "starting"
                     && r["slots"] == 0
-                    && r["last_error"]
+                    && r["daemon"]["last_error"]
                         .as_str()
                         .is_some_and(|e| e.contains("not listed"))
             })
@@ -97,16 +100,16 @@ fn instances_get_their_gpu_and_enter_only_when_the_model_is_loaded() {
     let rows = stack.backends().expect("backends");
     for r in &rows {
         let pid = pid_of(r);
-        let uuid = r["gpus"][0]["uuid"].as_str().expect("gpu uuid");
+        let uuid = r["daemon"]["gpus"][0]["uuid"].as_str().expect("gpu uuid");
         assert!(uuid.starts_with("GPU-"), "{r}");
-        assert_eq!(r["gpus"][0]["name"], "gpulb simulated GPU");
+        assert_eq!(r["daemon"]["gpus"][0]["name"], "gpulb simulated GPU");
         let env = fs::read(format!("/proc/{pid}/environ")).expect("environ");
         let env: Vec<&[u8]> = env.split(|&b| b == 0).collect();
         let has = |entry: String| env.contains(&entry.as_bytes());
         assert!(has(format!("CUDA_VISIBLE_DEVICES={uuid}")), "{r}");
         assert!(has(format!(
             "GPULB_INSTANCE={}",
-            r["instance"].as_str().expect("name")
+            r["daemon"]["instance"].as_str().expect("name")
         )));
         // Its own process group, so that stopping it reaches its workers and not the daemon.
         let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
@@ -119,7 +122,10 @@ fn instances_get_their_gpu_and_enter_only_when_the_model_is_loaded() {
         assert_eq!(pgrp, pid, "instance leads its own process group");
         assert!(r["slots"].as_u64().expect("slots") > 0, "{r}");
     }
-    let uuids: Vec<&Value> = rows.iter().map(|r| &r["gpus"][0]["uuid"]).collect();
+    let uuids: Vec<&Value> = rows
+        .iter()
+        .map(|r| &r["daemon"]["gpus"][0]["uuid"])
+        .collect();
     assert_ne!(uuids[0], uuids[1], "one GPU each");
 
     // The instances' output reaches the daemon's log, tagged with the instance.
@@ -261,7 +267,7 @@ fn killed_instance_is_ejected_at_once_and_gets_no_new_connection() {
         .wait_ready(4, Duration::from_secs(20))
         .expect("restarted");
     let rows = stack.backends().expect("backends");
-    assert_eq!(row(&rows, &victim)["restarts"], 1);
+    assert_eq!(row(&rows, &victim)["daemon"]["restarts"], 1);
     assert_ne!(pid_of(row(&rows, &victim)), victim_pid);
     assert_eq!(
         table(&stack),
@@ -288,8 +294,8 @@ fn drain_keeps_established_streams_and_sends_no_new_flow() {
             let rows = stack.backends().unwrap_or_default();
             busy = rows
                 .iter()
-                .find(|r| r["live_flows"].as_u64().unwrap_or(0) > 0)
-                .and_then(|r| r["instance"].as_str().map(str::to_owned));
+                .find(|r| r["daemon"]["live_flows"].as_u64().unwrap_or(0) > 0)
+                .and_then(|r| r["daemon"]["instance"].as_str().map(str::to_owned));
             busy.is_some()
         }),
         "some instance has a live stream"
@@ -302,7 +308,7 @@ fn drain_keeps_established_streams_and_sends_no_new_flow() {
     assert_eq!(r["state"], "draining");
     assert_eq!(r["slots"], 0, "no table slot while draining");
     assert!(
-        r["live_flows"].as_u64().expect("live") > 0,
+        r["daemon"]["live_flows"].as_u64().expect("live") > 0,
         "its streams continue: {r}"
     );
 
@@ -606,9 +612,9 @@ fn crash_looping_instance_is_reported_and_kept_out() {
     let looping = wait_until(Duration::from_secs(10), || {
         last = stack.backends().unwrap_or_default();
         last.iter().any(|r| {
-            r["instance"] == "broken-0"
+            r["daemon"]["instance"] == "broken-0"
                 && r["state"] == "crash-looping"
-                && r["restarts"].as_u64().unwrap_or(0) >= 2
+                && r["daemon"]["restarts"].as_u64().unwrap_or(0) >= 2
         })
     });
     assert!(looping, "broken-0 reported as crash-looping: {last:#?}");

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::{TableRow, emit, open, percent, vip_label};
 use crate::{
-    control::{self, BackendStatus, GpuStatus, Request},
+    control::{self, BackendStatus, Request},
     maglev,
     maps::sock_of,
 };
@@ -18,18 +18,9 @@ pub struct BackendRow {
     pub id: u32,
     pub vip: String,
     pub backend: String,
-    pub model: Option<String>,
-    pub instance: Option<String>,
-    pub gpus: Vec<GpuStatus>,
-    pub pid: Option<u32>,
-    /// starting, ready, unhealthy, draining, ejected, crash-looping (daemon), or from the
-    /// maps alone: active, draining, standby.
+    /// The daemon's state (starting, ready, unhealthy, draining, ejected, crash-looping), or
+    /// from the maps alone: active, draining, standby, out of table.
     pub state: String,
-    pub restarts: u32,
-    pub last_probe_ms: Option<f64>,
-    pub last_error: Option<String>,
-    /// Established connections now (daemon); `None` if the daemon did not answer.
-    pub live_flows: Option<usize>,
     pub weight: u32,
     /// Maglev slots held / table size.
     pub share: String,
@@ -39,7 +30,9 @@ pub struct BackendRow {
     pub new_flows: u64,
     /// Conntrack entries naming this backend (closed flows stay until evicted).
     pub tracked_flows: usize,
-    pub cpus: Vec<usize>,
+    /// What the daemon says of it (model, GPUs, pid, probes, live flows); `None` if the
+    /// daemon did not answer.
+    pub daemon: Option<BackendStatus>,
 }
 
 fn dash<T: ToString>(v: Option<T>) -> String {
@@ -63,11 +56,12 @@ impl TableRow for BackendRow {
         "NEW_FLOWS",
     ];
     fn cells(&self) -> Vec<String> {
-        let gpu = if self.gpus.is_empty() {
+        let d = self.daemon.as_ref();
+        let gpus = d.map(|d| d.gpus.as_slice()).unwrap_or_default();
+        let gpu = if gpus.is_empty() {
             "-".into()
         } else {
-            self.gpus
-                .iter()
+            gpus.iter()
                 .map(|g| {
                     let short: String = g.uuid.chars().take(12).collect();
                     format!("{} {short} ({})", g.index, g.name)
@@ -79,13 +73,16 @@ impl TableRow for BackendRow {
             self.id.to_string(),
             self.vip.clone(),
             self.backend.clone(),
-            dash(self.instance.as_ref()),
+            dash(d.and_then(|d| d.instance.as_ref())),
             gpu,
-            dash(self.pid),
+            dash(d.and_then(|d| d.pid)),
             self.state.clone(),
-            self.restarts.to_string(),
-            dash(self.last_probe_ms.map(|ms| format!("{ms:.1}ms"))),
-            dash(self.live_flows),
+            dash(d.map(|d| d.restarts)),
+            dash(
+                d.and_then(|d| d.last_probe_ms)
+                    .map(|ms| format!("{ms:.1}ms")),
+            ),
+            dash(d.map(|d| d.live_flows)),
             self.weight.to_string(),
             self.share.clone(),
             self.new_flows.to_string(),
@@ -150,15 +147,7 @@ pub fn rows(pin_path: &Path, socket: &Path) -> anyhow::Result<Vec<BackendRow>> {
             id,
             vip,
             backend,
-            model: status.and_then(|s| s.model.clone()),
-            instance: status.and_then(|s| s.instance.clone()),
-            gpus: status.map_or_else(Vec::new, |s| s.gpus.clone()),
-            pid: status.and_then(|s| s.pid),
             state,
-            restarts: status.map_or(0, |s| s.restarts),
-            last_probe_ms: status.and_then(|s| s.last_probe_ms),
-            last_error: status.and_then(|s| s.last_error.clone()),
-            live_flows: status.map(|s| s.live_flows),
             weight: status.map_or(b.weight, |s| s.weight),
             share: percent(held, table_sizes.get(&service).copied().unwrap_or(0)),
             slots: held,
@@ -166,7 +155,7 @@ pub fn rows(pin_path: &Path, socket: &Path) -> anyhow::Result<Vec<BackendRow>> {
             bytes: c.bytes,
             new_flows: c.new_flows,
             tracked_flows: tracked.get(&id).copied().unwrap_or(0),
-            cpus: status.map_or_else(Vec::new, |s| s.cpus.clone()),
+            daemon: status.cloned(),
         });
     }
     Ok(rows)
