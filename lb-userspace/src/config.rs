@@ -17,6 +17,7 @@ pub const DEFAULT_STATE_DIR: &str = "/run/gpulb";
 pub const DEFAULT_LOG_DIR: &str = "/var/log/gpulb";
 /// The control socket, under `state_dir`.
 pub const CONTROL_SOCKET: &str = "control.sock";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 /// Smallest and largest conntrack size accepted (entries).
 const CONNTRACK_MIN: u64 = 1024;
 const CONNTRACK_MAX: u64 = 1 << 26;
@@ -55,6 +56,8 @@ struct RawConfig {
     drain_timeout_ms: i64,
     #[serde(default = "default_kill_timeout_ms")]
     kill_timeout_ms: i64,
+    /// `host:port` of the Prometheus endpoint, or "off".
+    metrics_listen: Option<String>,
     #[serde(default)]
     vip: Vec<RawVip>,
     #[serde(default)]
@@ -230,6 +233,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How long a stopping instance gets between SIGTERM and SIGKILL.
     pub kill_timeout: Duration,
+    /// Where `/metrics` is served; `None`: nowhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub vips: Vec<Vip>,
     pub models: Vec<Model>,
 }
@@ -478,7 +483,21 @@ impl RawConfig {
                 ));
             }
         }
+        let metrics_listen = match self
+            .metrics_listen
+            .as_deref()
+            .unwrap_or(DEFAULT_METRICS_LISTEN)
+        {
+            "off" => None,
+            addr => Some(addr.parse().map_err(|_| {
+                invalid(
+                    "metrics_listen",
+                    format!("{addr:?} is not an address:port (or \"off\")"),
+                )
+            })?),
+        };
         Ok(Config {
+            metrics_listen,
             interface: self.interface,
             xdp_mode: self.xdp_mode,
             pin_path,
@@ -1188,6 +1207,21 @@ base_port = 9001
         assert_eq!(m.restart_delay, Duration::from_secs(1));
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(
+            c.metrics_listen,
+            Some("127.0.0.1:9464".parse().expect("addr"))
+        );
+        let e = error_for(
+            "conntrack_size",
+            "metrics_listen = \"localhost\"\nconntrack_size",
+        );
+        assert!(
+            e.contains("metrics_listen: \"localhost\" is not an address:port"),
+            "{e}"
+        );
+        let off =
+            parse(&GOOD.replace("conntrack_size", "metrics_listen = \"off\"\nconntrack_size"));
+        assert_eq!(off.expect("off is valid").metrics_listen, None);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod gpu;
 pub mod health;
 pub mod maglev;
 pub mod maps;
+pub mod metrics;
 pub mod plan;
 pub mod sim;
 pub mod supervisor;

@@ -10,8 +10,8 @@ use std::{
 
 use gpulb::maps::Maps;
 use gpulb_testbed::{
-    LB_ADDR, Load, MODEL, PinDir, Proc, Stack, bin, burst, burst_in_background, gpulb_cli,
-    sim_port, vip_url, wait_until,
+    LB_ADDR, Load, MODEL, PinDir, Proc, Stack, bin, burst, burst_in_background, gpulb_cli, metric,
+    scrape, sim_port, vip_url, wait_until,
 };
 use lb_common::MAGLEV_MAX_SIZE;
 use nix::{
@@ -261,6 +261,14 @@ fn killed_instance_is_ejected_at_once_and_gets_no_new_connection() {
         log.contains(&written),
         "only changed slots are written ({written}):\n{log}"
     );
+
+    let text = scrape(&stack.topo.lb).expect("metrics");
+    let ejections = metric(
+        &text,
+        "gpulb_ejections_total",
+        &[&format!("instance=\"{victim}\""), "cause=\"exit\""],
+    );
+    assert_eq!(ejections, Some(1.0), "{text}");
 
     // The supervisor restarts it; once ready it gets its old slots back.
     stack

@@ -4,7 +4,8 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use gpulb_testbed::{
-    CLIENT_ADDR, LB_ADDR, PinDir, Stack, burst, get, gpulb_cli, pid_alive, sim_port, vip_url,
+    CLIENT_ADDR, LB_ADDR, PinDir, Stack, burst, get, gpulb_cli, metric, pid_alive, scrape,
+    sim_port, vip_url,
 };
 
 /// Requests per case; with 4 backends the chance that one gets none is (3/4)^40 ≈ 1e-5.
@@ -62,6 +63,30 @@ fn http_through_xdp_to_four_backends_and_clean_exit() {
         let share = r["slots"].as_u64().expect("slots") as f64 / 65537.0;
         assert!((share - 0.25).abs() < 0.01, "maglev share {share} for {r}");
     }
+
+    // Prometheus sees the same: per-CPU counters summed, states from the daemon.
+    let text = scrape(&stack.topo.lb).expect("scrape /metrics");
+    let sum = |name, labels: &[&str]| {
+        metric(&text, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in\n{text}"))
+    };
+    let flows = 2.0 * REQUESTS as f64;
+    assert_eq!(sum("gpulb_backend_new_flows_total", &[]), flows);
+    assert_eq!(
+        sum("gpulb_vip_new_flows_total", &["vip=\"198.18.100.1:80\""]),
+        flows
+    );
+    assert_eq!(
+        sum("gpulb_packets_total", &["reason=\"fwd_new_flow\""]),
+        flows
+    );
+    assert_eq!(sum("gpulb_backend_state", &["state=\"ready\""]), 4.0);
+    assert_eq!(sum("gpulb_backend_in_table", &[]), 4.0);
+    assert!(sum("gpulb_backend_probe_latency_seconds", &[]) > 0.0);
+    assert!(sum("gpulb_maglev_rebuilds_total", &[]) >= 1.0);
+    assert!(
+        !text.contains(&CLIENT_ADDR.to_string()),
+        "no client address in labels"
+    );
 
     // A client that connects straight to a backend port sees its traffic untouched: the
     // reply comes from the backend's own address (else the TCP handshake would fail), and

@@ -84,6 +84,15 @@ pub async fn run(
     state.persist();
 
     let (control, mut requests) = mpsc::channel(64);
+    if let Some(listen) = state.config.metrics_listen {
+        tokio::spawn(crate::metrics::serve(
+            listen,
+            state.metrics.clone(),
+            state.config.pin_path.clone(),
+            crate::metrics::status_source(control.clone()),
+            cancel.clone(),
+        ));
+    }
     tokio::spawn(server::serve(
         listener,
         control,

@@ -7,6 +7,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -24,6 +25,7 @@ use crate::{
     health::{self, Health},
     maglev,
     maps::sock_of,
+    metrics::DaemonMetrics,
     plan::{self, DesiredBackend, DesiredService, Plan},
     supervisor::{self, Command, InstanceRecord, RestartPolicy},
 };
@@ -87,6 +89,8 @@ pub struct Instance {
 
 pub struct Backend {
     pub vip: String,
+    /// The VIP's `address:port`.
+    pub vip_address: String,
     pub address: Ipv4Addr,
     pub port: u16,
     pub config_weight: u32,
@@ -188,6 +192,7 @@ pub struct State {
     cancel: CancellationToken,
     probe_client: reqwest::Client,
     next_generation: u64,
+    pub metrics: Arc<DaemonMetrics>,
 }
 
 impl State {
@@ -213,6 +218,7 @@ impl State {
             cancel,
             probe_client: health::client(),
             next_generation: 0,
+            metrics: DaemonMetrics::new(),
         };
         (state, rx)
     }
@@ -327,7 +333,14 @@ impl State {
                     return false;
                 }
                 let error = result.as_ref().err().cloned();
+                let was_in = b.in_table();
                 let changed = b.health.record(result, &b.check);
+                if was_in && !b.in_table() {
+                    self.metrics
+                        .ejections
+                        .with_label_values(&ejection_labels(b, "unhealthy"))
+                        .inc();
+                }
                 if changed && b.health.up {
                     info!(backend = %key, latency = ?b.health.last_latency, "backend ready");
                 } else if changed {
@@ -376,12 +389,14 @@ impl State {
                 };
                 let key = b.key();
                 let was_in = b.in_table();
+                let labels = ejection_labels(b, "exit");
                 let inst = b.instance.as_mut().expect("instance_mut");
                 inst.phase = Phase::Exited { crash_loop };
                 inst.restarts = restarts;
                 inst.pid = None;
                 b.health = Health::default();
                 if was_in {
+                    self.metrics.ejections.with_label_values(&labels).inc();
                     // Rewrite the table now, and say how long that took from the exit.
                     self.sync();
                     info!(
@@ -411,6 +426,7 @@ impl State {
 
     /// Rewrites the maps to match the backends' states (only what changed).
     pub fn sync(&mut self) {
+        let started = Instant::now();
         let (services, backends) = match &self.applied {
             Some(p) => p.current(),
             None => match (self.datapath.maps.services(), self.datapath.maps.backends()) {
@@ -433,6 +449,10 @@ impl State {
         }
         match plan::apply(&mut self.datapath.maps, &plan, self.applied.as_ref()) {
             Ok(applied) if applied.slots_written > 0 => {
+                self.metrics.rebuilds.inc();
+                self.metrics
+                    .rebuild_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 let in_table = self.backends.iter().filter(|b| b.in_table()).count();
                 info!(
                     slots_written = applied.slots_written,
@@ -756,6 +776,19 @@ impl State {
     }
 }
 
+/// `vip`, `backend`, `instance`, `cause` as `gpulb_ejections_total` has them (the VIP and
+/// backend as `address:port`, like the map-derived metrics).
+fn ejection_labels(b: &Backend, cause: &'static str) -> [String; 4] {
+    [
+        b.vip_address.clone(),
+        format!("{}:{}", b.address, b.port),
+        b.instance
+            .as_ref()
+            .map_or_else(String::new, |i| i.spec.name.clone()),
+        cause.to_owned(),
+    ]
+}
+
 fn reload_rejected(error: String) -> Response {
     error!(error = %error, "config reload rejected; nothing changed");
     Response::error(format!("reload rejected, nothing changed: {error}"))
@@ -783,8 +816,9 @@ fn desired<'a>(vips: &'a [Vip], backends: &[Backend]) -> Vec<DesiredService<'a>>
 /// The backends `config` declares: `[[vip.backend]]`s, then model instances.
 fn build_backends(config: &Config, specs: Vec<InstanceSpec>) -> Vec<Backend> {
     let mut out = Vec::new();
-    let blank = |vip: &str, address, port, weight, check: &HealthCheck| Backend {
-        vip: vip.to_owned(),
+    let blank = |vip: &Vip, address, port, weight, check: &HealthCheck| Backend {
+        vip: vip.name.clone(),
+        vip_address: format!("{}:{}", vip.address, vip.port),
         address,
         port,
         config_weight: weight,
@@ -798,7 +832,7 @@ fn build_backends(config: &Config, specs: Vec<InstanceSpec>) -> Vec<Backend> {
     };
     for vip in &config.vips {
         for b in &vip.backends {
-            out.push(blank(&vip.name, b.address, b.port, b.weight, &vip.health));
+            out.push(blank(vip, b.address, b.port, b.weight, &vip.health));
         }
     }
     for spec in specs {
@@ -807,13 +841,12 @@ fn build_backends(config: &Config, specs: Vec<InstanceSpec>) -> Vec<Backend> {
             .iter()
             .find(|m| m.name == spec.model)
             .expect("instances come from the config's models");
-        let mut b = blank(
-            &spec.vip,
-            spec.address,
-            spec.port,
-            spec.weight,
-            &model.health,
-        );
+        let vip = config
+            .vips
+            .iter()
+            .find(|v| v.name == spec.vip)
+            .expect("a model's VIP is checked by the config");
+        let mut b = blank(vip, spec.address, spec.port, spec.weight, &model.health);
         let (commands, _) = mpsc::unbounded_channel();
         b.instance = Some(Instance {
             spec,

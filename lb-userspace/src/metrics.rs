@@ -1,0 +1,317 @@
+//! Prometheus metrics on their own listener (`metrics_listen`, 127.0.0.1:9464 by default).
+//!
+//! Two kinds: events the state task counts as they happen (ejections, Maglev rebuilds), kept
+//! in a long-lived registry; and what is read at scrape time (per-CPU BPF counters summed,
+//! the daemon's backend status), put in a fresh registry each scrape. No client address is
+//! ever a label.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus::{
+    Encoder as _, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    control::{BackendStatus, Request},
+    maps::{Maps, sock_of},
+};
+
+/// What the state task counts.
+pub struct DaemonMetrics {
+    registry: Registry,
+    /// Backends taken out of the table other than by an operator: `cause` = exit | unhealthy.
+    pub ejections: IntCounterVec,
+    pub rebuilds: IntCounter,
+    pub rebuild_seconds: Histogram,
+}
+
+impl DaemonMetrics {
+    pub fn new() -> Arc<Self> {
+        let registry = Registry::new();
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "gpulb_ejections_total",
+                "Backends taken out of the table because their process exited or they failed probes.",
+            ),
+            &["vip", "backend", "instance", "cause"],
+        )
+        .expect("valid metric");
+        let rebuilds = IntCounter::new(
+            "gpulb_maglev_rebuilds_total",
+            "Maglev table rebuilds that changed the maps.",
+        )
+        .expect("valid metric");
+        let rebuild_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "gpulb_maglev_rebuild_seconds",
+                "Time to rebuild the tables and write the changed slots.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(ejections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rebuilds.clone()),
+            Box::new(rebuild_seconds.clone()),
+        ] {
+            registry.register(c).expect("unique metric");
+        }
+        Arc::new(Self {
+            registry,
+            ejections,
+            rebuilds,
+            rebuild_seconds,
+        })
+    }
+}
+
+/// Asks the state task for the backends' status.
+pub type StatusSource = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Vec<BackendStatus>> + Send>> + Send + Sync,
+>;
+
+#[derive(Clone)]
+struct Scrape {
+    daemon: Arc<DaemonMetrics>,
+    pin_path: PathBuf,
+    status: StatusSource,
+}
+
+pub async fn serve(
+    listen: SocketAddr,
+    daemon: Arc<DaemonMetrics>,
+    pin_path: PathBuf,
+    status: StatusSource,
+    cancel: CancellationToken,
+) {
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(%listen, error = %e, "metrics listener failed; serving no metrics");
+            return;
+        }
+    };
+    info!(%listen, "metrics at /metrics");
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(Scrape {
+            daemon,
+            pin_path,
+            status,
+        });
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await;
+}
+
+async fn metrics(State(scrape): State<Scrape>) -> impl IntoResponse {
+    let status = (scrape.status)().await;
+    let pin_path = scrape.pin_path.clone();
+    let maps_part = tokio::task::spawn_blocking(move || scrape_maps(&pin_path, &status)).await;
+    let mut text = match maps_part {
+        Ok(Ok(text)) => text,
+        Ok(Err(e)) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the maps: {e:#}\n"),
+            );
+        }
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    };
+    text.push_str(&encode(&scrape.daemon.registry));
+    (StatusCode::OK, text)
+}
+
+fn encode(registry: &Registry) -> String {
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut buf)
+        .expect("text encoding does not fail");
+    String::from_utf8(buf).expect("metrics text is UTF-8")
+}
+
+/// The states a backend can be in, each exported as 0 or 1 so dashboards can sum them.
+const STATES: [&str; 6] = [
+    "starting",
+    "ready",
+    "unhealthy",
+    "draining",
+    "ejected",
+    "crash-looping",
+];
+
+/// Builds the scrape-time metrics from the pinned maps and the daemon's status.
+fn scrape_maps(pin_path: &std::path::Path, status: &[BackendStatus]) -> anyhow::Result<String> {
+    let maps = Maps::open_pinned(pin_path)?;
+    let r = Registry::new();
+    let counter = |name: &str, help: &str, labels: &[&str]| {
+        let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+        r.register(Box::new(c.clone())).expect("unique metric");
+        c
+    };
+    let gauge = |name: &str, help: &str, labels: &[&str]| {
+        let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+        r.register(Box::new(g.clone())).expect("unique metric");
+        g
+    };
+
+    let reasons = counter(
+        "gpulb_packets_total",
+        "Packets by verdict: pass_* untouched, fwd_* NATed, drop_* dropped, egress_* on TC.",
+        &["reason"],
+    );
+    for (reason, n) in maps.reasons()? {
+        reasons.with_label_values(&[reason.name()]).inc_by(n);
+    }
+
+    let vip_labels = ["vip"];
+    let vip_packets = counter(
+        "gpulb_vip_packets_total",
+        "Packets to the VIP.",
+        &vip_labels,
+    );
+    let vip_bytes = counter("gpulb_vip_bytes_total", "Bytes to the VIP.", &vip_labels);
+    let vip_new = counter(
+        "gpulb_vip_new_flows_total",
+        "New flows to the VIP.",
+        &vip_labels,
+    );
+    let services = maps.services()?;
+    for (key, service) in &services {
+        let vip = sock_of(key.addr_be, key.port_be).to_string();
+        let c = maps.vip_counters(service.id)?;
+        vip_packets.with_label_values(&[&vip]).inc_by(c.packets);
+        vip_bytes.with_label_values(&[&vip]).inc_by(c.bytes);
+        vip_new.with_label_values(&[&vip]).inc_by(c.new_flows);
+    }
+
+    let labels = ["vip", "backend", "instance"];
+    let packets = counter(
+        "gpulb_backend_packets_total",
+        "Packets NATed to the backend.",
+        &labels,
+    );
+    let bytes = counter(
+        "gpulb_backend_bytes_total",
+        "Bytes NATed to the backend.",
+        &labels,
+    );
+    let new_flows = counter(
+        "gpulb_backend_new_flows_total",
+        "New flows sent to the backend.",
+        &labels,
+    );
+    let live = gauge(
+        "gpulb_backend_live_flows",
+        "Established TCP connections to the backend now.",
+        &labels,
+    );
+    let in_table = gauge(
+        "gpulb_backend_in_table",
+        "1 if the backend takes new flows.",
+        &labels,
+    );
+    let weight = gauge("gpulb_backend_weight", "Maglev weight.", &labels);
+    let restarts = counter(
+        "gpulb_backend_restarts_total",
+        "Restarts of the backend's process after it exited.",
+        &labels,
+    );
+    let state = gauge(
+        "gpulb_backend_state",
+        "1 for the backend's current state, 0 for the others.",
+        &["vip", "backend", "instance", "state"],
+    );
+    let probe = GaugeVec::new(
+        Opts::new(
+            "gpulb_backend_probe_latency_seconds",
+            "Latency of the last successful health probe.",
+        ),
+        &labels,
+    )
+    .expect("valid metric");
+    r.register(Box::new(probe.clone())).expect("unique metric");
+    let info = gauge(
+        "gpulb_backend_info",
+        "The backend's model and GPUs (always 1).",
+        &[
+            "vip",
+            "backend",
+            "instance",
+            "model",
+            "gpu_index",
+            "gpu_uuid",
+            "gpu_name",
+        ],
+    );
+
+    for (id, b) in maps.backends()? {
+        let Some((vip_key, _)) = services.iter().find(|(_, s)| s.id == u32::from(b.service)) else {
+            continue;
+        };
+        let vip = sock_of(vip_key.addr_be, vip_key.port_be).to_string();
+        let backend = sock_of(b.addr_be, b.port_be).to_string();
+        let s = status
+            .iter()
+            .find(|s| s.vip_address == vip && s.backend == backend);
+        let instance = s.and_then(|s| s.instance.clone()).unwrap_or_default();
+        let l = [vip.as_str(), backend.as_str(), instance.as_str()];
+        let c = maps.backend_counters(id)?;
+        packets.with_label_values(&l).inc_by(c.packets);
+        bytes.with_label_values(&l).inc_by(c.bytes);
+        new_flows.with_label_values(&l).inc_by(c.new_flows);
+        let Some(s) = s else {
+            weight.with_label_values(&l).set(i64::from(b.weight));
+            continue;
+        };
+        weight.with_label_values(&l).set(i64::from(s.weight));
+        live.with_label_values(&l).set(s.live_flows as i64);
+        in_table.with_label_values(&l).set(i64::from(s.in_table));
+        restarts.with_label_values(&l).inc_by(u64::from(s.restarts));
+        for st in STATES {
+            state
+                .with_label_values(&[l[0], l[1], l[2], st])
+                .set(i64::from(s.state == st));
+        }
+        if let Some(ms) = s.last_probe_ms {
+            probe.with_label_values(&l).set(ms / 1000.0);
+        }
+        for g in &s.gpus {
+            info.with_label_values(&[
+                l[0],
+                l[1],
+                l[2],
+                s.model.as_deref().unwrap_or(""),
+                &g.index.to_string(),
+                &g.uuid,
+                &g.name,
+            ])
+            .set(1);
+        }
+    }
+    Ok(encode(&r))
+}
+
+/// `Request::Status` through the state task's control channel.
+pub fn status_source(control: tokio::sync::mpsc::Sender<crate::daemon::Control>) -> StatusSource {
+    Arc::new(move || {
+        let control = control.clone();
+        Box::pin(async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if control
+                .send(crate::daemon::Control::Request(Request::Status, tx))
+                .await
+                .is_err()
+            {
+                return Vec::new();
+            }
+            rx.await.map(|r| r.backends).unwrap_or_default()
+        })
+    })
+}
