@@ -269,6 +269,28 @@ fn killed_instance_is_ejected_at_once_and_gets_no_new_connection() {
         &[&format!("instance=\"{victim}\""), "cause=\"exit\""],
     );
     assert_eq!(ejections, Some(1.0), "{text}");
+    // Every metric the shipped Grafana dashboard queries exists.
+    let dashboard = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/grafana-dashboard.json"
+    ))
+    .expect("dashboard");
+    let names: std::collections::BTreeSet<&str> = dashboard
+        .match_indices("gpulb_")
+        .map(|(i, _)| {
+            let rest = &dashboard[i..];
+            &rest[..rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len())]
+        })
+        .collect();
+    assert!(names.len() >= 10, "{names:?}");
+    for name in names {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "dashboard queries {name}, which /metrics lacks"
+        );
+    }
 
     // The supervisor restarts it; once ready it gets its old slots back.
     stack
