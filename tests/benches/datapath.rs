@@ -232,6 +232,18 @@ fn main() {
             "NOT met"
         }
     );
+    // For `cargo xtask bench`'s report.
+    if let Ok(path) = std::env::var("GPULB_BENCH_JSON") {
+        let json = serde_json::json!({
+            "floor": floor,
+            "non_vip": non_vip,
+            "established": established,
+            "new_flow": new_flow,
+            "wrap_fixed": wrap_fixed,
+            "wrap_fresh": wrap_fresh,
+        });
+        std::fs::write(&path, json.to_string()).expect("write datapath JSON");
+    }
     drop(progs);
     drop(bench);
     drop(dp);

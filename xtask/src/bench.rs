@@ -1,4 +1,6 @@
-//! `cargo xtask bench <case>`.
+//! `cargo xtask bench [--quick] [datapath]`.
+
+use std::path::PathBuf;
 
 use clap::Subcommand;
 
@@ -6,15 +8,37 @@ use crate::{cargo, exec};
 
 #[derive(Subcommand)]
 pub enum Case {
-    /// ns/packet of gpulb_ingress under BPF_PROG_TEST_RUN: new flow, established, non-VIP,
-    /// against a no-op XDP program.
+    /// Only ns/packet of gpulb_ingress under BPF_PROG_TEST_RUN: new flow, established,
+    /// non-VIP, against a no-op XDP program.
     Datapath,
 }
 
-pub fn run(case: Case) -> anyhow::Result<()> {
-    match case {
-        Case::Datapath => {
-            exec(cargo().args(["bench", "-p", "gpulb-testbed", "--bench", "datapath"]))
-        }
+/// With no case: the whole report (datapath, control plane, http, streaming, saturation,
+/// failover) in target/bench/report.md with SVG charts.
+pub fn run(case: Option<Case>, quick: bool) -> anyhow::Result<()> {
+    let bench = |name: &str| {
+        let mut cmd = cargo();
+        cmd.args(["bench", "-p", "gpulb-testbed", "--bench", name]);
+        cmd
+    };
+    if let Some(Case::Datapath) = case {
+        return exec(&mut bench("datapath"));
     }
+    crate::setup::ensure_bench_tools()?;
+    crate::build(true)?;
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out)?;
+    let out = out.canonicalize()?;
+    let datapath = out.join("datapath.json");
+    println!("[bench] datapath");
+    exec(bench("datapath").env("GPULB_BENCH_JSON", &datapath))?;
+    println!("[bench] report cases");
+    exec(
+        bench("report")
+            .env("GPULB_BENCH_DATAPATH", &datapath)
+            .env("GPULB_BENCH_OUT", &out)
+            .env("GPULB_BENCH_QUICK", if quick { "1" } else { "0" }),
+    )?;
+    println!("[bench] report: {}", out.join("report.md").display());
+    Ok(())
 }

@@ -34,10 +34,13 @@ enum Cmd {
         #[arg(long)]
         duration: Option<u64>,
     },
-    /// Benchmarks.
+    /// Set up, build, and benchmark: the whole report (target/bench/report.md), or one case.
     Bench {
+        /// Shorter cases and fewer points (about 3 minutes).
+        #[arg(long)]
+        quick: bool,
         #[command(subcommand)]
-        case: bench::Case,
+        case: Option<bench::Case>,
     },
 }
 
@@ -122,9 +125,9 @@ fn main() -> anyhow::Result<()> {
             build(true)?;
             demo::run(duration)
         }
-        Cmd::Bench { case } => {
+        Cmd::Bench { quick, case } => {
             setup::ensure_all()?;
-            bench::run(case)
+            bench::run(case, quick)
         }
     }
 }

@@ -53,14 +53,32 @@ fn apt_installed(pkg: &str) -> bool {
         .is_some_and(|s| s.contains("install ok installed"))
 }
 
+/// nginx (the comparison) and wrk (the load generator) for `cargo xtask bench`.
+const BENCH_PACKAGES: &[&str] = &["nginx-light", "wrk"];
+
 fn ensure_apt() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    ensure_packages(APT_PACKAGES)
+}
+
+pub fn ensure_bench_tools() -> anyhow::Result<()> {
+    let fresh = !apt_installed("nginx-light");
+    ensure_packages(BENCH_PACKAGES)?;
+    if fresh {
+        // The package starts nginx as a system service; the bench runs its own.
+        say("stopping the nginx service the package started");
+        let _ = Command::new("nginx").args(["-s", "quit"]).status();
+    }
+    Ok(())
+}
+
+fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !apt_installed(p))
         .collect();
     if missing.is_empty() {
-        say("apt packages present");
+        say(&format!("apt packages present: {}", packages.join(" ")));
         return Ok(());
     }
     require_root("installing apt packages")?;

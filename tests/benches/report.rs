@@ -1,0 +1,793 @@
+//! `cargo xtask bench`: the end-to-end report. Every case runs in this bench's own network
+//! namespaces against simulated GPU instances, in one run, so the figures compare: direct
+//! access vs gpulb vs nginx (Debian's, configured as the reference deployment), 1 vs 4
+//! instances, failover, and the control plane's costs. Writes `report.md` and SVG charts
+//! to `GPULB_BENCH_OUT` (target/bench). `GPULB_BENCH_QUICK=1` shortens every case.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use gpulb::{
+    datapath::Datapath,
+    maglev::{self, MaglevBackend},
+    maps::Maps,
+};
+use gpulb_testbed::{
+    LB_ADDR, Load, MODEL, NetNs, PinDir, Proc, Reply, Stack, chat, sim_port, vip_url,
+};
+use lb_common::MAGLEV_MAX_SIZE;
+use plotters::prelude::*;
+
+const NGINX_PORT: u16 = 8080;
+const BACKENDS: usize = 4;
+
+struct Opts {
+    quick: bool,
+    out: PathBuf,
+}
+
+/// A section of the report: its markdown.
+#[derive(Default)]
+struct Report {
+    md: String,
+}
+
+impl Report {
+    fn section(&mut self, title: &str, text: &str) {
+        let _ = write!(self.md, "\n## {title}\n\n{text}\n");
+    }
+}
+
+fn main() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the bench creates namespaces and loads BPF: run as root"
+    );
+    let opts = Opts {
+        quick: std::env::var("GPULB_BENCH_QUICK").is_ok_and(|v| v == "1"),
+        out: std::env::var("GPULB_BENCH_OUT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from("target/bench")),
+    };
+    fs::create_dir_all(&opts.out).expect("output directory");
+    let started = Instant::now();
+    let mut report = Report::default();
+    let _ = writeln!(report.md, "# gpulb benchmark report\n\n{}", machine());
+    if opts.quick {
+        report
+            .md
+            .push_str("\n**Quick run** (`--quick`): shorter cases, fewer points.\n");
+    }
+
+    datapath(&mut report);
+    eprintln!("[bench] control plane");
+    control_plane(&opts, &mut report);
+    eprintln!("[bench] http, streaming, saturation");
+    traffic(&opts, &mut report);
+    eprintln!("[bench] failover");
+    failover(&opts, &mut report);
+
+    let _ = write!(
+        report.md,
+        "\n---\nWhole run: {:.0} s. Reproduce: `cargo xtask bench{}`.\n",
+        started.elapsed().as_secs_f64(),
+        if opts.quick { " --quick" } else { "" }
+    );
+    let path = opts.out.join("report.md");
+    fs::write(&path, &report.md).expect("write report");
+    println!("{}", report.md);
+    eprintln!("[bench] wrote {}", path.display());
+}
+
+fn machine() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024 / 1024);
+    let uts = nix::sys::utsname::uname().expect("uname");
+    let date = sh_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    format!(
+        "| | |\n|---|---|\n| date | {} |\n| machine | {cpu}, {cores} cores, {mem} GiB |\n| kernel | {} {} |\n| nginx | {} |\n| load generator | {} (http), gpulb-testbed's Rust client (streaming) |\n",
+        date.trim(),
+        uts.sysname().to_string_lossy(),
+        uts.release().to_string_lossy(),
+        sh_err("nginx", &["-v"])
+            .trim()
+            .trim_start_matches("nginx version: "),
+        sh_out("wrk", &["--version"])
+            .lines()
+            .next()
+            .unwrap_or("wrk")
+            .split(" [")
+            .next()
+            .unwrap_or("wrk")
+            .trim(),
+    )
+}
+
+fn sh_out(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn sh_err(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .unwrap_or_default()
+}
+
+/// The datapath bench's figures, written by `cargo bench --bench datapath` just before.
+fn datapath(report: &mut Report) {
+    let path = std::env::var("GPULB_BENCH_DATAPATH").unwrap_or_default();
+    let Ok(text) = fs::read_to_string(&path) else {
+        report.section("datapath", "Not run (no `GPULB_BENCH_DATAPATH` results).");
+        return;
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).expect("datapath JSON");
+    let floor = v["floor"].as_f64().expect("floor");
+    let mut t = String::from(
+        "ns/packet of `gpulb_ingress` under `BPF_PROG_TEST_RUN` (best of runs; NAT cases through \
+         the restore-and-tail-call wrapper, its cost subtracted; every iteration checked to take \
+         the intended path).\n\n| case | ns/packet | × no-op |\n|---|---:|---:|\n",
+    );
+    for (key, name) in [
+        ("floor", "no-op XDP program (floor)"),
+        ("non_vip", "non-VIP packet (passed)"),
+        ("established", "established flow (NAT)"),
+        ("new_flow", "new flow SYN (Maglev + conntrack)"),
+    ] {
+        let ns = v[key].as_f64().expect("case");
+        let _ = writeln!(t, "| {name} | {ns:.0} | {:.2} |", ns / floor);
+    }
+    report.section("datapath", &t);
+}
+
+/// Maglev rebuild time by backend count, and the memory of the conntrack maps.
+fn control_plane(opts: &Opts, report: &mut Report) {
+    let mut t = String::from(
+        "Weighted Maglev table build (M = 65537, equal weights; best of runs), the daemon's \
+         cost for every ejection, re-admission or weight change of a VIP:\n\n\
+         | backends | build time |\n|---:|---:|\n",
+    );
+    let runs = if opts.quick { 2 } else { 5 };
+    for n in [10u32, 100, 1000] {
+        let backends: Vec<MaglevBackend> = (0..n)
+            .map(|i| MaglevBackend {
+                id: i + 1,
+                key: maglev::backend_key(Ipv4Addr::new(10, (i >> 8) as u8, i as u8, 1), 8000),
+                weight: 1,
+            })
+            .collect();
+        let best = (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                let table = maglev::build_table(&backends, lb_common::MAGLEV_DEFAULT_SIZE);
+                assert_eq!(table.len(), MAGLEV_MAX_SIZE as usize);
+                t.elapsed()
+            })
+            .min()
+            .expect("runs");
+        let _ = writeln!(t, "| {n} | {:.2} ms |", best.as_secs_f64() * 1000.0);
+    }
+
+    let pins = PinDir::new("bench-mem");
+    let flows = 1u32 << 20;
+    let dp = Datapath::load(&pins.path, flows).expect("load the data path");
+    let _ = write!(
+        t,
+        "\nKernel memory (memlock from /proc/PID/fdinfo) with `conntrack_size = {flows}` \
+         (LRU maps are preallocated, so this is the cost of 1 M tracked flows whether or not \
+         they are in use):\n\n| map | memory |\n|---|---:|\n"
+    );
+    let mut total = 0;
+    for name in lb_common::maps::ALL {
+        let data = aya::maps::MapData::from_pin(pins.path.join(name)).expect("pinned map");
+        let bytes = memlock(&data);
+        total += bytes;
+        let _ = writeln!(t, "| `{name}` | {:.1} MiB |", bytes as f64 / 1048576.0);
+    }
+    let _ = writeln!(t, "| all | {:.1} MiB |", total as f64 / 1048576.0);
+    drop(dp);
+    report.section("control plane", &t);
+}
+
+fn memlock(map: &aya::maps::MapData) -> u64 {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = map.fd().as_fd().as_raw_fd();
+    fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// nginx in the lb namespace, as in the reference deployment: an upstream of the instances
+/// with keepalive, `proxy_buffering off`, a long read timeout, passive health checks.
+fn nginx(ns: &NetNs, dir: &Path, backends: &[u16]) -> Proc {
+    let servers: String = backends
+        .iter()
+        .map(|p| format!("    server {LB_ADDR}:{p} max_fails=2 fail_timeout=10s;\n"))
+        .collect();
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log error;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/nginx-body;\n\
+           proxy_temp_path {d}/nginx-proxy;\n  upstream llm {{\n{servers}    keepalive 64;\n  }}\n\
+           server {{\n    listen {LB_ADDR}:{NGINX_PORT};\n    location / {{\n\
+               proxy_pass http://llm;\n      proxy_http_version 1.1;\n\
+               proxy_set_header Connection \"\";\n      proxy_buffering off;\n\
+               proxy_read_timeout 3600s;\n    }}\n  }}\n}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    fs::write(&path, conf).expect("nginx.conf");
+    let conf_arg = path.display().to_string();
+    let p = Proc::spawn(
+        "nginx",
+        ns,
+        Path::new("/usr/sbin/nginx"),
+        &["-c", &conf_arg, "-g", "daemon off;"],
+        dir,
+    )
+    .expect("start nginx");
+    let up = gpulb_testbed::wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect((LB_ADDR, NGINX_PORT)).is_ok()
+            || ns
+                .run(|| std::net::TcpStream::connect((LB_ADDR, NGINX_PORT)).is_ok())
+                .unwrap_or(false)
+    });
+    assert!(up, "nginx did not start: {}", p.log_text());
+    p
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Wrk {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+/// wrk from the client namespace: requests/s and latency percentiles.
+fn wrk(ns: &NetNs, url: &str, secs: u64) -> Wrk {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .args([
+            "wrk",
+            "-t2",
+            "-c32",
+            &format!("-d{secs}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .expect("run wrk");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ms = |s: &str| -> f64 {
+        let s = s.trim();
+        if let Some(v) = s.strip_suffix("us") {
+            v.parse::<f64>().unwrap_or(f64::NAN) / 1000.0
+        } else if let Some(v) = s.strip_suffix("ms") {
+            v.parse().unwrap_or(f64::NAN)
+        } else if let Some(v) = s.strip_suffix('s') {
+            v.parse::<f64>().unwrap_or(f64::NAN) * 1000.0
+        } else {
+            f64::NAN
+        }
+    };
+    let pct = |p: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p).map(|v| ms(v)))
+            .unwrap_or(f64::NAN)
+    };
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("wrk output without Requests/sec:\n{text}"));
+    let errors = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+        + text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Socket errors:"))
+            .map_or(0, |v| {
+                v.split(',')
+                    .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                    .sum()
+            });
+    Wrk {
+        rps,
+        p50_ms: pct("50%"),
+        p99_ms: pct("99%"),
+        errors,
+    }
+}
+
+/// Streaming chats from the client namespace, `concurrency` at a time, cycling `urls`.
+fn chats(
+    ns: &NetNs,
+    urls: &[String],
+    count: usize,
+    concurrency: usize,
+    max_tokens: u32,
+) -> (Vec<anyhow::Result<Reply>>, Duration) {
+    let urls = urls.to_vec();
+    ns.block_on(async move {
+        use futures_util::StreamExt as _;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .pool_max_idle_per_host(0)
+            .build()?;
+        let start = Instant::now();
+        let replies = futures_util::stream::iter(0..count)
+            .map(|i| {
+                let (client, url) = (client.clone(), urls[i % urls.len()].clone());
+                async move { chat(&client, &url, true, max_tokens).await }
+            })
+            .buffer_unordered(concurrency)
+            .collect::<Vec<_>>()
+            .await;
+        Ok((replies, start.elapsed()))
+    })
+    .expect("chats")
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+struct Streamed {
+    ttft_p50: f64,
+    ttft_p95: f64,
+    total_p95: f64,
+    tokens_per_s: f64,
+    requests_per_s: f64,
+    failed: usize,
+}
+
+fn summarize(replies: &[anyhow::Result<Reply>], wall: Duration, max_tokens: u32) -> Streamed {
+    let ok: Vec<&Reply> = replies
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .filter(|r| r.done && r.tokens == max_tokens as usize)
+        .collect();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let ttft: Vec<f64> = ok.iter().map(|r| ms(r.time_to_first_token)).collect();
+    Streamed {
+        ttft_p50: percentile(ttft.clone(), 0.5),
+        ttft_p95: percentile(ttft, 0.95),
+        total_p95: percentile(ok.iter().map(|r| ms(r.total)).collect(), 0.95),
+        tokens_per_s: ok.iter().map(|r| r.tokens).sum::<usize>() as f64 / wall.as_secs_f64(),
+        requests_per_s: ok.len() as f64 / wall.as_secs_f64(),
+        failed: replies.len() - ok.len(),
+    }
+}
+
+/// http, streaming and saturation on one stack: 4 instances, gpulb, and nginx beside it.
+fn traffic(opts: &Opts, report: &mut Report) {
+    let stack = Stack::start("bench", BACKENDS, PinDir::new("bench"), &[]).expect("stack");
+    let ports: Vec<u16> = (0..BACKENDS).map(sim_port).collect();
+    let _nginx = nginx(&stack.topo.lb, &stack.dir.path, &ports);
+    let client = &stack.topo.client;
+    let direct = |path: &str, i: usize| format!("http://{LB_ADDR}:{}{path}", sim_port(i));
+    let via_nginx = |path: &str| format!("http://{LB_ADDR}:{NGINX_PORT}{path}");
+
+    // http: short requests (GET /v1/models), 32 keep-alive connections.
+    let secs = if opts.quick { 3 } else { 10 };
+    let mut t = format!(
+        "Short requests (`GET /v1/models`), wrk with 2 threads and 32 keep-alive connections \
+         for {secs} s from the client namespace. *direct* is one instance without a balancer.\n\n\
+         | path | requests/s | p50 | p99 | errors |\n|---|---:|---:|---:|---:|\n"
+    );
+    let mut bars = Vec::new();
+    for (name, url) in [
+        ("direct", direct("/v1/models", 0)),
+        ("gpulb", vip_url("/v1/models")),
+        ("nginx", via_nginx("/v1/models")),
+    ] {
+        let w = wrk(client, &url, secs);
+        let _ = writeln!(
+            t,
+            "| {name} | {:.0} | {:.2} ms | {:.2} ms | {} |",
+            w.rps, w.p50_ms, w.p99_ms, w.errors
+        );
+        bars.push((name.to_owned(), w.rps));
+    }
+    bar_chart(
+        &opts.out.join("http.svg"),
+        "short requests/s (higher is better)",
+        &bars,
+    );
+    t.push_str("\n![requests per second](http.svg)\n");
+    report.section("http", &t);
+
+    // streaming: SSE chats against the 4 instances.
+    let (count, conc, tokens) = if opts.quick {
+        (48, 16, 32)
+    } else {
+        (160, 16, 32)
+    };
+    let mut t = format!(
+        "{count} streaming chat completions ({tokens} tokens each), {conc} at a time, against 4 \
+         simulated instances (4 slots each, 40 ms prefill, 200 tokens/s per sequence). *direct* \
+         spreads the requests round-robin over the 4 instances in the client.\n\n\
+         | path | TTFT p50 | TTFT p95 | total p95 | tokens/s | failed |\n|---|---:|---:|---:|---:|---:|\n"
+    );
+    let mut ttft_bars = Vec::new();
+    let all_direct: Vec<String> = (0..BACKENDS)
+        .map(|i| direct("/v1/chat/completions", i))
+        .collect();
+    for (name, urls) in [
+        ("direct", all_direct),
+        ("gpulb", vec![vip_url("/v1/chat/completions")]),
+        ("nginx", vec![via_nginx("/v1/chat/completions")]),
+    ] {
+        let (replies, wall) = chats(client, &urls, count, conc, tokens);
+        let s = summarize(&replies, wall, tokens);
+        let _ = writeln!(
+            t,
+            "| {name} | {:.1} ms | {:.1} ms | {:.0} ms | {:.0} | {} |",
+            s.ttft_p50, s.ttft_p95, s.total_p95, s.tokens_per_s, s.failed
+        );
+        ttft_bars.push((name.to_owned(), s.ttft_p95));
+    }
+    bar_chart(
+        &opts.out.join("streaming.svg"),
+        "time to first token p95, ms (lower is better)",
+        &ttft_bars,
+    );
+    t.push_str("\n![TTFT p95](streaming.svg)\n");
+    report.section("streaming", &t);
+
+    // saturation: 1 instance (others weighted 0) vs 4, rising concurrency.
+    let levels: &[usize] = if opts.quick {
+        &[1, 4, 16, 64]
+    } else {
+        &[1, 2, 4, 8, 16, 32, 64]
+    };
+    let tokens = 16;
+    let mut t = format!(
+        "Streaming chats ({tokens} tokens) through gpulb at rising concurrency, with 1 instance \
+         (the other three at weight 0 through `gpulb weight`) and with 4. Each level sends \
+         2 × concurrency requests (at least 16).\n\n\
+         | concurrency | 1 instance: req/s | p95 | 4 instances: req/s | p95 |\n|---:|---:|---:|---:|---:|\n"
+    );
+    let mut series: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut rows: BTreeMap<usize, Vec<(f64, f64)>> = BTreeMap::new();
+    for (name, weights) in [("1 instance", [1, 0, 0, 0]), ("4 instances", [1, 1, 1, 1])] {
+        for (i, w) in weights.iter().enumerate() {
+            stack
+                .ctl(&[
+                    "weight",
+                    &format!("{LB_ADDR}:{}", sim_port(i)),
+                    &w.to_string(),
+                ])
+                .expect("set weight");
+        }
+        for &c in levels {
+            let (replies, wall) = chats(
+                client,
+                &[vip_url("/v1/chat/completions")],
+                (2 * c).max(16),
+                c,
+                tokens,
+            );
+            let s = summarize(&replies, wall, tokens);
+            series
+                .entry(name)
+                .or_default()
+                .push((c as f64, s.requests_per_s));
+            rows.entry(c)
+                .or_default()
+                .push((s.requests_per_s, s.total_p95));
+        }
+    }
+    for (c, v) in &rows {
+        let _ = writeln!(
+            t,
+            "| {c} | {:.1} | {:.0} ms | {:.1} | {:.0} ms |",
+            v[0].0, v[0].1, v[1].0, v[1].1
+        );
+    }
+    line_chart(
+        &opts.out.join("saturation.svg"),
+        "completed requests/s vs concurrency",
+        &series,
+    );
+    t.push_str("\n![saturation](saturation.svg)\n");
+    report.section("saturation", &t);
+}
+
+/// Kill one of 4 instances under steady streaming load, behind nginx and behind gpulb.
+fn failover(opts: &Opts, report: &mut Report) {
+    // The killed instance stays dead for the measurement window: restart after 15 s.
+    let stack = Stack::managed(
+        "bench-fo",
+        BACKENDS,
+        PinDir::new("bench-fo"),
+        "restart_delay_ms = 15000\n[model.health]\ninterval_ms = 1000\n",
+    )
+    .expect("managed stack");
+    stack
+        .wait_ready(BACKENDS, Duration::from_secs(30))
+        .expect("instances ready");
+    let ports: Vec<u16> = (0..BACKENDS).map(sim_port).collect();
+    let _nginx = nginx(&stack.topo.lb, &stack.dir.path, &ports);
+    let (before, after) = if opts.quick { (1.5, 3.0) } else { (3.0, 10.0) };
+    let tokens = 8;
+    let pid_of = |instance: &str| -> u32 {
+        stack
+            .backends()
+            .expect("backends")
+            .iter()
+            .find(|r| r["daemon"]["instance"] == instance)
+            .and_then(|r| r["daemon"]["pid"].as_u64())
+            .expect("pid") as u32
+    };
+    let mut t = format!(
+        "4 managed instances under 8 concurrent streaming clients ({tokens} tokens each); \
+         {before} s after the start one instance is SIGKILLed; load continues {after} s. nginx: \
+         `max_fails=2 fail_timeout=10s`, default `proxy_next_upstream error timeout`. Failed = \
+         the client saw an error or a cut stream.\n\n\
+         | balancer | requests | failed | new connections to the dead instance | out of rotation after |\n|---|---:|---:|---:|---:|\n"
+    );
+
+    // nginx: its error log names each connection attempt to the dead upstream.
+    let nginx_errors;
+    {
+        let victim = format!("{MODEL}-2");
+        let url = format!("http://{LB_ADDR}:{NGINX_PORT}/v1/chat/completions");
+        let load = Load::start(&stack.topo.client, &url, 8, tokens, Duration::from_secs(60))
+            .expect("load");
+        thread::sleep(Duration::from_secs_f64(before));
+        let killed_at = SystemTime::now();
+        kill(pid_of(&victim));
+        thread::sleep(Duration::from_secs_f64(after));
+        let results = load.stop();
+        let failed = results.iter().filter(|r| !r.complete(tokens)).count();
+        let log = fs::read_to_string(stack.dir.path.join("nginx-error.log")).unwrap_or_default();
+        let dead = format!("{LB_ADDR}:{}", sim_port(2));
+        let attempts: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("connect() failed") && l.contains(&dead))
+            .collect();
+        // nginx logs whole seconds: "within N s" rounds up.
+        let killed_secs = killed_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let last = attempts.last().and_then(|l| nginx_time(l)).map(|t| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .expect("clock")
+                .as_secs()
+                .saturating_sub(killed_secs)
+                + 1
+        });
+        let errors = error_kinds(&log);
+        let _ = writeln!(
+            t,
+            "| nginx | {} | {failed} | {} connect() attempts (retried on another upstream) | {} |",
+            results.len(),
+            attempts.len(),
+            last.map_or_else(
+                || "no attempt logged".to_owned(),
+                |s| format!("within {s} s (log has 1 s resolution); tried again every 10 s")
+            )
+        );
+        nginx_errors = errors;
+    }
+    // Let the victim come back before gpulb's turn.
+    stack
+        .wait_ready(BACKENDS, Duration::from_secs(40))
+        .expect("victim restarted");
+
+    // gpulb: the table no longer holds the victim once its slots are rewritten.
+    {
+        let victim = format!("{MODEL}-1");
+        let rows = stack.backends().expect("backends");
+        let id = rows
+            .iter()
+            .find(|r| r["daemon"]["instance"] == victim.as_str())
+            .and_then(|r| r["id"].as_u64())
+            .expect("victim id") as u32;
+        let maps = Maps::open_pinned(&stack.pins.path).expect("maps");
+        let (_, service) = maps.services().expect("services")[0];
+        let table = maps.maglev_table(&service).expect("table");
+        let base = service.id * MAGLEV_MAX_SIZE;
+        let watched: Vec<u32> = (0..table.len() as u32)
+            .filter(|&i| table[i as usize] == id)
+            .step_by(64)
+            .collect();
+        let load = Load::start(
+            &stack.topo.client,
+            &vip_url("/v1/chat/completions"),
+            8,
+            tokens,
+            Duration::from_secs(60),
+        )
+        .expect("load");
+        thread::sleep(Duration::from_secs_f64(before));
+        kill(pid_of(&victim));
+        let killed = Instant::now();
+        while watched
+            .iter()
+            .any(|&s| maps.maglev.get(&(base + s), 0).expect("slot") == id)
+        {
+            assert!(killed.elapsed() < Duration::from_secs(5), "not ejected");
+            thread::sleep(Duration::from_micros(200));
+        }
+        let ejected = killed.elapsed();
+        let ejected_at = Instant::now();
+        thread::sleep(Duration::from_secs_f64(after));
+        let results = load.stop();
+        let failed = results.iter().filter(|r| !r.complete(tokens)).count();
+        let late = results
+            .iter()
+            .filter(|r| r.started > ejected_at)
+            .filter(|r| r.result.as_ref().is_ok_and(|r| r.instance == victim))
+            .count();
+        let _ = writeln!(
+            t,
+            "| gpulb | {} | {failed} (streams in flight on the killed instance) | {late} after the ejection | {:.1} ms (pidfd → table) |",
+            results.len(),
+            ejected.as_secs_f64() * 1000.0
+        );
+    }
+    let _ = write!(
+        t,
+        "\nnginx's error log during the nginx run, by kind: {}. A POST already sent on a \
+         kept-alive upstream connection is not retried (non-idempotent), so the client gets \
+         a 502 or a cut stream.\n",
+        if nginx_errors.is_empty() {
+            "none".to_owned()
+        } else {
+            nginx_errors
+                .iter()
+                .map(|(k, n)| format!("{n} × \"{k}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    report.section("failover", &t);
+}
+
+/// `[error]` lines of an nginx error log, counted by their message (up to " while ").
+fn error_kinds(log: &str) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for line in log.lines().filter(|l| l.contains("[error]")) {
+        let msg = line
+            .split_once(": ")
+            .map_or(line, |(_, m)| m)
+            .trim_start_matches(|c: char| c == '*' || c.is_ascii_digit() || c == ' ');
+        let msg = msg.split(" while ").next().unwrap_or(msg);
+        *out.entry(msg.to_owned()).or_insert(0) += 1;
+    }
+    out
+}
+
+fn kill(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill instance");
+}
+
+/// The time of an nginx error log line (`2026/11/23 14:30:01 [error] ...`, local time).
+fn nginx_time(line: &str) -> Option<SystemTime> {
+    let stamp = line.get(..19)?;
+    let out = sh_out("date", &["-d", &stamp.replace('/', "-"), "+%s"]);
+    let secs: u64 = out.trim().parse().ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+fn bar_chart(path: &Path, title: &str, bars: &[(String, f64)]) {
+    let root = SVGBackend::new(path, (640, 360)).into_drawing_area();
+    root.fill(&WHITE).expect("draw");
+    let max = bars.iter().map(|b| b.1).fold(0.0, f64::max).max(1e-9) * 1.15;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d((0..bars.len()).into_segmented(), 0.0..max)
+        .expect("chart");
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_label_formatter(&|x| match x {
+            SegmentValue::CenterOf(i) => bars.get(*i).map_or_else(String::new, |b| b.0.clone()),
+            _ => String::new(),
+        })
+        .draw()
+        .expect("mesh");
+    chart
+        .draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
+            let mut bar = Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), *v),
+                ],
+                Palette99::pick(i).filled(),
+            );
+            bar.set_margin(0, 0, 20, 20);
+            bar
+        }))
+        .expect("bars");
+    root.present().expect("write chart");
+}
+
+fn line_chart(path: &Path, title: &str, series: &BTreeMap<&str, Vec<(f64, f64)>>) {
+    let root = SVGBackend::new(path, (640, 360)).into_drawing_area();
+    root.fill(&WHITE).expect("draw");
+    let max_x = series.values().flatten().map(|p| p.0).fold(1.0, f64::max);
+    let max_y = series.values().flatten().map(|p| p.1).fold(0.0, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d((1.0..max_x).log_scale(), 0.0..max_y.max(1e-9))
+        .expect("chart");
+    chart
+        .configure_mesh()
+        .x_desc("concurrent clients")
+        .draw()
+        .expect("mesh");
+    for (i, (name, points)) in series.iter().enumerate() {
+        let color = Palette99::pick(i);
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                color.stroke_width(2),
+            ))
+            .expect("line")
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .expect("legend");
+    root.present().expect("write chart");
+}
