@@ -261,11 +261,10 @@ fn nginx(ns: &NetNs, dir: &Path, backends: &[u16]) -> Proc {
         dir,
     )
     .expect("start nginx");
+    // Probed from inside the namespace: 198.18.0.0/15 exists only there.
     let up = gpulb_testbed::wait_until(Duration::from_secs(10), || {
-        std::net::TcpStream::connect((LB_ADDR, NGINX_PORT)).is_ok()
-            || ns
-                .run(|| std::net::TcpStream::connect((LB_ADDR, NGINX_PORT)).is_ok())
-                .unwrap_or(false)
+        ns.run(|| std::net::TcpStream::connect((LB_ADDR, NGINX_PORT)).is_ok())
+            .unwrap_or(false)
     });
     assert!(up, "nginx did not start: {}", p.log_text());
     p
@@ -572,6 +571,7 @@ fn failover(opts: &Opts, report: &mut Report) {
 
     // nginx: its error log names each connection attempt to the dead upstream.
     let nginx_errors;
+    let nginx_failures;
     {
         let victim = format!("{MODEL}-2");
         let url = format!("http://{LB_ADDR}:{NGINX_PORT}/v1/chat/completions");
@@ -602,6 +602,8 @@ fn failover(opts: &Opts, report: &mut Report) {
                 + 1
         });
         let errors = error_kinds(&log);
+        nginx_failures = failure_kinds(&results, tokens);
+
         let _ = writeln!(
             t,
             "| nginx | {} | {failed} | {} connect() attempts (retried on another upstream) | {} |",
@@ -614,6 +616,7 @@ fn failover(opts: &Opts, report: &mut Report) {
         );
         nginx_errors = errors;
     }
+    let gpulb_failures;
     // Let the victim come back before gpulb's turn.
     stack
         .wait_ready(BACKENDS, Duration::from_secs(40))
@@ -659,6 +662,7 @@ fn failover(opts: &Opts, report: &mut Report) {
         thread::sleep(Duration::from_secs_f64(after));
         let results = load.stop();
         let failed = results.iter().filter(|r| !r.complete(tokens)).count();
+        gpulb_failures = failure_kinds(&results, tokens);
         let late = results
             .iter()
             .filter(|r| r.started > ejected_at)
@@ -686,7 +690,35 @@ fn failover(opts: &Opts, report: &mut Report) {
                 .join(", ")
         }
     );
+    for (name, kinds) in [("nginx", nginx_failures), ("gpulb", gpulb_failures)] {
+        let _ = write!(t, "\nWhat the {name} clients saw fail: {kinds}.\n");
+    }
     report.section("failover", &t);
+}
+
+/// The failed requests of a load run, counted by what the client saw.
+fn failure_kinds(results: &[gpulb_testbed::LoadResult], tokens: u32) -> String {
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for r in results.iter().filter(|r| !r.complete(tokens)) {
+        let kind = match &r.result {
+            Ok(reply) if !reply.done => format!("stream cut after {} tokens", reply.tokens),
+            Ok(reply) => format!("{} tokens", reply.tokens),
+            // The error chain's last part is the cause; the first names the URL.
+            Err(e) => e.rsplit(": ").next().unwrap_or(e).to_owned(),
+        };
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    if kinds.is_empty() {
+        return "nothing".into();
+    }
+    let mut kinds: Vec<(String, usize)> = kinds.into_iter().collect();
+    kinds.sort_by(|a, b| b.1.cmp(&a.1));
+    kinds
+        .iter()
+        .take(4)
+        .map(|(k, n)| format!("{n} × {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `[error]` lines of an nginx error log, counted by their message (up to " while ").
