@@ -670,7 +670,7 @@ fn failover(opts: &Opts, report: &mut Report) {
             .count();
         let _ = writeln!(
             t,
-            "| gpulb | {} | {failed} (streams in flight on the killed instance) | {late} after the ejection | {:.1} ms (pidfd → table) |",
+            "| gpulb | {} | {failed} | {late} after the ejection | {:.1} ms (pidfd → table) |",
             results.len(),
             ejected.as_secs_f64() * 1000.0
         );
