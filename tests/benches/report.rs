@@ -307,7 +307,7 @@ fn wrk(ns: &NetNs, url: &str, secs: u64) -> Wrk {
     };
     let pct = |p: &str| {
         text.lines()
-            .find_map(|l| l.trim().strip_prefix(p).map(|v| ms(v)))
+            .find_map(|l| l.trim().strip_prefix(p).map(&ms))
             .unwrap_or(f64::NAN)
     };
     let rps = text
@@ -712,7 +712,7 @@ fn failure_kinds(results: &[gpulb_testbed::LoadResult], tokens: u32) -> String {
         return "nothing".into();
     }
     let mut kinds: Vec<(String, usize)> = kinds.into_iter().collect();
-    kinds.sort_by(|a, b| b.1.cmp(&a.1));
+    kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
     kinds
         .iter()
         .take(4)
