@@ -171,9 +171,12 @@ async fn rolling_restart(
             .await?;
         info!(instance = %name, live_flows = before.live_flows, "rolling restart: draining");
         let deadline = Instant::now() + drain_timeout;
+        // Zero twice, 100 ms apart: a SYN NATed just before the table changed has landed.
+        let mut zeros = 0;
         loop {
             let live = handle.instance(name).await?.live_flows;
-            if live == 0 {
+            zeros = if live == 0 { zeros + 1 } else { 0 };
+            if zeros == 2 {
                 break;
             }
             if Instant::now() >= deadline {

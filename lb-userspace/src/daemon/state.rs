@@ -862,8 +862,8 @@ fn build_backends(config: &Config, specs: Vec<InstanceSpec>) -> Vec<Backend> {
     out
 }
 
-/// Established TCP connections by local address and port, from /proc/net/tcp of this
-/// network namespace (the backends are local).
+/// Established (or being established) TCP connections by local address and port, from
+/// /proc/net/tcp of this network namespace (the backends are local).
 pub fn live_connections() -> HashMap<(Ipv4Addr, u16), usize> {
     let mut out = HashMap::new();
     let Ok(text) = std::fs::read_to_string("/proc/net/tcp") else {
@@ -876,8 +876,9 @@ pub fn live_connections() -> HashMap<(Ipv4Addr, u16), usize> {
         else {
             continue;
         };
-        if state != "01" {
-            continue; // not ESTABLISHED
+        // ESTABLISHED, or SYN_RECV: a handshake the data path already sent here.
+        if state != "01" && state != "03" {
+            continue;
         }
         let Some((addr, port)) = local.split_once(':') else {
             continue;
