@@ -90,6 +90,10 @@ struct RawModel {
     weight: i64,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    /// Where the instances report their load: "vllm" (`/metrics`), "llamacpp" (`/slots`),
+    /// "none".
+    #[serde(default = "default_load_source")]
+    load: String,
     #[serde(default = "default_restart_delay_ms")]
     restart_delay_ms: i64,
     #[serde(default = "default_restart_delay_max_ms")]
@@ -98,6 +102,14 @@ struct RawModel {
     stable_after_ms: i64,
     #[serde(default)]
     health: RawHealth,
+}
+
+fn default_load_interval_ms() -> i64 {
+    250
+}
+
+fn default_load_source() -> String {
+    "vllm".into()
 }
 
 fn default_gpus_per_instance() -> i64 {
@@ -151,6 +163,11 @@ struct RawVip {
     #[serde(default = "default_protocol")]
     protocol: String,
     maglev_table_size: Option<i64>,
+    /// Steer new flows by the backends' reported load (models with a `load` source).
+    #[serde(default)]
+    load_aware: bool,
+    #[serde(default = "default_load_interval_ms")]
+    load_interval_ms: i64,
     #[serde(default)]
     backend: Vec<RawBackend>,
     #[serde(default)]
@@ -260,6 +277,7 @@ pub struct Model {
     pub base_port: u16,
     pub weight: u32,
     pub env: BTreeMap<String, String>,
+    pub load: crate::load::LoadSource,
     pub restart_delay: Duration,
     pub restart_delay_max: Duration,
     /// An instance up this long has its restart delay reset.
@@ -326,6 +344,9 @@ pub struct Vip {
     pub backends: Vec<BackendConfig>,
     /// How those backends are checked.
     pub health: HealthCheck,
+    /// New flows steered by load (weights follow the backends' reported load).
+    pub load_aware: bool,
+    pub load_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -854,7 +875,14 @@ impl RawModel {
                 ),
             ));
         }
+        let load = crate::load::LoadSource::parse(&self.load).ok_or_else(|| {
+            invalid(
+                f("load"),
+                format!("{:?} is not \"vllm\", \"llamacpp\" or \"none\"", self.load),
+            )
+        })?;
         Ok(Model {
+            load,
             weight: parse_weight(&f("weight"), self.weight)?,
             health: self.health.validate(
                 &f("health"),
@@ -965,6 +993,8 @@ impl RawVip {
             maglev_table_size,
             backends,
             health: self.health.validate(&f("health"), default_check, None)?,
+            load_aware: self.load_aware,
+            load_interval: parse_ms(&f("load_interval_ms"), self.load_interval_ms, 50, 60_000)?,
         })
     }
 }
@@ -1301,6 +1331,11 @@ base_port = 9001
                 "base_port = 9001",
                 "base_port = 9001\n[model.health]\nrise = 0",
                 "model[0].health.rise: 0 is out of range 1-100",
+            ),
+            (
+                "base_port = 9001",
+                "base_port = 9001\nload = \"sglang\"",
+                "model[0].load: \"sglang\" is not \"vllm\", \"llamacpp\" or \"none\"",
             ),
             (
                 "base_port = 9001",

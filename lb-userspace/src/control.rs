@@ -95,7 +95,11 @@ pub struct BackendStatus {
     pub last_error: Option<String>,
     /// Established TCP connections to the backend right now.
     pub live_flows: usize,
+    /// Maglev weight in the table (scaled by load when its VIP is load-aware).
     pub weight: u32,
+    /// Smoothed load (1 ≈ full batch, more = queueing), when its VIP is load-aware.
+    pub load: Option<f64>,
+    pub load_error: Option<String>,
     /// CPUs the instance is pinned to (empty: not pinned).
     pub cpus: Vec<usize>,
 }

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod gpu;
 pub mod health;
+pub mod load;
 pub mod maglev;
 pub mod maps;
 pub mod metrics;

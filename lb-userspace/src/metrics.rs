@@ -237,6 +237,15 @@ fn scrape_maps(pin_path: &std::path::Path, status: &[BackendStatus]) -> anyhow::
     )
     .expect("valid metric");
     r.register(Box::new(probe.clone())).expect("unique metric");
+    let load = GaugeVec::new(
+        Opts::new(
+            "gpulb_backend_load",
+            "Smoothed load the backend reports (1 = full batch, more = queueing); load-aware VIPs.",
+        ),
+        &labels,
+    )
+    .expect("valid metric");
+    r.register(Box::new(load.clone())).expect("unique metric");
     let info = gauge(
         "gpulb_backend_info",
         "The backend's model and GPUs (always 1).",
@@ -278,6 +287,9 @@ fn scrape_maps(pin_path: &std::path::Path, status: &[BackendStatus]) -> anyhow::
             state
                 .with_label_values(&[l[0], l[1], l[2], st])
                 .set(i64::from(s.state == st));
+        }
+        if let Some(v) = s.load {
+            load.with_label_values(&l).set(v);
         }
         if let Some(ms) = s.last_probe_ms {
             probe.with_label_values(&l).set(ms / 1000.0);

@@ -365,6 +365,12 @@ pub async fn supervise(
         info!(instance = %spec.name, pid, adopted = is_adopted, gpus = %spec.cuda_visible_devices(), "instance started");
 
         tokio::select! {
+            // Hand-over first: never act on a command channel closed by the daemon exiting.
+            biased;
+            () = ctx.cancel.cancelled() => {
+                // Hand-over: the process keeps serving; the next daemon adopts it.
+                break;
+            }
             status = running.wait() => {
                 let at = Instant::now();
                 if started.elapsed() >= policy.stable_after {
@@ -392,11 +398,13 @@ pub async fn supervise(
                 restarts += 1;
             }
             command = commands.recv() => {
+                // No sender left: the daemon is going away (hand-over, crash); the process
+                // keeps serving for the next daemon. Only an explicit command stops it.
+                let Some(command) = command else { break };
                 let status = running.terminate(ctx.kill_timeout).await;
                 let (done, again) = match command {
-                    Some(Command::Restart(done)) => (Some(done), true),
-                    Some(Command::Stop(done)) => (Some(done), false),
-                    None => (None, false),
+                    Command::Restart(done) => (Some(done), true),
+                    Command::Stop(done) => (Some(done), false),
                 };
                 info!(instance = %spec.name, pid, %status, restart = again, "instance stopped");
                 let _ = ctx.events.send(Event::Exited {
@@ -414,10 +422,6 @@ pub async fn supervise(
                     break;
                 }
                 failures = 0;
-            }
-            () = ctx.cancel.cancelled() => {
-                // Hand-over: the process keeps serving; the next daemon adopts it.
-                break;
             }
         }
     }

@@ -633,7 +633,7 @@ impl Stack {
                 sim_port(i)
             ));
         }
-        let stack = Self::launch(topo, dir, pins, sims, &vip)?;
+        let stack = Self::launch(topo, dir, pins, sims, "", &vip)?;
         stack.wait_ready(backends, Duration::from_secs(30))?;
         Ok(stack)
     }
@@ -648,16 +648,29 @@ impl Stack {
         pins: PinDir,
         model_extra: &str,
     ) -> anyhow::Result<Self> {
+        Self::managed_with(tag, backends, pins, "", model_extra)
+    }
+
+    /// `managed` with `vip_extra` lines in the `[[vip]]` table; `{marker}` in `model_extra`
+    /// becomes the stack's marker (for more `[[model]]`s' `env`).
+    pub fn managed_with(
+        tag: &str,
+        backends: usize,
+        pins: PinDir,
+        vip_extra: &str,
+        model_extra: &str,
+    ) -> anyhow::Result<Self> {
         let topo = Topology::new(tag)?;
         let dir = TempDir::new(tag)?;
         let marker = format!("{}", dir.path.display());
         let model = format!(
             "\n[[model]]\nname = \"{MODEL}\"\nvip = \"chat\"\ngpus = \"simulated:{backends}\"\n\
              address = \"{LB_ADDR}\"\nbase_port = {}\n\
-             env = {{ GPULB_TEST_MARKER = \"{marker}\" }}\n{model_extra}\n",
-            sim_port(0)
+             env = {{ GPULB_TEST_MARKER = \"{marker}\" }}\n{}\n",
+            sim_port(0),
+            model_extra.replace("{marker}", &marker)
         );
-        Self::launch(topo, dir, pins, Vec::new(), &model)
+        Self::launch(topo, dir, pins, Vec::new(), vip_extra, &model)
     }
 
     fn launch(
@@ -665,13 +678,14 @@ impl Stack {
         dir: TempDir,
         pins: PinDir,
         sims: Vec<Proc>,
+        vip_extra: &str,
         rest: &str,
     ) -> anyhow::Result<Self> {
         let config = format!(
             "interface = \"{}\"\npin_path = \"{}\"\nstate_dir = \"{dir}/state\"\n\
              log_dir = \"{dir}/instances\"\nconntrack_size = 65536\n\
              drain_timeout_ms = 2000\nkill_timeout_ms = 2000\n\n\
-             [[vip]]\nname = \"chat\"\naddress = \"{VIP}\"\nport = {VIP_PORT}\n\
+             [[vip]]\nname = \"chat\"\naddress = \"{VIP}\"\nport = {VIP_PORT}\n{vip_extra}\n\
              [vip.health]\ninterval_ms = 200\n{rest}",
             topo.lb_if,
             pins.path.display(),
@@ -913,4 +927,102 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         *found.get_or_insert(0.0) += v;
     }
     found
+}
+
+/// What one run of the slow-instance scenario measured.
+#[derive(Debug, Clone, Copy)]
+pub struct SlowScenario {
+    pub ttft_p50_ms: f64,
+    pub ttft_p95_ms: f64,
+    pub requests: usize,
+    pub failed: usize,
+    /// Requests the slow instance served.
+    pub to_slow: usize,
+    /// Mean of the slow instance's `vllm:num_requests_waiting`, sampled every 100 ms.
+    pub slow_queue_mean: f64,
+}
+
+/// Three normal simulated instances and one slow one (1 slot, 50 tokens/s) behind one VIP,
+/// with or without `load_aware`; `requests` streaming chats, `concurrency` at a time.
+pub fn slow_instance_scenario(
+    tag: &str,
+    load_aware: bool,
+    requests: usize,
+    concurrency: usize,
+    tokens: u32,
+) -> anyhow::Result<SlowScenario> {
+    let slow_port = 8101;
+    let slow = format!(
+        "[model.health]\ninterval_ms = 100\n\n[[model]]\nname = \"slow\"\nvip = \"chat\"\n\
+         served_model = \"{MODEL}\"\ngpus = \"simulated:1\"\naddress = \"{LB_ADDR}\"\n\
+         base_port = {slow_port}\nenv = {{ GPULB_TEST_MARKER = \"{{marker}}\" }}\n\
+         command = [\"gpulb-sim\", \"--listen\", \"{{address}}:{{port}}\", \"--name\", \"{{name}}\", \
+         \"--model\", \"{{model}}\", \"--slots\", \"1\", \"--tokens-per-second\", \"50\"]\n\
+         [model.health]\ninterval_ms = 100\n"
+    );
+    let vip = if load_aware {
+        "load_aware = true\n"
+    } else {
+        ""
+    };
+    let stack = Stack::managed_with(tag, 3, PinDir::new(tag), vip, &slow)?;
+    stack.wait_ready(4, Duration::from_secs(30))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let sampler = stack.topo.lb.spawn(move || -> Vec<f64> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let client = reqwest::Client::new();
+        let url = format!("http://{LB_ADDR}:{slow_port}/metrics");
+        let mut samples = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let text = rt.block_on(async { client.get(&url).send().await.ok()?.text().await.ok() });
+            if let Some(v) = text
+                .as_deref()
+                .and_then(|t| metric(t, "vllm:num_requests_waiting", &[]))
+            {
+                samples.push(v);
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        samples
+    })?;
+    let replies = burst(
+        &stack.topo.client,
+        &vip_url("/v1/chat/completions"),
+        requests,
+        concurrency,
+        true,
+        tokens,
+    )?;
+    stop.store(true, Ordering::Relaxed);
+    let samples = sampler
+        .join()
+        .map_err(|_| anyhow::anyhow!("sampler panicked"))??;
+    let ok: Vec<&Reply> = replies
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .filter(|r| r.done && r.tokens == tokens as usize)
+        .collect();
+    let mut ttft: Vec<f64> = ok
+        .iter()
+        .map(|r| r.time_to_first_token.as_secs_f64() * 1000.0)
+        .collect();
+    ttft.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        ttft.get(((ttft.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Ok(SlowScenario {
+        ttft_p50_ms: pct(0.5),
+        ttft_p95_ms: pct(0.95),
+        requests,
+        failed: requests - ok.len(),
+        to_slow: ok.iter().filter(|r| r.instance == "slow-0").count(),
+        slow_queue_mean: samples.iter().sum::<f64>() / samples.len().max(1) as f64,
+    })
 }

@@ -73,12 +73,12 @@ fn instance_pids(rows: &[Value]) -> BTreeMap<String, u32> {
 
 #[test]
 fn instances_get_their_gpu_and_enter_only_when_the_model_is_loaded() {
-    let extra = format!("{}{FAST_PROBES}", sim_command(&["--load-delay-ms", "1500"]));
+    let extra = format!("{}{FAST_PROBES}", sim_command(&["--load-delay-ms", "4000"]));
     let stack = Stack::managed("mgd", 2, PinDir::new("mgd"), &extra).expect("start stack");
 
-    // /health answers at once, /v1/models only after the load delay: not ready yet.
+    // /health answers at once, /v1/models only after the 4 s load delay: not ready yet.
     let mut seen = Vec::new();
-    let starting = wait_until(Duration::from_secs(5), || {
+    let starting = wait_until(Duration::from_secs(10), || {
         seen = stack.backends().unwrap_or_default();
         seen.len() == 2
             && seen.iter().all(|r| {
@@ -442,7 +442,14 @@ fn daemon_restart_and_sigkill_drop_no_stream_and_move_no_flow() {
         Stack::managed("takeover", 2, PinDir::new("takeover"), &extra).expect("start stack");
     stack.wait_ready(2, Duration::from_secs(30)).expect("ready");
     let pins = stack.pin_arg();
-    let pids = instance_pids(&stack.backends().expect("backends"));
+    let rows = stack.backends().expect("backends");
+    assert!(
+        rows.iter().all(|r| r["daemon"]["pid"].is_u64()),
+        "{rows:#?}\n{}\n{}",
+        stack.daemon.log_text(),
+        fs::read_to_string(stack.dir.path.join("instances/sim-llm-1.log")).unwrap_or_default()
+    );
+    let pids = instance_pids(&rows);
     let table_before = table(&stack);
     let url = vip_url("/v1/chat/completions");
 
@@ -516,6 +523,12 @@ fn daemon_restart_and_sigkill_drop_no_stream_and_move_no_flow() {
             );
         }
         let rows = stack.backends().expect("backends");
+        assert!(
+            rows.iter().all(|r| r["daemon"]["pid"].is_u64()),
+            "round {round}: {rows:#?}\n{}\n--- gpulb-2\n{}",
+            stack.daemon.log_text(),
+            fs::read_to_string(stack.dir.path.join("gpulb-2.log")).unwrap_or_default()
+        );
         assert_eq!(
             instance_pids(&rows),
             pids,
@@ -673,4 +686,28 @@ fn crash_looping_instance_is_reported_and_kept_out() {
     )
     .expect("burst");
     assert!(replies.iter().all(Result::is_ok), "{replies:?}");
+}
+
+#[test]
+fn load_aware_weights_steer_away_from_a_slow_instance() {
+    // The same workload against the same four instances, one of them slow (1 slot, 50
+    // tokens/s against 4 slots, 200 tokens/s): equal weights, then load-aware.
+    let equal =
+        gpulb_testbed::slow_instance_scenario("lequal", false, 96, 16, 24).expect("equal weights");
+    let aware =
+        gpulb_testbed::slow_instance_scenario("laware", true, 96, 16, 24).expect("load-aware");
+    eprintln!("equal weights: {equal:?}\nload-aware:    {aware:?}");
+    assert_eq!(equal.failed + aware.failed, 0, "{equal:?} {aware:?}");
+    assert!(
+        aware.ttft_p95_ms < equal.ttft_p95_ms,
+        "load-aware must lower TTFT p95: {aware:?} vs {equal:?}"
+    );
+    assert!(
+        aware.slow_queue_mean < equal.slow_queue_mean,
+        "load-aware must queue less on the slow instance: {aware:?} vs {equal:?}"
+    );
+    assert!(
+        aware.to_slow < equal.to_slow,
+        "fewer requests go to the slow instance: {aware:?} vs {equal:?}"
+    );
 }

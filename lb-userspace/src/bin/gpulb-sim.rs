@@ -22,8 +22,10 @@ async fn main() -> anyhow::Result<()> {
     gpulb::init_logging();
     let shutdown = gpulb::daemon::shutdown_signal()?;
     serve(args.sim, async move {
-        shutdown.await;
+        let signal = shutdown.await;
+        tracing::info!(signal, "shutting down: finishing the requests in flight");
     })
     .await?;
+    tracing::info!("stopped");
     Ok(())
 }

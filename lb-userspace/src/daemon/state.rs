@@ -23,6 +23,7 @@ use crate::{
     datapath::{Datapath, ErrorChain},
     gpu::{self, InstanceSpec, Inventory},
     health::{self, Health},
+    load::{self, Load, LoadSource},
     maglev,
     maps::sock_of,
     metrics::DaemonMetrics,
@@ -59,13 +60,18 @@ pub fn remove_state_file(state_dir: &Path) {
     let _ = std::fs::remove_file(state_dir.join(STATE_FILE));
 }
 
-/// Probe results, to the state task.
+/// Probe and load results, to the state task.
 #[derive(Debug)]
 pub enum Msg {
     Probe {
         key: String,
         generation: u64,
         result: Result<Duration, String>,
+    },
+    Load {
+        key: String,
+        generation: u64,
+        result: Result<f64, String>,
     },
 }
 
@@ -99,7 +105,13 @@ pub struct Backend {
     pub health: Health,
     pub check: HealthCheck,
     pub instance: Option<Instance>,
-    /// Probe results from an older probe task are dropped.
+    /// Where its load comes from, and whether its VIP steers by it.
+    pub load_source: LoadSource,
+    pub load_aware: bool,
+    pub load_interval: Duration,
+    pub load: Load,
+    pub load_error: Option<String>,
+    /// Probe and load results from older tasks are dropped.
     probe_generation: u64,
     probe_cancel: CancellationToken,
 }
@@ -110,8 +122,19 @@ impl Backend {
         format!("{}/{}:{}", self.vip, self.address, self.port)
     }
 
+    /// The Maglev weight: the configured (or operator's) weight, scaled by load in
+    /// load-aware mode.
     pub fn weight(&self) -> u32 {
-        self.weight_override.unwrap_or(self.config_weight)
+        let base = self.weight_override.unwrap_or(self.config_weight);
+        if self.steers_by_load() {
+            load::weight(base, self.load.factor)
+        } else {
+            base
+        }
+    }
+
+    fn steers_by_load(&self) -> bool {
+        self.load_aware && self.load_source != LoadSource::None
     }
 
     fn running(&self) -> bool {
@@ -291,6 +314,9 @@ impl State {
         self.next_generation += 1;
         b.probe_generation = self.next_generation;
         let (key, generation, cancel) = (b.key(), b.probe_generation, b.probe_cancel.clone());
+        if b.steers_by_load() {
+            self.start_load(b);
+        }
         let (addr, check, client, msgs) = (
             SocketAddrV4::new(b.address, b.port),
             b.check.clone(),
@@ -307,6 +333,42 @@ impl State {
                 }
                 let result = health::probe(&client, addr, &check).await;
                 let msg = Msg::Probe {
+                    key: key.clone(),
+                    generation,
+                    result,
+                };
+                if msgs.send(msg).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Scrapes the backend's load every `load_interval` (stops with its probe task).
+    fn start_load(&self, b: &Backend) {
+        let (key, generation, cancel) = (b.key(), b.probe_generation, b.probe_cancel.clone());
+        let (addr, source, interval) = (
+            SocketAddrV4::new(b.address, b.port),
+            b.load_source,
+            b.load_interval,
+        );
+        let (client, msgs) = (self.probe_client.clone(), self.msgs.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = cancel.cancelled() => return,
+                }
+                let result = load::scrape(
+                    &client,
+                    addr,
+                    source,
+                    interval.max(Duration::from_millis(200)),
+                )
+                .await;
+                let msg = Msg::Load {
                     key: key.clone(),
                     generation,
                     result,
@@ -347,6 +409,29 @@ impl State {
                     warn!(backend = %key, error = error.as_deref().unwrap_or(""), "backend unhealthy");
                 }
                 changed
+            }
+            Msg::Load {
+                key,
+                generation,
+                result,
+            } => {
+                let Some(b) = self.backends.iter_mut().find(|b| b.key() == key) else {
+                    return false;
+                };
+                if b.probe_generation != generation {
+                    return false;
+                }
+                match result {
+                    Ok(sample) => {
+                        b.load_error = None;
+                        // Only what is in the table moves it.
+                        b.load.record(sample) && b.in_table()
+                    }
+                    Err(e) => {
+                        b.load_error = Some(e);
+                        false
+                    }
+                }
             }
         }
     }
@@ -616,6 +701,8 @@ impl State {
                     last_error: b.health.last_error.clone(),
                     live_flows: live.get(&(b.address, b.port)).copied().unwrap_or(0),
                     weight: b.weight(),
+                    load: b.steers_by_load().then_some(b.load.smoothed),
+                    load_error: b.load_error.clone(),
                     cpus: inst.map_or_else(Vec::new, |i| i.spec.cpus.clone()),
                 }
             })
@@ -679,6 +766,9 @@ impl State {
                 Some(mut b) => {
                     b.config_weight = n.config_weight;
                     b.check = n.check;
+                    b.load_source = n.load_source;
+                    b.load_aware = n.load_aware;
+                    b.load_interval = n.load_interval;
                     // A weight change alone does not restart the process.
                     let same_spec = match (&b.instance, &n.instance) {
                         (Some(a), Some(c)) => {
@@ -827,6 +917,11 @@ fn build_backends(config: &Config, specs: Vec<InstanceSpec>) -> Vec<Backend> {
         health: Health::default(),
         check: check.clone(),
         instance: None,
+        load_source: LoadSource::None,
+        load_aware: vip.load_aware,
+        load_interval: vip.load_interval,
+        load: Load::default(),
+        load_error: None,
         probe_generation: 0,
         probe_cancel: CancellationToken::new(),
     };
@@ -847,6 +942,7 @@ fn build_backends(config: &Config, specs: Vec<InstanceSpec>) -> Vec<Backend> {
             .find(|v| v.name == spec.vip)
             .expect("a model's VIP is checked by the config");
         let mut b = blank(vip, spec.address, spec.port, spec.weight, &model.health);
+        b.load_source = model.load;
         let (commands, _) = mpsc::unbounded_channel();
         b.instance = Some(Instance {
             spec,
