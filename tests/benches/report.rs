@@ -74,6 +74,8 @@ fn main() {
     traffic(&opts, &mut report);
     eprintln!("[bench] failover");
     failover(&opts, &mut report);
+    eprintln!("[bench] load-aware");
+    load_aware(&opts, &mut report);
 
     let _ = write!(
         report.md,
@@ -533,6 +535,37 @@ fn traffic(opts: &Opts, report: &mut Report) {
     );
     t.push_str("\n![saturation](saturation.svg)\n");
     report.section("saturation", &t);
+}
+
+/// Equal weights vs load-aware weights with one slow instance among four.
+fn load_aware(opts: &Opts, report: &mut Report) {
+    let requests = if opts.quick { 64 } else { 160 };
+    let (concurrency, tokens) = (16, 24);
+    let mut t = format!(
+        "Three simulated instances as above and one slow one (1 slot, 50 tokens/s) behind \
+         one VIP; {requests} streaming chats ({tokens} tokens), {concurrency} at a time. Equal \
+         weights, then `load_aware = true` (weights follow each instance's reported load, \
+         scraped every 250 ms). The slow instance's queue is its `vllm:num_requests_waiting`, \
+         sampled every 100 ms.\n\n\
+         | weights | TTFT p50 | TTFT p95 | requests to the slow instance | its mean queue | failed |\n\
+         |---|---:|---:|---:|---:|---:|\n"
+    );
+    for (name, aware) in [("equal", false), ("load-aware", true)] {
+        let r = gpulb_testbed::slow_instance_scenario(
+            if aware { "bench-la" } else { "bench-eq" },
+            aware,
+            requests,
+            concurrency,
+            tokens,
+        )
+        .expect("slow-instance scenario");
+        let _ = writeln!(
+            t,
+            "| {name} | {:.1} ms | {:.1} ms | {} of {} | {:.2} | {} |",
+            r.ttft_p50_ms, r.ttft_p95_ms, r.to_slow, r.requests, r.slow_queue_mean, r.failed
+        );
+    }
+    report.section("load-aware weights", &t);
 }
 
 /// Kill one of 4 instances under steady streaming load, behind nginx and behind gpulb.
