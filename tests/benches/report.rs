@@ -551,9 +551,10 @@ fn load_aware(opts: &Opts, report: &mut Report) {
          |---|---:|---:|---:|---:|---:|\n"
     );
     for (name, aware) in [("equal", false), ("load-aware", true)] {
-        let r = gpulb_testbed::slow_instance_scenario(
+        let r = gpulb_testbed::four_instance_scenario(
             if aware { "bench-la" } else { "bench-eq" },
             aware,
+            gpulb_testbed::SLOW,
             requests,
             concurrency,
             tokens,
@@ -563,6 +564,27 @@ fn load_aware(opts: &Opts, report: &mut Report) {
             t,
             "| {name} | {:.1} ms | {:.1} ms | {} of {} | {:.2} | {} |",
             r.ttft_p50_ms, r.ttft_p95_ms, r.to_slow, r.requests, r.slow_queue_mean, r.failed
+        );
+    }
+    let _ = write!(
+        t,
+        "\nThe same with four equal instances (the imbalance of hashing alone, as in \
+         *streaming*):\n\n| weights | TTFT p50 | TTFT p95 | failed |\n|---|---:|---:|---:|\n"
+    );
+    for (name, aware) in [("equal", false), ("load-aware", true)] {
+        let r = gpulb_testbed::four_instance_scenario(
+            if aware { "bench-la4" } else { "bench-eq4" },
+            aware,
+            &[],
+            requests,
+            concurrency,
+            tokens,
+        )
+        .expect("four-instance scenario");
+        let _ = writeln!(
+            t,
+            "| {name} | {:.1} ms | {:.1} ms | {} |",
+            r.ttft_p50_ms, r.ttft_p95_ms, r.failed
         );
     }
     report.section("load-aware weights", &t);

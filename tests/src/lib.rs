@@ -936,28 +936,34 @@ pub struct SlowScenario {
     pub ttft_p95_ms: f64,
     pub requests: usize,
     pub failed: usize,
-    /// Requests the slow instance served.
+    /// Requests the fourth (slow) instance served.
     pub to_slow: usize,
-    /// Mean of the slow instance's `vllm:num_requests_waiting`, sampled every 100 ms.
+    /// Mean of the fourth instance's `vllm:num_requests_waiting`, sampled every 100 ms.
     pub slow_queue_mean: f64,
 }
 
-/// Three normal simulated instances and one slow one (1 slot, 50 tokens/s) behind one VIP,
-/// with or without `load_aware`; `requests` streaming chats, `concurrency` at a time.
-pub fn slow_instance_scenario(
+/// The simulator flags that make the fourth instance of `four_instance_scenario` slow.
+pub const SLOW: &[&str] = &["--slots", "1", "--tokens-per-second", "50"];
+
+/// Three default simulated instances and a fourth run with `fourth` extra simulator flags
+/// (`SLOW`, or none for four equal instances) behind one VIP, with or without `load_aware`;
+/// `requests` streaming chats, `concurrency` at a time.
+pub fn four_instance_scenario(
     tag: &str,
     load_aware: bool,
+    fourth: &[&str],
     requests: usize,
     concurrency: usize,
     tokens: u32,
 ) -> anyhow::Result<SlowScenario> {
     let slow_port = 8101;
+    let flags: String = fourth.iter().map(|f| format!(", {f:?}")).collect();
     let slow = format!(
         "[model.health]\ninterval_ms = 100\n\n[[model]]\nname = \"slow\"\nvip = \"chat\"\n\
          served_model = \"{MODEL}\"\ngpus = \"simulated:1\"\naddress = \"{LB_ADDR}\"\n\
          base_port = {slow_port}\nenv = {{ GPULB_TEST_MARKER = \"{{marker}}\" }}\n\
          command = [\"gpulb-sim\", \"--listen\", \"{{address}}:{{port}}\", \"--name\", \"{{name}}\", \
-         \"--model\", \"{{model}}\", \"--slots\", \"1\", \"--tokens-per-second\", \"50\"]\n\
+         \"--model\", \"{{model}}\"{flags}]\n\
          [model.health]\ninterval_ms = 100\n"
     );
     let vip = if load_aware {

@@ -693,9 +693,11 @@ fn load_aware_weights_steer_away_from_a_slow_instance() {
     // The same workload against the same four instances, one of them slow (1 slot, 50
     // tokens/s against 4 slots, 200 tokens/s): equal weights, then load-aware.
     let equal =
-        gpulb_testbed::slow_instance_scenario("lequal", false, 96, 16, 24).expect("equal weights");
+        gpulb_testbed::four_instance_scenario("lequal", false, gpulb_testbed::SLOW, 96, 16, 24)
+            .expect("equal weights");
     let aware =
-        gpulb_testbed::slow_instance_scenario("laware", true, 96, 16, 24).expect("load-aware");
+        gpulb_testbed::four_instance_scenario("laware", true, gpulb_testbed::SLOW, 96, 16, 24)
+            .expect("load-aware");
     eprintln!("equal weights: {equal:?}\nload-aware:    {aware:?}");
     assert_eq!(equal.failed + aware.failed, 0, "{equal:?} {aware:?}");
     assert!(
