@@ -388,12 +388,9 @@ impl State {
                 generation,
                 result,
             } => {
-                let Some(b) = self.backends.iter_mut().find(|b| b.key() == key) else {
+                let Some(b) = current(&mut self.backends, &key, generation) else {
                     return false;
                 };
-                if b.probe_generation != generation {
-                    return false;
-                }
                 let error = result.as_ref().err().cloned();
                 let was_in = b.in_table();
                 let changed = b.health.record(result, &b.check);
@@ -415,12 +412,9 @@ impl State {
                 generation,
                 result,
             } => {
-                let Some(b) = self.backends.iter_mut().find(|b| b.key() == key) else {
+                let Some(b) = current(&mut self.backends, &key, generation) else {
                     return false;
                 };
-                if b.probe_generation != generation {
-                    return false;
-                }
                 match result {
                     Ok(sample) => {
                         b.load_error = None;
@@ -864,6 +858,15 @@ impl State {
                 tokio::time::timeout(self.config.kill_timeout + Duration::from_secs(5), wait).await;
         }
     }
+}
+
+/// The backend a probe or load result is for, unless the result comes from a task that has
+/// since been replaced (a restart or reload started a new one).
+fn current<'a>(backends: &'a mut [Backend], key: &str, generation: u64) -> Option<&'a mut Backend> {
+    backends
+        .iter_mut()
+        .find(|b| b.key() == key)
+        .filter(|b| b.probe_generation == generation)
 }
 
 /// `vip`, `backend`, `instance`, `cause` as `gpulb_ejections_total` has them (the VIP and
