@@ -21,7 +21,7 @@ use gpulb::{
     maps::Maps,
 };
 use gpulb_testbed::{
-    LB_ADDR, Load, MODEL, NetNs, PinDir, Proc, Reply, Stack, chat, sim_port, vip_url,
+    LB_ADDR, Load, MODEL, NetNs, PinDir, Proc, Reply, Stack, chat, percentile, sim_port, vip_url,
 };
 use lb_common::MAGLEV_MAX_SIZE;
 use plotters::prelude::*;
@@ -365,14 +365,6 @@ fn chats(
         Ok((replies, start.elapsed()))
     })
     .expect("chats")
-}
-
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 struct Streamed {

@@ -929,6 +929,15 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
     found
 }
 
+/// The `p` quantile (0 to 1) of `v`, nearest rank; NaN for no values.
+pub fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
 /// What one run of the slow-instance scenario measured.
 #[derive(Debug, Clone, Copy)]
 pub struct SlowScenario {
@@ -1013,19 +1022,13 @@ pub fn four_instance_scenario(
         .filter_map(|r| r.as_ref().ok())
         .filter(|r| r.done && r.tokens == tokens as usize)
         .collect();
-    let mut ttft: Vec<f64> = ok
+    let ttft: Vec<f64> = ok
         .iter()
         .map(|r| r.time_to_first_token.as_secs_f64() * 1000.0)
         .collect();
-    ttft.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        ttft.get(((ttft.len().max(1) - 1) as f64 * p).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
     Ok(SlowScenario {
-        ttft_p50_ms: pct(0.5),
-        ttft_p95_ms: pct(0.95),
+        ttft_p50_ms: percentile(ttft.clone(), 0.5),
+        ttft_p95_ms: percentile(ttft, 0.95),
         requests,
         failed: requests - ok.len(),
         to_slow: ok.iter().filter(|r| r.instance == "slow-0").count(),
