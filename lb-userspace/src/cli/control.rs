@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 
 use crate::control::{self, Request, Response};
 
@@ -38,6 +38,11 @@ pub fn drain(socket: &Path, backend: &str, wait: Option<u64>) -> anyhow::Result<
         TIMEOUT,
     )?;
     println!("{}", r.message.unwrap_or_default());
+    let drained = r
+        .backends
+        .first()
+        .cloned()
+        .context("the daemon named no backend")?;
     let wait = wait.map_or_else(
         || Duration::from_millis(r.drain_timeout_ms.unwrap_or(0)),
         Duration::from_secs,
@@ -49,11 +54,11 @@ pub fn drain(socket: &Path, backend: &str, wait: Option<u64>) -> anyhow::Result<
     let mut last = None;
     loop {
         let status = call(socket, &Request::Status, TIMEOUT)?;
-        let Some(b) = status.backends.iter().find(|b| {
-            b.instance.as_deref() == Some(backend)
-                || b.backend == backend
-                || format!("{}/{}", b.vip, b.backend) == backend
-        }) else {
+        let Some(b) = status
+            .backends
+            .iter()
+            .find(|b| b.vip == drained.vip && b.backend == drained.backend)
+        else {
             bail!("backend {backend} is gone");
         };
         if last != Some(b.live_flows) {

@@ -317,28 +317,19 @@ impl State {
         if b.steers_by_load() {
             self.start_load(b);
         }
-        let (addr, check, client, msgs) = (
+        let (addr, check, client) = (
             SocketAddrV4::new(b.address, b.port),
             b.check.clone(),
             self.probe_client.clone(),
-            self.msgs.clone(),
         );
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(check.interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = cancel.cancelled() => return,
-                }
+        spawn_periodic(check.interval, cancel, self.msgs.clone(), move || {
+            let (key, check, client) = (key.clone(), check.clone(), client.clone());
+            async move {
                 let result = health::probe(&client, addr, &check).await;
-                let msg = Msg::Probe {
-                    key: key.clone(),
+                Msg::Probe {
+                    key,
                     generation,
                     result,
-                };
-                if msgs.send(msg).is_err() {
-                    return;
                 }
             }
         });
@@ -347,34 +338,21 @@ impl State {
     /// Scrapes the backend's load every `load_interval` (stops with its probe task).
     fn start_load(&self, b: &Backend) {
         let (key, generation, cancel) = (b.key(), b.probe_generation, b.probe_cancel.clone());
-        let (addr, source, interval) = (
+        let (addr, source, interval, client) = (
             SocketAddrV4::new(b.address, b.port),
             b.load_source,
             b.load_interval,
+            self.probe_client.clone(),
         );
-        let (client, msgs) = (self.probe_client.clone(), self.msgs.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = cancel.cancelled() => return,
-                }
-                let result = load::scrape(
-                    &client,
-                    addr,
-                    source,
-                    interval.max(Duration::from_millis(200)),
-                )
-                .await;
-                let msg = Msg::Load {
-                    key: key.clone(),
+        let timeout = interval.max(Duration::from_millis(200));
+        spawn_periodic(interval, cancel, self.msgs.clone(), move || {
+            let (key, client) = (key.clone(), client.clone());
+            async move {
+                let result = load::scrape(&client, addr, source, timeout).await;
+                Msg::Load {
+                    key,
                     generation,
                     result,
-                };
-                if msgs.send(msg).is_err() {
-                    return;
                 }
             }
         });
@@ -627,6 +605,12 @@ impl State {
         }
         Response {
             drain_timeout_ms: Some(self.config.drain_timeout.as_millis() as u64),
+            // Which backend the selector named, for the CLI to follow.
+            backends: self
+                .status()
+                .into_iter()
+                .filter(|s| format!("{}/{}", s.vip, s.backend) == key)
+                .collect(),
             ..Response::ok(format!(
                 "{key}: {}",
                 if on { "draining" } else { "taking new flows" }
@@ -858,6 +842,32 @@ impl State {
                 tokio::time::timeout(self.config.kill_timeout + Duration::from_secs(5), wait).await;
         }
     }
+}
+
+/// Runs `step` every `interval` (the first at once) and sends its message to the state
+/// task, until `cancel` or until the state task is gone.
+fn spawn_periodic<F, Fut>(
+    interval: Duration,
+    cancel: CancellationToken,
+    msgs: mpsc::UnboundedSender<Msg>,
+    mut step: F,
+) where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = Msg> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = cancel.cancelled() => return,
+            }
+            if msgs.send(step().await).is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// The backend a probe or load result is for, unless the result comes from a task that has
