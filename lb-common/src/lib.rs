@@ -15,9 +15,16 @@ pub mod maps {
     pub const REVNAT: &str = "REVNAT";
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
-    pub const REASONS: &str = "REASONS";
+    /// `_V2`: more reasons than the first version had entries for.
+    pub const REASONS: &str = "REASONS_V2";
+    pub const LIMITS: &str = "LIMITS";
+    pub const RATE_LIMIT: &str = "RATE_LIMIT";
+    pub const ALLOW: &str = "ALLOW";
+    pub const LIVE_FLOWS: &str = "LIVE_FLOWS";
+    pub const CANDIDATES: &str = "CANDIDATES";
+    pub const ADMIT_STATS: &str = "ADMIT_STATS";
     /// Every map the daemon pins; the CLI and the clean-up use this list.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -26,6 +33,12 @@ pub mod maps {
         VIP_STATS,
         BACKEND_STATS,
         REASONS,
+        LIMITS,
+        RATE_LIMIT,
+        ALLOW,
+        LIVE_FLOWS,
+        CANDIDATES,
+        ADMIT_STATS,
     ];
 }
 
@@ -54,6 +67,27 @@ pub const PROTO_UDP: u8 = 17;
 
 /// `Backend::flags`: no new flows are sent to it; its established flows continue.
 pub const BACKEND_DRAINING: u16 = 1;
+
+/// Sources tracked by the per-VIP rate limit at once (LRU: a flood from many addresses
+/// evicts the oldest buckets rather than failing).
+pub const RATE_LIMIT_ENTRIES: u32 = 65536;
+/// Allowed CIDRs, all VIPs together.
+pub const ALLOW_ENTRIES: u32 = 1024;
+/// Backends of one VIP that caps and bounded load can choose among when the Maglev pick is
+/// full (`Candidates`).
+pub const MAX_CANDIDATES: usize = 32;
+
+/// `ServiceLimits::flags`: refused new flows get a TCP RST (otherwise they are dropped).
+pub const LIMIT_REFUSE_RST: u32 = 1;
+/// Only sources in the VIP's `ALLOW` prefixes may open flows.
+pub const LIMIT_ALLOWLIST: u32 = 2;
+/// Hash the client address only (session affinity), not the whole 5-tuple.
+pub const LIMIT_AFFINITY: u32 = 4;
+/// Some backend has a flow cap, or the VIP bounds load: new flows consult `LIVE_FLOWS`.
+pub const LIMIT_CHECK_LOAD: u32 = 8;
+
+/// `Flow::flags`: the flow is counted in its backend's `LIVE_FLOWS` (TCP, not closed yet).
+pub const FLOW_COUNTED: u16 = 1;
 
 /// `SERVICES` key: what a client connects to.
 #[repr(C)]
@@ -88,7 +122,8 @@ pub struct Backend {
     /// Service id this backend belongs to.
     pub service: u16,
     pub flags: u16, // BACKEND_DRAINING
-    pub _pad: u16,
+    /// Most concurrent TCP flows it takes (`LIVE_FLOWS`); 0: no cap.
+    pub max_flows: u16,
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 16);
 
@@ -118,7 +153,10 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Flow {
     pub backend: u32,
-    pub service: u32,
+    pub service: u16,
+    /// `FLOW_COUNTED`. Was the upper half of a u32 service id, always 0, in the first layout:
+    /// flows from before an upgrade read as uncounted, which they are.
+    pub flags: u16,
     /// `bpf_ktime_get_ns()` at the last packet (CLOCK_MONOTONIC, boot time excluded).
     pub last_seen_ns: u64,
 }
@@ -133,6 +171,75 @@ pub struct RevNat {
     pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<RevNat>() == 8);
+
+/// `LIMITS` value, by service id: admission control and backend choice of one VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceLimits {
+    /// Rate limit as GCRA: one new flow per source every `interval_ns`; 0 = no limit.
+    pub interval_ns: u64,
+    /// How far ahead of schedule a source may run: `burst × interval_ns`.
+    pub burst_ns: u64,
+    /// Bounded load in percent of the weighted mean of live flows (125: at most 25% over its
+    /// share); 0 = off.
+    pub bound_pct: u32,
+    pub flags: u32, // LIMIT_*
+}
+const _: () = assert!(core::mem::size_of::<ServiceLimits>() == 24);
+
+/// `CANDIDATES` value, by service id: the backends in its table, for the walk that looks for
+/// one below its cap and bound when the Maglev pick is not.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidates {
+    pub count: u32,
+    pub total_weight: u32,
+    pub ids: [u32; MAX_CANDIDATES],
+    pub weights: [u32; MAX_CANDIDATES],
+}
+const _: () = assert!(core::mem::size_of::<Candidates>() == 8 + 8 * MAX_CANDIDATES);
+
+impl Default for Candidates {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            total_weight: 0,
+            ids: [0; MAX_CANDIDATES],
+            weights: [0; MAX_CANDIDATES],
+        }
+    }
+}
+
+/// `RATE_LIMIT` key: one bucket per source and VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RateKey {
+    pub src_be: u32,
+    pub service: u32,
+}
+const _: () = assert!(core::mem::size_of::<RateKey>() == 8);
+
+/// `ALLOW` key data (after the LPM prefix length): the service id, matched whole, then the
+/// source prefix. Prefix length = 32 + the CIDR's length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AllowKey {
+    pub service: u32,
+    pub addr_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<AllowKey>() == 8);
+
+/// Per-CPU admission counters of a VIP (`ADMIT_STATS` by service id): why new flows were
+/// refused, and how many went past a full Maglev pick to another backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AdmitCounters {
+    pub rate_limited: u64,
+    pub not_allowed: u64,
+    pub backends_full: u64,
+    pub redirected: u64,
+}
+const _: () = assert!(core::mem::size_of::<AdmitCounters>() == 32);
 
 /// Per-CPU traffic counters (`VIP_STATS` by service id, `BACKEND_STATS` by backend id).
 #[repr(C)]
@@ -171,10 +278,15 @@ pub enum Reason {
     EgressRevNat = 9,
     /// TC egress: not a NATed flow's reply, untouched.
     EgressPass = 10,
+    /// New flow refused by admission control (`ADMIT_STATS` says why), answered with a TCP
+    /// RST sent back out of the interface.
+    RefuseReset = 11,
+    /// New flow refused by admission control, dropped.
+    RefuseDrop = 12,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNotIpv4,
         Reason::PassNotTcpUdp,
@@ -187,6 +299,8 @@ impl Reason {
         Reason::DropNoBackend,
         Reason::EgressRevNat,
         Reason::EgressPass,
+        Reason::RefuseReset,
+        Reason::RefuseDrop,
     ];
 
     /// Stable name for the CLI and metrics.
@@ -203,6 +317,8 @@ impl Reason {
             Reason::DropNoBackend => "drop_no_backend",
             Reason::EgressRevNat => "egress_revnat",
             Reason::EgressPass => "egress_pass",
+            Reason::RefuseReset => "refuse_reset",
+            Reason::RefuseDrop => "refuse_drop",
         }
     }
 }
@@ -227,6 +343,92 @@ pub const fn flow_hash(key: &FlowKey) -> u32 {
     let rest = ((key.sport_be as u64) << 24) | ((key.dport_be as u64) << 8) | key.proto as u64;
     let h = fmix64(addrs ^ fmix64(rest ^ 0x9e37_79b9_7f4a_7c15));
     (h ^ (h >> 32)) as u32
+}
+
+/// The hash of a flow under session affinity: the client address and the VIP only, so every
+/// connection of a client lands on the same slot.
+#[inline(always)]
+pub const fn affinity_hash(key: &FlowKey) -> u32 {
+    let addrs = ((key.src_be as u64) << 32) | key.dst_be as u64;
+    let rest = ((key.dport_be as u64) << 8) | key.proto as u64;
+    let h = fmix64(addrs ^ fmix64(rest ^ 0x7f4a_7c15_9e37_79b9));
+    (h ^ (h >> 32)) as u32
+}
+
+/// Internet checksum of `words` (host-order 16-bit values) plus `sum`, folded and inverted.
+#[inline(always)]
+pub const fn csum_words(mut sum: u32, words: &[u16]) -> u16 {
+    let mut i = 0;
+    while i < words.len() {
+        sum += words[i] as u32;
+        i += 1;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// IPv4 and TCP headers (40 bytes, no options) of the RST+ACK that refuses a SYN from
+/// `client` to `server`: what a host with no listener would answer. Addresses and ports as
+/// in the header (`_be`), `syn_seq` in host order.
+#[inline(always)]
+pub const fn reset_headers(
+    client_be: u32,
+    server_be: u32,
+    client_port_be: u16,
+    server_port_be: u16,
+    syn_seq: u32,
+) -> [u8; 40] {
+    let src = server_be.to_ne_bytes();
+    let dst = client_be.to_ne_bytes();
+    let sport = server_port_be.to_ne_bytes();
+    let dport = client_port_be.to_ne_bytes();
+    let ack = syn_seq.wrapping_add(1).to_be_bytes();
+    let mut h = [0u8; 40];
+    // IPv4: version 4, IHL 5, length 40, DF, TTL 64, TCP.
+    h[0] = 0x45;
+    h[3] = 40;
+    h[6] = 0x40;
+    h[8] = 64;
+    h[9] = PROTO_TCP;
+    let mut i = 0;
+    while i < 4 {
+        h[12 + i] = src[i];
+        h[16 + i] = dst[i];
+        h[28 + i] = ack[i]; // TCP ack_seq, offset 8
+        i += 1;
+    }
+    h[20] = sport[0];
+    h[21] = sport[1];
+    h[22] = dport[0];
+    h[23] = dport[1];
+    h[32] = 0x50; // data offset 5
+    h[33] = 0x14; // RST | ACK
+    let mut ip = [0u16; 10];
+    let mut tcp = [0u16; 10];
+    let mut w = 0;
+    while w < 10 {
+        ip[w] = u16::from_be_bytes([h[2 * w], h[2 * w + 1]]);
+        tcp[w] = u16::from_be_bytes([h[20 + 2 * w], h[21 + 2 * w]]);
+        w += 1;
+    }
+    let ip_sum = csum_words(0, &ip).to_be_bytes();
+    h[10] = ip_sum[0];
+    h[11] = ip_sum[1];
+    // Pseudo-header: source, destination, protocol, TCP length.
+    let pseudo = [
+        u16::from_be_bytes([src[0], src[1]]),
+        u16::from_be_bytes([src[2], src[3]]),
+        u16::from_be_bytes([dst[0], dst[1]]),
+        u16::from_be_bytes([dst[2], dst[3]]),
+        PROTO_TCP as u16,
+        20,
+    ];
+    let pseudo_sum = !csum_words(0, &pseudo) as u32;
+    let tcp_sum = csum_words(pseudo_sum, &tcp).to_be_bytes();
+    h[36] = tcp_sum[0];
+    h[37] = tcp_sum[1];
+    h
 }
 
 /// Index into `MAGLEV` for a flow hash in a service's block.
@@ -254,4 +456,67 @@ mod pod {
     unsafe impl aya::Pod for RevNat {}
     // SAFETY: see above.
     unsafe impl aya::Pod for Counters {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for ServiceLimits {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Candidates {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for RateKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for AllowKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for AdmitCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
+        bytes
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+    }
+
+    fn verifies(sum: u32) -> bool {
+        let mut s = sum;
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s == 0xffff
+    }
+
+    #[test]
+    fn reset_answers_the_syn_with_valid_checksums() {
+        let client = u32::from_ne_bytes([198, 18, 0, 2]);
+        let vip = u32::from_ne_bytes([198, 18, 100, 1]);
+        let h = reset_headers(client, vip, 40000u16.to_be(), 80u16.to_be(), 0xffff_fffe);
+        assert_eq!(&h[12..16], &[198, 18, 100, 1], "from the VIP");
+        assert_eq!(&h[16..20], &[198, 18, 0, 2], "to the client");
+        assert_eq!(u16::from_be_bytes([h[20], h[21]]), 80);
+        assert_eq!(u16::from_be_bytes([h[22], h[23]]), 40000);
+        assert_eq!(&h[24..28], &[0; 4], "seq 0: the SYN carried no ACK");
+        assert_eq!(&h[28..32], &0xffff_ffffu32.to_be_bytes(), "acks the SYN");
+        assert_eq!(h[33], 0x14, "RST and ACK");
+        assert!(verifies(words(&h[..20]).sum()), "IPv4 header checksum");
+        let pseudo: u32 = words(&h[12..20]).sum::<u32>() + u32::from(PROTO_TCP) + 20;
+        assert!(
+            verifies(pseudo + words(&h[20..]).sum::<u32>()),
+            "TCP checksum"
+        );
+    }
+
+    #[test]
+    fn affinity_ignores_the_client_port() {
+        let key = |sport: u16| FlowKey {
+            src_be: 0x0102_0304,
+            dst_be: 0x0506_0708,
+            sport_be: sport,
+            dport_be: 80u16.to_be(),
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        };
+        assert_eq!(affinity_hash(&key(1)), affinity_hash(&key(2)));
+        assert_ne!(flow_hash(&key(1)), flow_hash(&key(2)));
+    }
 }

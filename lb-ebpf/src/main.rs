@@ -6,19 +6,27 @@
 //! and only those, back to the VIP.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: core's atomic types have no fetch_add on the BPF target.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "core_intrinsics, for atomic_xadd")]
 
 mod parse;
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, xdp_action},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_tail},
     macros::{classifier, map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    Backend, CONNTRACK_DEFAULT_SIZE, Counters, Flow, FlowKey, MAGLEV_ENTRIES, MAX_BACKENDS,
-    MAX_SERVICES, PROTO_TCP, PROTO_UDP, Reason, RevNat, Service, VipKey, flow_hash, maglev_index,
+    ALLOW_ENTRIES, AdmitCounters, AllowKey, Backend, CONNTRACK_DEFAULT_SIZE, Candidates, Counters,
+    FLOW_COUNTED, Flow, FlowKey, LIMIT_AFFINITY, LIMIT_ALLOWLIST, LIMIT_CHECK_LOAD,
+    LIMIT_REFUSE_RST, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_CANDIDATES, MAX_SERVICES, PROTO_TCP,
+    PROTO_UDP, RATE_LIMIT_ENTRIES, RateKey, Reason, RevNat, Service, ServiceLimits, VipKey,
+    affinity_hash, flow_hash, maglev_index, reset_headers,
 };
 use parse::{
     IP_CHECK_OFF, IP_SRC_OFF, L4Packet, TCP_CHECK_OFF, UDP_CHECK_OFF, csum_update, parse_l4, ptr_at,
@@ -55,7 +63,32 @@ static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKENDS, 
 
 /// One count per packet, by `Reason`.
 #[map]
-static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
+static REASONS_V2: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
+
+/// Admission control and backend choice, by service id. All zero: no limits.
+#[map]
+static LIMITS: Array<ServiceLimits> = Array::pinned(MAX_SERVICES, 0);
+
+/// GCRA state per (source, service): the theoretical arrival time of its next new flow.
+// LRU: a flood from many sources evicts old buckets (a fresh bucket is a full one).
+#[map]
+static RATE_LIMIT: LruHashMap<RateKey, u64> = LruHashMap::pinned(RATE_LIMIT_ENTRIES, 0);
+
+/// Allowed source prefixes of the VIPs with `LIMIT_ALLOWLIST`.
+#[map]
+static ALLOW: LpmTrie<AllowKey, u32> = LpmTrie::pinned(ALLOW_ENTRIES, 1); // BPF_F_NO_PREALLOC
+
+/// Live TCP flows per backend id: up at a flow's first packet, down at its first FIN or RST
+/// (either direction). Global, not per-CPU: the choice of a new flow reads the sum.
+#[map]
+static LIVE_FLOWS: Array<u64> = Array::pinned(MAX_BACKENDS, 0);
+
+/// Backends in each service's table, for caps and bounded load.
+#[map]
+static CANDIDATES: Array<Candidates> = Array::pinned(MAX_SERVICES, 0);
+
+#[map]
+static ADMIT_STATS: PerCpuArray<AdmitCounters> = PerCpuArray::pinned(MAX_SERVICES, 0);
 
 #[xdp]
 pub fn gpulb_ingress(ctx: XdpContext) -> u32 {
@@ -63,10 +96,10 @@ pub fn gpulb_ingress(ctx: XdpContext) -> u32 {
         Ok(reason) | Err(reason) => reason,
     };
     count_reason(reason);
-    if is_drop(reason) {
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
+    match reason {
+        Reason::DropNoBackend | Reason::RefuseDrop => xdp_action::XDP_DROP,
+        Reason::RefuseReset => xdp_action::XDP_TX,
+        _ => xdp_action::XDP_PASS,
     }
 }
 
@@ -80,13 +113,8 @@ pub fn gpulb_egress(ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn is_drop(reason: Reason) -> bool {
-    matches!(reason, Reason::DropNoBackend)
-}
-
-#[inline(always)]
 fn count_reason(reason: Reason) {
-    if let Some(n) = REASONS.get_ptr_mut(reason as u32) {
+    if let Some(n) = REASONS_V2.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot; no other writer runs on this CPU meanwhile.
         unsafe { *n += 1 };
     }
@@ -118,7 +146,7 @@ fn try_ingress(ctx: &XdpContext) -> Result<Reason, Reason> {
     // SAFETY: SERVICES entries are only replaced whole by userspace; a torn read is not
     // possible for an 8-byte value copied out at once.
     let service = *unsafe { SERVICES.get(&vip) }.ok_or(Reason::PassNotVip)?;
-    let (backend_id, backend, reason) = select_backend(&pkt, &service)?;
+    let (backend_id, backend, reason) = select_backend(ctx, &pkt, &service)?;
 
     rewrite_destination(ctx, &pkt, &backend)?;
 
@@ -129,10 +157,14 @@ fn try_ingress(ctx: &XdpContext) -> Result<Reason, Reason> {
     Ok(reason)
 }
 
-/// The backend of this packet's flow: conntrack's, or Maglev's for a new flow (and for a
+/// The backend of this packet's flow: conntrack's, or a new choice for a new flow (and for a
 /// mid-flow packet whose entry is gone, so an unchanged table keeps it on its backend).
 #[inline(always)]
-fn select_backend(pkt: &L4Packet, service: &Service) -> Result<(u32, Backend, Reason), Reason> {
+fn select_backend(
+    ctx: &XdpContext,
+    pkt: &L4Packet,
+    service: &Service,
+) -> Result<(u32, Backend, Reason), Reason> {
     let now = bpf_ktime_get_ns_safe();
     if let Some(flow) = CONNS.get_ptr_mut(&pkt.flow) {
         // SAFETY: the LRU value stays valid while this program runs (RCU); a racing update
@@ -141,17 +173,50 @@ fn select_backend(pkt: &L4Packet, service: &Service) -> Result<(u32, Backend, Re
         if let Some(backend) = lookup_backend(backend_id) {
             // SAFETY: as above; a torn timestamp only affects `gpulb flows`' idle column.
             unsafe { (*flow).last_seen_ns = now };
+            track_live(flow, pkt);
             return Ok((backend_id, backend, Reason::FwdEstablished));
         }
     }
 
-    let slot = maglev_index(service, flow_hash(&pkt.flow));
-    let backend_id = *MAGLEV.get(slot).ok_or(Reason::DropNoBackend)?;
-    let backend = lookup_backend(backend_id).ok_or(Reason::DropNoBackend)?;
+    // Limits of a service the daemon never configured read as all zero: none.
+    let limits = LIMITS.get(service.id).copied().unwrap_or_default();
+    // Established flows are never refused: only packets that open a flow are admitted or not
+    // (a mid-flow packet that lost its conntrack entry is re-hashed below, unlimited).
+    let is_new = pkt.flow.proto == PROTO_UDP || pkt.is_syn != 0;
+    if limits.flags & LIMIT_ALLOWLIST != 0 && !is_allowed(service.id, pkt.flow.src_be) {
+        return Err(refuse(ctx, pkt, service, &limits, Refusal::NotAllowed));
+    }
+    if is_new && limits.interval_ns != 0 && is_over_rate(service.id, &pkt.flow, &limits, now) {
+        return Err(refuse(ctx, pkt, service, &limits, Refusal::RateLimited));
+    }
 
+    let hash = if limits.flags & LIMIT_AFFINITY != 0 {
+        affinity_hash(&pkt.flow)
+    } else {
+        flow_hash(&pkt.flow)
+    };
+    let slot = maglev_index(service, hash);
+    let mut backend_id = *MAGLEV.get(slot).ok_or(Reason::DropNoBackend)?;
+    let mut backend = lookup_backend(backend_id).ok_or(Reason::DropNoBackend)?;
+    if is_new
+        && limits.flags & LIMIT_CHECK_LOAD != 0
+        && !has_room_for(backend_id, &backend, service, &limits)
+    {
+        match next_with_room(service, &limits, hash) {
+            Some((id, b)) => {
+                backend_id = id;
+                backend = b;
+                count_admission(service.id, |c| &mut c.redirected);
+            }
+            None => return Err(refuse(ctx, pkt, service, &limits, Refusal::BackendsFull)),
+        }
+    }
+
+    let counted = pkt.flow.proto == PROTO_TCP && pkt.is_close == 0;
     let flow = Flow {
         backend: backend_id,
-        service: service.id,
+        service: service.id as u16,
+        flags: if counted { FLOW_COUNTED } else { 0 },
         last_seen_ns: now,
     };
     let reply = FlowKey {
@@ -170,15 +235,255 @@ fn select_backend(pkt: &L4Packet, service: &Service) -> Result<(u32, Backend, Re
     // An insert can only fail under memory pressure; the packet is still forwarded, and the
     // next one re-hashes to the same backend.
     let _ = REVNAT.insert(&reply, &revnat, 0);
-    let _ = CONNS.insert(&pkt.flow, &flow, 0);
+    if CONNS.insert(&pkt.flow, &flow, 0).is_ok() && counted {
+        add_live(backend_id, 1);
+    }
 
-    let is_new = pkt.flow.proto == PROTO_UDP || pkt.is_syn != 0;
     let reason = if is_new {
         Reason::FwdNewFlow
     } else {
         Reason::FwdRehashed
     };
     Ok((backend_id, backend, reason))
+}
+
+/// Keeps `LIVE_FLOWS` right for a packet of a known flow: its first FIN or RST ends it, and a
+/// SYN reusing the 5-tuple of an ended flow starts it again.
+#[inline(always)]
+fn track_live(flow: *mut Flow, pkt: &L4Packet) {
+    if pkt.flow.proto != PROTO_TCP {
+        return;
+    }
+    // SAFETY: as in `select_backend`. Two CPUs racing on the flags of one flow (a FIN and
+    // its retransmission) can count it twice; the daemon's reconciliation repairs that.
+    unsafe {
+        let counted = (*flow).flags & FLOW_COUNTED != 0;
+        if counted && pkt.is_close != 0 {
+            (*flow).flags &= !FLOW_COUNTED;
+            add_live((*flow).backend, u64::MAX);
+        } else if !counted && pkt.is_syn != 0 {
+            (*flow).flags |= FLOW_COUNTED;
+            add_live((*flow).backend, 1);
+        }
+    }
+}
+
+/// Adds `delta` (`u64::MAX` for -1) to a backend's live flows, atomically.
+#[inline(always)]
+fn add_live(backend_id: u32, delta: u64) {
+    if let Some(n) = LIVE_FLOWS.get_ptr_mut(backend_id) {
+        // SAFETY: a valid, aligned map value; every writer uses atomic adds. The old value is
+        // unused, so this is BPF's plain atomic add (no BPF_FETCH).
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, delta) };
+    }
+}
+
+/// A backend's live flows; a count driven below zero by a double decrement reads as 0.
+#[inline(always)]
+fn live_flows(backend_id: u32) -> u64 {
+    match LIVE_FLOWS.get(backend_id) {
+        Some(n) => {
+            // SAFETY: a valid map value; a racing atomic add leaves it old or new, both fine.
+            let v = unsafe { core::ptr::read_volatile(n) };
+            if (v as i64) < 0 { 0 } else { v }
+        }
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn is_allowed(service_id: u32, src_be: u32) -> bool {
+    let key = Key::new(
+        64,
+        AllowKey {
+            service: service_id,
+            addr_be: src_be,
+        },
+    );
+    ALLOW.get(&key).is_some()
+}
+
+/// GCRA: a source may open one flow every `interval_ns`, and run up to `burst_ns` ahead.
+/// Refusals do not advance its schedule, so a flooding source gets through again at its
+/// rate. Concurrent SYNs of one source on two CPUs may both pass; the limit is per source,
+/// not exact to the packet.
+#[inline(always)]
+fn is_over_rate(service_id: u32, flow: &FlowKey, limits: &ServiceLimits, now: u64) -> bool {
+    let key = RateKey {
+        src_be: flow.src_be,
+        service: service_id,
+    };
+    if let Some(tat) = RATE_LIMIT.get_ptr_mut(&key) {
+        // SAFETY: the LRU value stays valid while this program runs.
+        let stored = unsafe { *tat };
+        let start = if stored > now { stored } else { now };
+        let next = start + limits.interval_ns;
+        if next - now > limits.burst_ns {
+            return true;
+        }
+        // SAFETY: as above.
+        unsafe { *tat = next };
+        return false;
+    }
+    let _ = RATE_LIMIT.insert(&key, &(now + limits.interval_ns), 0);
+    false
+}
+
+/// Whether a backend may take one more flow: under its cap, and (bounded load) under its
+/// weighted share of the service's live flows times `bound_pct`%.
+#[inline(always)]
+fn has_room_for(id: u32, backend: &Backend, service: &Service, limits: &ServiceLimits) -> bool {
+    let live = live_flows(id);
+    if backend.max_flows != 0 && live >= backend.max_flows as u64 {
+        return false;
+    }
+    if limits.bound_pct == 0 {
+        return true;
+    }
+    let Some(c) = CANDIDATES.get(service.id) else {
+        return true;
+    };
+    let (total, weight) = service_load(c, id);
+    is_within_bound(live, weight, total, c.total_weight, limits.bound_pct)
+}
+
+/// live < bound% × (total + 1) × weight / total_weight, in integers.
+#[inline(always)]
+fn is_within_bound(live: u64, weight: u32, total: u64, total_weight: u32, bound_pct: u32) -> bool {
+    live * total_weight as u64 * 100 < bound_pct as u64 * (total + 1) * weight as u64
+}
+
+/// The service's live flows over its candidates, and `id`'s weight among them.
+#[inline(always)]
+fn service_load(c: &Candidates, id: u32) -> (u64, u32) {
+    let mut total = 0;
+    let mut weight = 0;
+    for i in 0..MAX_CANDIDATES {
+        if i as u32 >= c.count {
+            break;
+        }
+        total += live_flows(c.ids[i]);
+        if c.ids[i] == id {
+            weight = c.weights[i];
+        }
+    }
+    (total, weight)
+}
+
+/// The first backend with room, walking the service's candidates from a place the flow's
+/// hash picks (so one client's flows try them in the same order).
+#[inline(always)]
+fn next_with_room(service: &Service, limits: &ServiceLimits, hash: u32) -> Option<(u32, Backend)> {
+    let c = CANDIDATES.get(service.id)?;
+    let n = c.count;
+    if n == 0 || n as usize > MAX_CANDIDATES {
+        return None;
+    }
+    let total = if limits.bound_pct != 0 {
+        service_load(c, 0).0
+    } else {
+        0
+    };
+    let start = hash % n;
+    for k in 0..MAX_CANDIDATES as u32 {
+        if k >= n {
+            break;
+        }
+        let i = ((start + k) % n) as usize;
+        if i >= MAX_CANDIDATES {
+            break;
+        }
+        let id = c.ids[i];
+        let Some(backend) = lookup_backend(id) else {
+            continue;
+        };
+        let live = live_flows(id);
+        if backend.max_flows != 0 && live >= backend.max_flows as u64 {
+            continue;
+        }
+        if limits.bound_pct != 0
+            && !is_within_bound(live, c.weights[i], total, c.total_weight, limits.bound_pct)
+        {
+            continue;
+        }
+        return Some((id, backend));
+    }
+    None
+}
+
+#[derive(Clone, Copy)]
+enum Refusal {
+    NotAllowed,
+    RateLimited,
+    BackendsFull,
+}
+
+/// Counts the refusal for the VIP, and answers a SYN with a RST when the VIP says so (and the
+/// packet allows: no IPv4 options); anything else is dropped.
+#[inline(always)]
+fn refuse(
+    ctx: &XdpContext,
+    pkt: &L4Packet,
+    service: &Service,
+    limits: &ServiceLimits,
+    why: Refusal,
+) -> Reason {
+    match why {
+        Refusal::NotAllowed => count_admission(service.id, |c| &mut c.not_allowed),
+        Refusal::RateLimited => count_admission(service.id, |c| &mut c.rate_limited),
+        Refusal::BackendsFull => count_admission(service.id, |c| &mut c.backends_full),
+    }
+    if limits.flags & LIMIT_REFUSE_RST != 0 && write_reset(ctx, pkt).is_some() {
+        Reason::RefuseReset
+    } else {
+        Reason::RefuseDrop
+    }
+}
+
+#[inline(always)]
+fn count_admission(service_id: u32, field: impl FnOnce(&mut AdmitCounters) -> &mut u64) {
+    if let Some(c) = ADMIT_STATS.get_ptr_mut(service_id) {
+        // SAFETY: per-CPU slot; no other writer runs on this CPU meanwhile.
+        unsafe { *field(&mut *c) += 1 };
+    }
+}
+
+/// Turns a SYN into the RST+ACK that answers it, addressed back to the sender: MACs swapped,
+/// IPv4 and TCP headers rewritten, anything after the TCP header cut off.
+#[inline(always)]
+fn write_reset(ctx: &XdpContext, pkt: &L4Packet) -> Option<()> {
+    if pkt.flow.proto != PROTO_TCP || pkt.is_syn == 0 || pkt.l4 != pkt.l3 + 20 {
+        return None;
+    }
+    let tcp: *const network_types::tcp::TcpHdr = ptr_at(ctx, pkt.l4)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let seq = u32::from_be_bytes(unsafe { (*tcp).seq });
+    let headers = reset_headers(
+        pkt.flow.src_be,
+        pkt.flow.dst_be,
+        pkt.flow.sport_be,
+        pkt.flow.dport_be,
+        seq,
+    );
+    let len = ctx.data_end() - ctx.data();
+    let want = pkt.l4 + 20;
+    if len > want {
+        // SAFETY: the helper only moves data_end; every pointer is re-derived below.
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - want) as i32)) } != 0 {
+            return None;
+        }
+    }
+    let eth: *mut [u8; 12] = ptr_at(ctx, 0)?;
+    let out: *mut [u8; 40] = ptr_at(ctx, pkt.l3)?;
+    // SAFETY: bounds checked by `ptr_at` after the tail moved.
+    unsafe {
+        let macs = *eth;
+        let e = &mut *eth;
+        e[..6].copy_from_slice(&macs[6..]);
+        e[6..].copy_from_slice(&macs[..6]);
+        *out = headers;
+    }
+    Some(())
 }
 
 /// A programmed backend; `None` for id 0 and for removed slots.
@@ -251,6 +556,9 @@ fn try_egress(ctx: &TcContext) -> Result<Reason, Reason> {
     let pkt = parse_l4(ctx).map_err(|_| Reason::EgressPass)?;
     // SAFETY: REVNAT values are written whole; an 8-byte copy.
     let revnat = *unsafe { REVNAT.get(&pkt.flow) }.ok_or(Reason::EgressPass)?;
+    if pkt.is_close != 0 {
+        end_flow_of_reply(&pkt, &revnat);
+    }
 
     let (check_off, l4_flags) = if pkt.flow.proto == PROTO_TCP {
         (pkt.l4 + TCP_CHECK_OFF, 0)
@@ -280,6 +588,22 @@ fn try_egress(ctx: &TcContext) -> Result<Reason, Reason> {
         .map_err(fail)?;
     ctx.skb.store(pkt.l4, &new_port, 0).map_err(fail)?;
     Ok(Reason::EgressRevNat)
+}
+
+/// A backend's FIN or RST ends the flow's count, as the client's would.
+#[inline(always)]
+fn end_flow_of_reply(reply: &L4Packet, revnat: &RevNat) {
+    let key = FlowKey {
+        src_be: reply.flow.dst_be,
+        dst_be: revnat.vip_be,
+        sport_be: reply.flow.dport_be,
+        dport_be: revnat.vport_be,
+        proto: reply.flow.proto,
+        _pad: [0; 3],
+    };
+    if let Some(flow) = CONNS.get_ptr_mut(&key) {
+        track_live(flow, reply);
+    }
 }
 
 #[cfg(not(test))]

@@ -68,6 +68,8 @@ pub struct L4Packet {
     pub flow: FlowKey,
     /// TCP: a SYN without ACK (a client opening a connection). UDP: always 0.
     pub is_syn: u32,
+    /// TCP: FIN or RST (the flow is ending). UDP: always 0.
+    pub is_close: u32,
 }
 
 /// Parses Ethernet, one optional 802.1Q tag, IPv4 (options included) and TCP or UDP. The
@@ -107,18 +109,24 @@ pub fn parse_l4<C: PacketCtx>(ctx: &C) -> Result<L4Packet, Reason> {
         return Err(Reason::PassFragment);
     }
     let l4 = l3 + ihl;
-    let (ports, is_syn) = match proto {
+    let (ports, is_syn, is_close) = match proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
             // SAFETY: bounds checked by `ptr_at`.
-            let (ports, syn, ack) =
-                unsafe { ([(*tcp).source, (*tcp).dest], (*tcp).syn(), (*tcp).ack()) };
-            (ports, (syn != 0 && ack == 0) as u32)
+            let (ports, syn, ack, fin, rst) = unsafe {
+                let t = &*tcp;
+                ([t.source, t.dest], t.syn(), t.ack(), t.fin(), t.rst())
+            };
+            (
+                ports,
+                (syn != 0 && ack == 0) as u32,
+                (fin != 0 || rst != 0) as u32,
+            )
         }
         PROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
             // SAFETY: bounds checked by `ptr_at`.
-            (unsafe { [(*udp).src, (*udp).dst] }, 0)
+            (unsafe { [(*udp).src, (*udp).dst] }, 0, 0)
         }
         _ => return Err(Reason::PassNotTcpUdp),
     };
@@ -135,6 +143,7 @@ pub fn parse_l4<C: PacketCtx>(ctx: &C) -> Result<L4Packet, Reason> {
             _pad: [0; 3],
         },
         is_syn,
+        is_close,
     })
 }
 

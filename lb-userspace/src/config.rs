@@ -9,7 +9,9 @@ use std::{
     time::Duration,
 };
 
-use lb_common::{MAGLEV_DEFAULT_SIZE, MAGLEV_MAX_SIZE, MAX_BACKENDS, MAX_SERVICES};
+use lb_common::{
+    ALLOW_ENTRIES, MAGLEV_DEFAULT_SIZE, MAGLEV_MAX_SIZE, MAX_BACKENDS, MAX_CANDIDATES, MAX_SERVICES,
+};
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/gpulb";
@@ -88,6 +90,9 @@ struct RawModel {
     base_port: i64,
     #[serde(default = "default_weight")]
     weight: i64,
+    /// Most concurrent TCP flows one instance takes (0: no cap).
+    #[serde(default)]
+    max_flows: i64,
     #[serde(default)]
     env: BTreeMap<String, String>,
     /// Where the instances report their load: "vllm" (`/metrics`), "llamacpp" (`/slots`),
@@ -168,10 +173,33 @@ struct RawVip {
     load_aware: bool,
     #[serde(default = "default_load_interval_ms")]
     load_interval_ms: i64,
+    /// "client": every connection of a client address goes to the same backend.
+    #[serde(default = "default_affinity")]
+    affinity: String,
+    /// Bounded load: a backend takes a new flow only below this multiple of its weighted
+    /// share of the VIP's live flows (0: off).
+    #[serde(default)]
+    load_bound: f64,
     #[serde(default)]
     backend: Vec<RawBackend>,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    admission: RawAdmission,
+}
+
+/// `[vip.admission]`: which new flows the data path accepts.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmission {
+    /// New flows per second per source address.
+    rate: Option<i64>,
+    /// New flows a source may open at once (default: `rate`).
+    burst: Option<i64>,
+    /// "rst" or "drop".
+    refuse: Option<String>,
+    /// Source CIDRs allowed to open flows (absent: all).
+    allow: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,6 +209,12 @@ struct RawBackend {
     port: i64,
     #[serde(default = "default_weight")]
     weight: i64,
+    #[serde(default)]
+    max_flows: i64,
+}
+
+fn default_affinity() -> String {
+    "none".into()
 }
 
 fn default_protocol() -> String {
@@ -276,6 +310,8 @@ pub struct Model {
     pub address: Ipv4Addr,
     pub base_port: u16,
     pub weight: u32,
+    /// Per instance; 0: no cap.
+    pub max_flows: u16,
     pub env: BTreeMap<String, String>,
     pub load: crate::load::LoadSource,
     pub restart_delay: Duration,
@@ -347,6 +383,66 @@ pub struct Vip {
     /// New flows steered by load (weights follow the backends' reported load).
     pub load_aware: bool,
     pub load_interval: Duration,
+    /// Hash the client address only.
+    pub affinity: bool,
+    /// Bounded load in percent of a backend's share (125 for 1.25); 0: off.
+    pub load_bound_pct: u32,
+    pub admission: Admission,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admission {
+    pub rate: Option<RateLimit>,
+    /// Refused SYNs are answered with a RST (else dropped).
+    pub refuse_rst: bool,
+    /// Allowed source prefixes; empty: all sources.
+    pub allow: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// New flows per second per source.
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl Cidr {
+    /// `a.b.c.d/n` with no host bits set, or a bare address (/32).
+    pub fn parse(field: &str, text: &str) -> Result<Self, FieldError> {
+        let bad = |why: &str| invalid(field, format!("{text:?} {why}"));
+        let (addr, len) = match text.split_once('/') {
+            Some((a, l)) => (
+                a,
+                l.parse::<u8>()
+                    .map_err(|_| bad("has no prefix length 0-32"))?,
+            ),
+            None => (text, 32),
+        };
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad("is not an IPv4 CIDR"))?;
+        if len > 32 {
+            return Err(bad("has no prefix length 0-32"));
+        }
+        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+        if u32::from(addr) & !mask != 0 {
+            return Err(bad(&format!(
+                "has host bits set (the network is {}/{len})",
+                Ipv4Addr::from(u32::from(addr) & mask)
+            )));
+        }
+        Ok(Self { addr, len })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -354,6 +450,8 @@ pub struct BackendConfig {
     pub address: Ipv4Addr,
     pub port: u16,
     pub weight: u32,
+    /// 0: no cap.
+    pub max_flows: u16,
 }
 
 impl Config {
@@ -494,6 +592,35 @@ impl RawConfig {
                 ),
             ));
         }
+        let allowed: usize = vips.iter().map(|v| v.admission.allow.len()).sum();
+        if allowed > ALLOW_ENTRIES as usize {
+            return Err(invalid(
+                "vip",
+                format!(
+                    "{allowed} admission.allow prefixes in all, at most {ALLOW_ENTRIES} are supported"
+                ),
+            ));
+        }
+        // Caps and bounded load choose among at most MAX_CANDIDATES backends per VIP.
+        for (i, vip) in vips.iter().enumerate() {
+            let instances: usize = models
+                .iter()
+                .filter(|m| m.vip == vip.name)
+                .map(|m| m.instance_count().unwrap_or(0) as usize)
+                .sum();
+            let n = vip.backends.len() + instances;
+            let checks_load = vip.load_bound_pct != 0
+                || vip.backends.iter().any(|b| b.max_flows != 0)
+                || models.iter().any(|m| m.vip == vip.name && m.max_flows != 0);
+            if checks_load && n > MAX_CANDIDATES {
+                return Err(invalid(
+                    format!("vip[{i}]"),
+                    format!(
+                        "{n} backends with max_flows or load_bound; at most {MAX_CANDIDATES} are supported"
+                    ),
+                ));
+            }
+        }
         let state_dir = self.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
         let log_dir = self.log_dir.unwrap_or_else(|| DEFAULT_LOG_DIR.into());
         for (field, dir) in [("state_dir", &state_dir), ("log_dir", &log_dir)] {
@@ -573,6 +700,10 @@ fn parse_count(field: &str, n: i64, max: i64) -> Result<u32, FieldError> {
         return Err(invalid(field, format!("{n} is out of range 1-{max}")));
     }
     Ok(n as u32)
+}
+
+fn parse_max_flows(field: &str, n: i64) -> Result<u16, FieldError> {
+    u16::try_from(n).map_err(|_| invalid(field, format!("{n} is out of range 0 (no cap)-65535")))
 }
 
 fn parse_weight(field: &str, weight: i64) -> Result<u32, FieldError> {
@@ -884,6 +1015,7 @@ impl RawModel {
         Ok(Model {
             load,
             weight: parse_weight(&f("weight"), self.weight)?,
+            max_flows: parse_max_flows(&f("max_flows"), self.max_flows)?,
             health: self.health.validate(
                 &f("health"),
                 CheckKind::Http,
@@ -970,6 +1102,7 @@ impl RawVip {
             let address = parse_addr(&bf("address"), &raw.address)?;
             let port = parse_port(&bf("port"), raw.port)?;
             let weight = parse_weight(&bf("weight"), raw.weight)?;
+            let max_flows = parse_max_flows(&bf("max_flows"), raw.max_flows)?;
             if let Some(prev) = backends
                 .iter()
                 .position(|b| b.address == address && b.port == port)
@@ -983,6 +1116,7 @@ impl RawVip {
                 address,
                 port,
                 weight,
+                max_flows,
             });
         }
         Ok(Vip {
@@ -995,6 +1129,72 @@ impl RawVip {
             health: self.health.validate(&f("health"), default_check, None)?,
             load_aware: self.load_aware,
             load_interval: parse_ms(&f("load_interval_ms"), self.load_interval_ms, 50, 60_000)?,
+            affinity: match self.affinity.as_str() {
+                "none" => false,
+                "client" => true,
+                other => {
+                    return Err(invalid(
+                        f("affinity"),
+                        format!("{other:?} is not \"none\" or \"client\""),
+                    ));
+                }
+            },
+            load_bound_pct: match self.load_bound {
+                0.0 => 0,
+                b if (1.0..=10.0).contains(&b) => (b * 100.0).round() as u32,
+                b => {
+                    return Err(invalid(
+                        f("load_bound"),
+                        format!("{b} is not 0 (off) or 1.0-10.0"),
+                    ));
+                }
+            },
+            admission: self.admission.validate(&f("admission"), protocol)?,
+        })
+    }
+}
+
+impl RawAdmission {
+    fn validate(self, field: &str, protocol: Protocol) -> Result<Admission, FieldError> {
+        let f = |name: &str| format!("{field}.{name}");
+        let rate = match (self.rate, self.burst) {
+            (None, None) => None,
+            (None, Some(_)) => return Err(invalid(f("burst"), "needs a rate")),
+            (Some(rate), burst) => {
+                let per_second = parse_count(&f("rate"), rate, 1_000_000)?;
+                let burst = parse_count(&f("burst"), burst.unwrap_or(rate), 1_000_000)?;
+                Some(RateLimit { per_second, burst })
+            }
+        };
+        let refuse_rst = match self.refuse.as_deref() {
+            None => protocol == Protocol::Tcp,
+            Some("rst") if protocol == Protocol::Tcp => true,
+            Some("rst") => return Err(invalid(f("refuse"), "\"rst\" needs a TCP VIP")),
+            Some("drop") => false,
+            Some(other) => {
+                return Err(invalid(
+                    f("refuse"),
+                    format!("{other:?} is not \"rst\" or \"drop\""),
+                ));
+            }
+        };
+        let mut allow: Vec<Cidr> = Vec::new();
+        for (k, text) in self.allow.iter().flatten().enumerate() {
+            let cidr = Cidr::parse(&format!("{field}.allow[{k}]"), text)?;
+            if !allow.contains(&cidr) {
+                allow.push(cidr);
+            }
+        }
+        if self.allow.is_some_and(|a| a.is_empty()) {
+            return Err(invalid(
+                f("allow"),
+                "is empty, which would refuse every client; leave it out to allow all",
+            ));
+        }
+        Ok(Admission {
+            rate,
+            refuse_rst,
+            allow,
         })
     }
 }
@@ -1032,6 +1232,87 @@ port = 8002
         parse(&GOOD.replacen(from, to, 1))
             .expect_err("config should be rejected")
             .to_string()
+    }
+
+    const VIP_LINE: &str = "port = 80\n";
+
+    #[test]
+    fn admission_and_affinity_parse() {
+        let c = parse(&GOOD.replacen(
+            VIP_LINE,
+            "port = 80\naffinity = \"client\"\nload_bound = 1.25\n\
+             [vip.admission]\nrate = 10\nallow = [\"198.18.0.0/15\", \"10.1.2.3\"]\n",
+            1,
+        ))
+        .expect("valid config");
+        let v = &c.vips[0];
+        assert!(v.affinity);
+        assert_eq!(v.load_bound_pct, 125);
+        let rate = v.admission.rate.expect("rate");
+        assert_eq!(
+            (rate.per_second, rate.burst),
+            (10, 10),
+            "burst defaults to the rate"
+        );
+        assert!(
+            v.admission.refuse_rst,
+            "TCP VIPs refuse with a RST by default"
+        );
+        assert_eq!(
+            v.admission
+                .allow
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["198.18.0.0/15", "10.1.2.3/32"]
+        );
+    }
+
+    #[test]
+    fn admission_errors_name_field_and_value() {
+        let cases = [
+            (
+                "affinity = \"cookie\"\n",
+                "vip[0].affinity: \"cookie\" is not",
+            ),
+            (
+                "load_bound = 0.5\n",
+                "vip[0].load_bound: 0.5 is not 0 (off) or 1.0-10.0",
+            ),
+            (
+                "[vip.admission]\nburst = 5\n",
+                "vip[0].admission.burst: needs a rate",
+            ),
+            (
+                "[vip.admission]\nrate = 0\n",
+                "vip[0].admission.rate: 0 is out of range",
+            ),
+            (
+                "[vip.admission]\nrefuse = \"reject\"\n",
+                "vip[0].admission.refuse: \"reject\"",
+            ),
+            (
+                "[vip.admission]\nallow = []\n",
+                "vip[0].admission.allow: is empty",
+            ),
+            (
+                "[vip.admission]\nallow = [\"198.18.0.1/24\"]\n",
+                "vip[0].admission.allow[0]: \"198.18.0.1/24\" has host bits set (the network is 198.18.0.0/24)",
+            ),
+            (
+                "[vip.admission]\nallow = [\"198.18.0.0/33\"]\n",
+                "vip[0].admission.allow[0]: \"198.18.0.0/33\" has no prefix length 0-32",
+            ),
+        ];
+        for (extra, want) in cases {
+            let got = error_for(VIP_LINE, &format!("port = 80\n{extra}"));
+            assert!(got.contains(want), "{extra:?}: {got}");
+        }
+        let got = error_for("port = 8002\n", "port = 8002\nmax_flows = 70000\n");
+        assert!(
+            got.contains("vip[0].backend[1].max_flows: 70000 is out of range"),
+            "{got}"
+        );
     }
 
     #[test]

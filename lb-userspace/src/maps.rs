@@ -8,10 +8,14 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use lb_common::{
-    Backend, Counters, Flow, FlowKey, MAGLEV_MAX_SIZE, Reason, RevNat, Service, VipKey, maps,
+    AdmitCounters, AllowKey, Backend, Candidates, Counters, Flow, FlowKey, MAGLEV_MAX_SIZE, Reason,
+    RevNat, Service, ServiceLimits, VipKey, maps,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +76,11 @@ pub struct Maps {
     pub vip_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub reasons: PerCpuArray<MapData, u64>,
+    pub limits: Array<MapData, ServiceLimits>,
+    pub allow: LpmTrie<MapData, AllowKey, u32>,
+    pub live_flows: Array<MapData, u64>,
+    pub candidates: Array<MapData, Candidates>,
+    pub admit_stats: PerCpuArray<MapData, AdmitCounters>,
 }
 
 fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T, MapsError> {
@@ -107,6 +116,11 @@ impl Maps {
             vip_stats: typed(maps::VIP_STATS, get(maps::VIP_STATS)?)?,
             backend_stats: typed(maps::BACKEND_STATS, get(maps::BACKEND_STATS)?)?,
             reasons: typed(maps::REASONS, get(maps::REASONS)?)?,
+            limits: typed(maps::LIMITS, get(maps::LIMITS)?)?,
+            allow: typed(maps::ALLOW, get(maps::ALLOW)?)?,
+            live_flows: typed(maps::LIVE_FLOWS, get(maps::LIVE_FLOWS)?)?,
+            candidates: typed(maps::CANDIDATES, get(maps::CANDIDATES)?)?,
+            admit_stats: typed(maps::ADMIT_STATS, get(maps::ADMIT_STATS)?)?,
         })
     }
 
@@ -184,6 +198,104 @@ impl Maps {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(op("reading", maps::CONNS))
+    }
+
+    pub fn limits(&self, service_id: u32) -> Result<ServiceLimits, MapsError> {
+        self.limits
+            .get(&service_id, 0)
+            .map_err(op("reading", maps::LIMITS))
+    }
+
+    pub fn set_limits(&mut self, service_id: u32, limits: ServiceLimits) -> Result<(), MapsError> {
+        self.limits
+            .set(service_id, limits, 0)
+            .map_err(op("writing", maps::LIMITS))
+    }
+
+    pub fn set_candidates(&mut self, service_id: u32, c: Candidates) -> Result<(), MapsError> {
+        self.candidates
+            .set(service_id, c, 0)
+            .map_err(op("writing", maps::CANDIDATES))
+    }
+
+    /// Every allowed prefix: (service id, address, prefix length).
+    pub fn allowed(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>, MapsError> {
+        self.allow
+            .keys()
+            .map(|k| {
+                let k = k.map_err(op("reading", maps::ALLOW))?;
+                let data = k.data();
+                Ok((
+                    data.service,
+                    ip_of(data.addr_be),
+                    (k.prefix_len() - 32) as u8,
+                ))
+            })
+            .collect()
+    }
+
+    fn allow_key(service_id: u32, addr: Ipv4Addr, len: u8) -> Key<AllowKey> {
+        Key::new(
+            32 + u32::from(len),
+            AllowKey {
+                service: service_id,
+                addr_be: addr_be(addr),
+            },
+        )
+    }
+
+    pub fn allow_prefix(
+        &mut self,
+        service_id: u32,
+        addr: Ipv4Addr,
+        len: u8,
+    ) -> Result<(), MapsError> {
+        self.allow
+            .insert(&Self::allow_key(service_id, addr, len), 1, 0)
+            .map_err(op("writing", maps::ALLOW))
+    }
+
+    pub fn remove_prefix(
+        &mut self,
+        service_id: u32,
+        addr: Ipv4Addr,
+        len: u8,
+    ) -> Result<(), MapsError> {
+        self.allow
+            .remove(&Self::allow_key(service_id, addr, len))
+            .map_err(op("removing from", maps::ALLOW))
+    }
+
+    /// Live TCP flows the data path counts for a backend (below-zero races read as 0).
+    pub fn live_flows(&self, backend_id: u32) -> Result<u64, MapsError> {
+        let v = self
+            .live_flows
+            .get(&backend_id, 0)
+            .map_err(op("reading", maps::LIVE_FLOWS))?;
+        Ok(if (v as i64) < 0 { 0 } else { v })
+    }
+
+    /// Overwrites a backend's live-flow count (reconciliation; see `daemon::state`).
+    pub fn set_live_flows(&mut self, backend_id: u32, n: u64) -> Result<(), MapsError> {
+        self.live_flows
+            .set(backend_id, n, 0)
+            .map_err(op("writing", maps::LIVE_FLOWS))
+    }
+
+    /// A VIP's admission counters, summed over CPUs.
+    pub fn admit_counters(&self, service_id: u32) -> Result<AdmitCounters, MapsError> {
+        let values = self
+            .admit_stats
+            .get(&service_id, 0)
+            .map_err(op("reading", maps::ADMIT_STATS))?;
+        Ok(values
+            .iter()
+            .fold(AdmitCounters::default(), |a, c| AdmitCounters {
+                rate_limited: a.rate_limited + c.rate_limited,
+                not_allowed: a.not_allowed + c.not_allowed,
+                backends_full: a.backends_full + c.backends_full,
+                redirected: a.redirected + c.redirected,
+            }))
     }
 
     /// Per-CPU counters summed.

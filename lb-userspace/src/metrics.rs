@@ -182,6 +182,16 @@ fn scrape_maps(pin_path: &std::path::Path, status: &[BackendStatus]) -> anyhow::
         "New flows to the VIP.",
         &vip_labels,
     );
+    let refused = counter(
+        "gpulb_vip_refused_total",
+        "New flows refused by admission control (RST or drop), by cause.",
+        &["vip", "cause"],
+    );
+    let redirected = counter(
+        "gpulb_vip_redirected_total",
+        "New flows sent past a full (capped or over-bound) Maglev pick to another backend.",
+        &vip_labels,
+    );
     let services = maps.services()?;
     for (key, service) in &services {
         let vip = sock_of(key.addr_be, key.port_be).to_string();
@@ -189,6 +199,15 @@ fn scrape_maps(pin_path: &std::path::Path, status: &[BackendStatus]) -> anyhow::
         vip_packets.with_label_values(&[&vip]).inc_by(c.packets);
         vip_bytes.with_label_values(&[&vip]).inc_by(c.bytes);
         vip_new.with_label_values(&[&vip]).inc_by(c.new_flows);
+        let a = maps.admit_counters(service.id)?;
+        for (cause, n) in [
+            ("rate_limited", a.rate_limited),
+            ("not_allowed", a.not_allowed),
+            ("backends_full", a.backends_full),
+        ] {
+            refused.with_label_values(&[&vip, cause]).inc_by(n);
+        }
+        redirected.with_label_values(&[&vip]).inc_by(a.redirected);
     }
 
     let labels = ["vip", "backend", "instance"];
@@ -210,6 +229,16 @@ fn scrape_maps(pin_path: &std::path::Path, status: &[BackendStatus]) -> anyhow::
     let live = gauge(
         "gpulb_backend_live_flows",
         "Established TCP connections to the backend now.",
+        &labels,
+    );
+    let counted = gauge(
+        "gpulb_backend_counted_flows",
+        "Live TCP flows the data path counts for the backend (what max_flows and load_bound use).",
+        &labels,
+    );
+    let max_flows = gauge(
+        "gpulb_backend_max_flows",
+        "The backend's cap on concurrent TCP flows (absent: none).",
         &labels,
     );
     let in_table = gauge(
@@ -275,6 +304,12 @@ fn scrape_maps(pin_path: &std::path::Path, status: &[BackendStatus]) -> anyhow::
         packets.with_label_values(&l).inc_by(c.packets);
         bytes.with_label_values(&l).inc_by(c.bytes);
         new_flows.with_label_values(&l).inc_by(c.new_flows);
+        counted
+            .with_label_values(&l)
+            .set(maps.live_flows(id)? as i64);
+        if b.max_flows != 0 {
+            max_flows.with_label_values(&l).set(i64::from(b.max_flows));
+        }
         let Some(s) = s else {
             weight.with_label_values(&l).set(i64::from(b.weight));
             continue;

@@ -10,10 +10,13 @@ use std::{
     net::Ipv4Addr,
 };
 
-use lb_common::{Backend, MAX_BACKENDS, MAX_SERVICES, Service, VipKey};
+use lb_common::{
+    Backend, Candidates, LIMIT_AFFINITY, LIMIT_ALLOWLIST, LIMIT_CHECK_LOAD, LIMIT_REFUSE_RST,
+    MAX_BACKENDS, MAX_CANDIDATES, MAX_SERVICES, Service, ServiceLimits, VipKey,
+};
 
 use crate::{
-    config::{Config, Vip},
+    config::{Cidr, Config, Vip},
     maglev::{self, MaglevBackend},
     maps::{Maps, MapsError, addr_be, port_be},
 };
@@ -46,12 +49,17 @@ pub struct PlannedService {
     pub service: Service,
     pub backends: Vec<(u32, Backend)>,
     pub table: Vec<u32>,
+    pub limits: ServiceLimits,
+    pub candidates: Candidates,
+    pub allow: Vec<Cidr>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     #[error("no free {what} id (all {max} in use)")]
     NoFreeId { what: &'static str, max: u32 },
+    #[error("vip {vip:?}: {count} backends with max_flows or load_bound, at most {MAX_CANDIDATES}")]
+    TooManyCandidates { vip: String, count: usize },
 }
 
 /// The lowest id in `lo..hi` not in `used`, marked used.
@@ -89,6 +97,8 @@ pub struct DesiredBackend {
     pub address: Ipv4Addr,
     pub port: u16,
     pub weight: u32,
+    /// Concurrent TCP flow cap; 0: none.
+    pub max_flows: u16,
     /// `BACKEND_DRAINING` etc., for the CLI.
     pub flags: u16,
     /// In the Maglev table (ready, not draining); otherwise only its established flows
@@ -110,6 +120,7 @@ pub fn static_backends(config: &Config) -> Vec<DesiredService<'_>> {
                     address: b.address,
                     port: b.port,
                     weight: b.weight,
+                    max_flows: b.max_flows,
                     flags: 0,
                     in_table: true,
                 })
@@ -166,7 +177,7 @@ pub fn plan(
                     port_be: k.2,
                     service: sid as u16,
                     flags: b.flags,
-                    _pad: 0,
+                    max_flows: b.max_flows,
                 },
             ));
             members.push(MaglevBackend {
@@ -176,6 +187,14 @@ pub fn plan(
             });
         }
         let table = maglev::build_table(&members, vip.maglev_table_size);
+        let limits = limits(vip, &d.backends);
+        let candidates = candidates(&members);
+        if limits.flags & LIMIT_CHECK_LOAD != 0 && candidates.count as usize > MAX_CANDIDATES {
+            return Err(PlanError::TooManyCandidates {
+                vip: vip.name.clone(),
+                count: candidates.count as usize,
+            });
+        }
         services.push(PlannedService {
             name: vip.name.clone(),
             key,
@@ -185,9 +204,52 @@ pub fn plan(
             },
             backends,
             table,
+            limits,
+            candidates: Candidates {
+                count: candidates.count.min(MAX_CANDIDATES as u32),
+                ..candidates
+            },
+            allow: vip.admission.allow.clone(),
         });
     }
     Ok(Plan { services })
+}
+
+/// The data path's admission and choice settings of a VIP.
+fn limits(vip: &Vip, backends: &[DesiredBackend]) -> ServiceLimits {
+    let mut l = ServiceLimits {
+        bound_pct: vip.load_bound_pct,
+        ..ServiceLimits::default()
+    };
+    if let Some(rate) = vip.admission.rate {
+        l.interval_ns = 1_000_000_000 / u64::from(rate.per_second);
+        l.burst_ns = l.interval_ns * u64::from(rate.burst);
+    }
+    let flag = |on: bool, f: u32| if on { f } else { 0 };
+    l.flags = flag(vip.admission.refuse_rst, LIMIT_REFUSE_RST)
+        | flag(!vip.admission.allow.is_empty(), LIMIT_ALLOWLIST)
+        | flag(vip.affinity, LIMIT_AFFINITY)
+        | flag(
+            vip.load_bound_pct != 0 || backends.iter().any(|b| b.max_flows != 0),
+            LIMIT_CHECK_LOAD,
+        );
+    l
+}
+
+/// The backends in the table with their weights; `count` may exceed `MAX_CANDIDATES` (the
+/// caller decides whether that matters).
+fn candidates(members: &[MaglevBackend]) -> Candidates {
+    let mut c = Candidates::default();
+    for m in members.iter().filter(|m| m.weight > 0) {
+        let i = c.count as usize;
+        if i < MAX_CANDIDATES {
+            c.ids[i] = m.id;
+            c.weights[i] = m.weight;
+            c.total_weight += m.weight;
+        }
+        c.count += 1;
+    }
+    c
 }
 
 /// What `apply` wrote.
@@ -206,6 +268,18 @@ pub fn apply(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<Ap
     let (current_services, current_backends) = match previous {
         Some(p) => p.current(),
         None => (maps.services()?, maps.backends()?),
+    };
+    let allowed: Vec<(u32, Cidr)> = match previous {
+        Some(p) => p
+            .services
+            .iter()
+            .flat_map(|s| s.allow.iter().map(|c| (s.service.id, *c)))
+            .collect(),
+        None => maps
+            .allowed()?
+            .into_iter()
+            .map(|(id, addr, len)| (id, Cidr { addr, len }))
+            .collect(),
     };
 
     for s in &plan.services {
@@ -238,16 +312,30 @@ pub fn apply(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<Ap
         let changed = maglev::diff(&old, &s.table);
         maps.write_slots(s.service.id, &changed)?;
         applied.slots_written += changed.len();
+        let before =
+            previous.and_then(|p| p.services.iter().find(|c| c.service.id == s.service.id));
+        if before.is_none_or(|b| b.candidates != s.candidates) {
+            maps.set_candidates(s.service.id, s.candidates)?;
+        }
+        // Prefixes before limits: a VIP that turns its allow-list on has it filled first.
+        write_allow(maps, s.service.id, &s.allow, &allowed)?;
+        if before.is_none_or(|b| b.limits != s.limits) {
+            maps.set_limits(s.service.id, s.limits)?;
+        }
         if !current_services.contains(&(s.key, s.service)) {
             maps.set_service(s.key, s.service)?;
         }
     }
     let planned_keys: Vec<VipKey> = plan.services.iter().map(|s| s.key).collect();
-    for (key, _) in current_services
+    for (key, service) in current_services
         .iter()
         .filter(|(k, _)| !planned_keys.contains(k))
     {
         maps.remove_service(key)?;
+        // Its id may be handed out again: no limits or prefixes may linger for the next VIP.
+        maps.set_limits(service.id, ServiceLimits::default())?;
+        maps.set_candidates(service.id, Candidates::default())?;
+        write_allow(maps, service.id, &[], &allowed)?;
         applied.services_removed += 1;
     }
     let planned_ids: BTreeSet<u32> = plan
@@ -263,6 +351,28 @@ pub fn apply(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<Ap
         applied.backends_removed += 1;
     }
     Ok(applied)
+}
+
+/// Makes a service's prefixes in `ALLOW` exactly `want`: adds first, then removes, so a
+/// prefix that stays is never missing.
+fn write_allow(
+    maps: &mut Maps,
+    service_id: u32,
+    want: &[Cidr],
+    current: &[(u32, Cidr)],
+) -> Result<(), MapsError> {
+    let has: Vec<Cidr> = current
+        .iter()
+        .filter(|(id, _)| *id == service_id)
+        .map(|(_, c)| *c)
+        .collect();
+    for c in want.iter().filter(|c| !has.contains(c)) {
+        maps.allow_prefix(service_id, c.addr, c.len)?;
+    }
+    for c in has.iter().filter(|c| !want.contains(c)) {
+        maps.remove_prefix(service_id, c.addr, c.len)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

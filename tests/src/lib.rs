@@ -29,6 +29,9 @@ use nix::{
 pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The client's side.
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// More addresses of the client's side, for tests that need several sources.
+pub const CLIENT_ADDR2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+pub const CLIENT_ADDR3: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
 /// The VIP; the client routes 198.18.100.0/24 through `LB_ADDR`.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 pub const VIP_PORT: u16 = 80;
@@ -161,6 +164,9 @@ impl Topology {
             "dev",
             &client_if,
         ])?;
+        for extra in [CLIENT_ADDR2, CLIENT_ADDR3] {
+            client.ip(&["addr", "add", &format!("{extra}/24"), "dev", &client_if])?;
+        }
         client.ip(&["link", "set", &client_if, "up"])?;
         lb.ip(&["addr", "add", &format!("{LB_ADDR}/24"), "dev", &lb_if])?;
         lb.ip(&["link", "set", &lb_if, "up"])?;
@@ -532,6 +538,101 @@ async fn burst_task(
     Ok(results)
 }
 
+/// How a TCP connect from a namespace ended.
+#[derive(Debug)]
+pub enum Connect {
+    Open(std::net::TcpStream),
+    /// Answered with a RST.
+    Refused,
+    TimedOut,
+    Failed(std::io::Error),
+}
+
+impl Connect {
+    pub fn is_open(&self) -> bool {
+        matches!(self, Connect::Open(_))
+    }
+}
+
+/// `count` TCP connects to `to`, one after the other, from inside `ns` (from `source` if
+/// given, else the route's address), each bounded by `timeout`. Open ones stay open.
+pub fn connects(
+    ns: &NetNs,
+    source: Option<Ipv4Addr>,
+    to: std::net::SocketAddrV4,
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Connect>> {
+    ns.run(move || {
+        (0..count)
+            .map(|_| connect_one(source, to, timeout))
+            .collect()
+    })
+}
+
+fn connect_one(source: Option<Ipv4Addr>, to: std::net::SocketAddrV4, timeout: Duration) -> Connect {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let socket = match Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)) {
+        Ok(s) => s,
+        Err(e) => return Connect::Failed(e),
+    };
+    if let Some(src) = source
+        && let Err(e) = socket.bind(&SockAddr::from(std::net::SocketAddrV4::new(src, 0)))
+    {
+        return Connect::Failed(e);
+    }
+    match socket.connect_timeout(&SockAddr::from(to), timeout) {
+        Ok(()) => Connect::Open(socket.into()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Connect::Refused,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Connect::TimedOut,
+        Err(e) => Connect::Failed(e),
+    }
+}
+
+/// One HTTP/1.1 GET on an open connection, which stays open: the status line.
+pub fn http_get_on(stream: &mut std::net::TcpStream, path: &str) -> anyhow::Result<String> {
+    Ok(http_head_on(stream, path)?
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned())
+}
+
+/// One HTTP/1.1 GET on an open connection: the first read of the answer (status line and
+/// headers, lower-case names as hyper sends them).
+pub fn http_head_on(stream: &mut std::net::TcpStream, path: &str) -> anyhow::Result<String> {
+    http_on(
+        stream,
+        &format!("GET {path} HTTP/1.1\r\nHost: gpulb\r\n\r\n"),
+    )
+}
+
+/// A one-token completion on an open connection: the instance that answered.
+pub fn completion_on(stream: &mut std::net::TcpStream) -> anyhow::Result<String> {
+    let body = r#"{"model":"sim-llm","prompt":"hi","max_tokens":1}"#;
+    let head = http_on(
+        stream,
+        &format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: gpulb\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )?;
+    head.lines()
+        .find_map(|l| l.strip_prefix(&format!("{INSTANCE_HEADER}: ")))
+        .map(|i| i.trim().to_owned())
+        .with_context(|| format!("no {INSTANCE_HEADER} in {head:?}"))
+}
+
+fn http_on(stream: &mut std::net::TcpStream, request: &str) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(request.as_bytes())?;
+    let mut buf = [0u8; 4096];
+    let n = stream.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
 /// A GET from inside `ns`: (status, body).
 pub fn get(ns: &NetNs, url: &str) -> anyhow::Result<(u16, String)> {
     let url = url.to_owned();
@@ -590,6 +691,22 @@ pub struct Stack {
     daemons: u32,
 }
 
+/// More config lines for `Stack::start_with`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Extra<'a> {
+    /// Top-level keys.
+    pub top: &'a str,
+    /// In the `[[vip]]` table.
+    pub vip: &'a str,
+    /// In each `[[vip.backend]]`.
+    pub backend: &'a str,
+}
+
+/// Generic-mode XDP, for tests of the data path's RSTs: a veth delivers what native XDP_TX
+/// sends back only when the peer veth runs an XDP program of its own (the driver kicks the
+/// peer's NAPI only then), and the client's end has none.
+pub const XDP_TX_MODE: &str = "xdp_mode = \"generic\"";
+
 /// Port of the i-th (0-based) simulated instance.
 pub fn sim_port(i: usize) -> u16 {
     8001 + i as u16
@@ -607,6 +724,23 @@ impl Stack {
         pins: PinDir,
         sim_args: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_with(tag, backends, pins, sim_args, Extra::default())
+    }
+
+    /// `start` with `top_extra` lines at the top of the config, `vip_extra` lines in the
+    /// `[[vip]]` table and `backend_extra` lines in each `[[vip.backend]]`.
+    pub fn start_with(
+        tag: &str,
+        backends: usize,
+        pins: PinDir,
+        sim_args: &[&str],
+        extra: Extra<'_>,
+    ) -> anyhow::Result<Self> {
+        let Extra {
+            top: top_extra,
+            vip: vip_extra,
+            backend: backend_extra,
+        } = extra;
         let topo = Topology::new(tag)?;
         let dir = TempDir::new(tag)?;
         let mut sims = Vec::with_capacity(backends);
@@ -629,11 +763,11 @@ impl Stack {
         let mut vip = String::new();
         for i in 0..backends {
             vip.push_str(&format!(
-                "\n[[vip.backend]]\naddress = \"{LB_ADDR}\"\nport = {}\n",
+                "\n[[vip.backend]]\naddress = \"{LB_ADDR}\"\nport = {}\n{backend_extra}\n",
                 sim_port(i)
             ));
         }
-        let stack = Self::launch(topo, dir, pins, sims, "", &vip)?;
+        let stack = Self::launch(topo, dir, pins, sims, top_extra, vip_extra, &vip)?;
         stack.wait_ready(backends, Duration::from_secs(30))?;
         Ok(stack)
     }
@@ -670,7 +804,7 @@ impl Stack {
             sim_port(0),
             model_extra.replace("{marker}", &marker)
         );
-        Self::launch(topo, dir, pins, Vec::new(), vip_extra, &model)
+        Self::launch(topo, dir, pins, Vec::new(), "", vip_extra, &model)
     }
 
     fn launch(
@@ -678,11 +812,12 @@ impl Stack {
         dir: TempDir,
         pins: PinDir,
         sims: Vec<Proc>,
+        top_extra: &str,
         vip_extra: &str,
         rest: &str,
     ) -> anyhow::Result<Self> {
         let config = format!(
-            "interface = \"{}\"\npin_path = \"{}\"\nstate_dir = \"{dir}/state\"\n\
+            "{top_extra}\ninterface = \"{}\"\npin_path = \"{}\"\nstate_dir = \"{dir}/state\"\n\
              log_dir = \"{dir}/instances\"\nconntrack_size = 65536\n\
              drain_timeout_ms = 2000\nkill_timeout_ms = 2000\n\n\
              [[vip]]\nname = \"chat\"\naddress = \"{VIP}\"\nport = {VIP_PORT}\n{vip_extra}\n\

@@ -508,3 +508,297 @@ fn xdp_fixture_table() {
     drop(dp);
     drop(pins);
 }
+
+const ADMISSION_CONFIG: &str = r#"
+interface = "lo"
+conntrack_size = 4096
+
+[[vip]]
+name = "limited"
+address = "198.18.100.3"
+port = 80
+maglev_table_size = 251
+[vip.admission]
+rate = 1
+burst = 2
+refuse = "rst"
+allow = ["198.18.0.0/24"]
+[[vip.backend]]
+address = "198.18.0.1"
+port = 8001
+
+[[vip]]
+name = "capped"
+address = "198.18.100.4"
+port = 80
+maglev_table_size = 251
+[vip.admission]
+refuse = "drop"
+[[vip.backend]]
+address = "198.18.0.1"
+port = 8101
+max_flows = 1
+[[vip.backend]]
+address = "198.18.0.1"
+port = 8102
+max_flows = 1
+
+[[vip]]
+name = "sticky"
+address = "198.18.100.5"
+port = 80
+maglev_table_size = 251
+affinity = "client"
+[[vip.backend]]
+address = "198.18.0.1"
+port = 8201
+[[vip.backend]]
+address = "198.18.0.1"
+port = 8202
+[[vip.backend]]
+address = "198.18.0.1"
+port = 8203
+"#;
+
+const XDP_TX: u32 = 3;
+
+/// A TCP packet with explicit flags (`syn`, `fin`), ACK set unless it is a SYN.
+fn tcp_flags(src: [u8; 4], dst: [u8; 4], sport: u16, syn: bool, fin: bool) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .tcp(sport, 80, 1000, 65535);
+    let b = if syn { b.syn() } else { b.ack(5000) };
+    let b = if fin { b.fin() } else { b };
+    let mut out = Vec::new();
+    b.write(&mut out, b"GET / HTTP/1.1\r\n\r\n").expect("build");
+    out
+}
+
+/// Runs one packet through the XDP program: (action, output, the one reason it counted).
+fn run(dp: &mut Datapath, name: &str, packet: &[u8]) -> (u32, Vec<u8>, Reason) {
+    let before = dp.maps.reasons().expect("reasons");
+    let mut out = vec![0u8; packet.len() + 64];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.data_out = Some(&mut out);
+    let result = dp
+        .ingress()
+        .test_run(opts)
+        .unwrap_or_else(|e| panic!("{name}: test run: {e}"));
+    out.truncate(result.data_size_out as usize);
+    let after = dp.maps.reasons().expect("reasons");
+    let counted: Vec<Reason> = after
+        .iter()
+        .zip(&before)
+        .filter(|(a, b)| a.1 != b.1)
+        .map(|(a, _)| a.0)
+        .collect();
+    assert_eq!(
+        counted.len(),
+        1,
+        "{name}: one reason per packet: {counted:?}"
+    );
+    (result.return_value, out, counted[0])
+}
+
+/// The backend port a NATed packet went to.
+fn nat_port(out: &[u8]) -> u16 {
+    u16::from_be(flow_of(out).dport_be)
+}
+
+#[test]
+fn xdp_admission_control() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test loads BPF programs: run it as root (cargo xtask test)"
+    );
+    let pins = PinDir::new("admission");
+    let config = Config::parse(Path::new("admission.toml"), ADMISSION_CONFIG).expect("config");
+    let mut dp = Datapath::load(&pins.path, config.conntrack_size).expect("load BPF object");
+    let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
+    plan::apply(&mut dp.maps, &plan, None).expect("program maps");
+    let limited = [198, 18, 100, 3];
+    let (capped, sticky) = ([198, 18, 100, 4], [198, 18, 100, 5]);
+    let id = |name: &str| {
+        plan.services
+            .iter()
+            .find(|s| s.name == name)
+            .expect("planned")
+            .service
+            .id
+    };
+
+    // Rate limit: 1/s with a burst of 2. Two SYNs pass, the third gets a RST.
+    for port in [41000, 41001] {
+        let (action, _, reason) = run(
+            &mut dp,
+            "SYN within burst",
+            &tcp_flags(CLIENT, limited, port, true, false),
+        );
+        assert_eq!(
+            (action, reason),
+            (XDP_PASS, Reason::FwdNewFlow),
+            "SYN {port} within the burst"
+        );
+    }
+    let syn = tcp_flags(CLIENT, limited, 41002, true, false);
+    let (action, rst, reason) = run(&mut dp, "SYN over the rate", &syn);
+    assert_eq!(
+        (action, reason),
+        (XDP_TX, Reason::RefuseReset),
+        "third SYN refused"
+    );
+    assert_eq!(rst.len(), 14 + 40, "RST cut to its headers");
+    assert_eq!(rst[..6], syn[6..12], "back to the sender's MAC");
+    assert_eq!(rst[6..12], syn[..6]);
+    let f = flow_of(&rst);
+    assert_eq!(
+        (
+            f.src_be.to_ne_bytes(),
+            f.dst_be.to_ne_bytes(),
+            u16::from_be(f.sport_be),
+            u16::from_be(f.dport_be)
+        ),
+        (limited, CLIENT, 80, 41002),
+        "from the VIP to the client"
+    );
+    assert_eq!(rst[14 + 20 + 13], 0x14, "RST|ACK");
+    assert_eq!(
+        rst[14 + 28..14 + 32],
+        1001u32.to_be_bytes(),
+        "acks the SYN's seq 1000"
+    );
+    assert_checksums_valid("RST", &rst);
+
+    // The established flow of a rate-limited source is untouched.
+    let (action, _, reason) = run(
+        &mut dp,
+        "established",
+        &tcp_flags(CLIENT, limited, 41000, false, false),
+    );
+    assert_eq!(
+        (action, reason),
+        (XDP_PASS, Reason::FwdEstablished),
+        "established flow of a limited source"
+    );
+    // Another source still gets through.
+    let (action, _, reason) = run(
+        &mut dp,
+        "other source",
+        &tcp_flags([198, 18, 0, 3], limited, 41000, true, false),
+    );
+    assert_eq!(
+        (action, reason),
+        (XDP_PASS, Reason::FwdNewFlow),
+        "another source is not limited"
+    );
+    // Outside the allow-list: refused.
+    let (action, _, reason) = run(
+        &mut dp,
+        "not allowed",
+        &tcp_flags([198, 18, 1, 5], limited, 41000, true, false),
+    );
+    assert_eq!(
+        (action, reason),
+        (XDP_TX, Reason::RefuseReset),
+        "source outside allow-list"
+    );
+    let c = dp
+        .maps
+        .admit_counters(id("limited"))
+        .expect("admission counters");
+    assert_eq!(
+        (c.rate_limited, c.not_allowed, c.backends_full),
+        (1, 1, 0),
+        "{c:?}"
+    );
+
+    // Caps: two backends, one flow each. The second flow goes to the other backend
+    // whatever Maglev picked; the third is refused (dropped); a FIN frees a slot.
+    let (_, a, reason) = run(
+        &mut dp,
+        "first capped",
+        &tcp_flags(CLIENT, capped, 42000, true, false),
+    );
+    assert_eq!(reason, Reason::FwdNewFlow);
+    let (_, b, reason) = run(
+        &mut dp,
+        "second capped",
+        &tcp_flags(CLIENT, capped, 42001, true, false),
+    );
+    assert_eq!(reason, Reason::FwdNewFlow);
+    assert_ne!(
+        nat_port(&a),
+        nat_port(&b),
+        "second flow on the backend with room"
+    );
+    let third = tcp_flags(CLIENT, capped, 42002, true, false);
+    let (action, out, reason) = run(&mut dp, "third capped", &third);
+    assert_eq!(
+        (action, reason),
+        (XDP_DROP, Reason::RefuseDrop),
+        "every backend at its cap"
+    );
+    assert_eq!(out, third, "a dropped SYN is untouched");
+    let live = |dp: &Datapath, port: u16| {
+        let (bid, _) = plan
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter())
+            .find(|(_, b)| b.port_be == port.to_be())
+            .expect("backend");
+        dp.maps.live_flows(*bid).expect("live flows")
+    };
+    assert_eq!((live(&dp, 8101), live(&dp, 8102)), (1, 1));
+    let (_, _, reason) = run(
+        &mut dp,
+        "FIN",
+        &tcp_flags(CLIENT, capped, 42000, false, true),
+    );
+    assert_eq!(reason, Reason::FwdEstablished, "a FIN is forwarded");
+    assert_eq!(live(&dp, nat_port(&a)), 0, "the FIN ended the flow's count");
+    let (_, d, reason) = run(
+        &mut dp,
+        "after FIN",
+        &tcp_flags(CLIENT, capped, 42003, true, false),
+    );
+    assert_eq!(reason, Reason::FwdNewFlow, "a freed slot takes a new flow");
+    assert_eq!(nat_port(&d), nat_port(&a));
+    let c = dp
+        .maps
+        .admit_counters(id("capped"))
+        .expect("admission counters");
+    assert_eq!(c.backends_full, 1, "{c:?}");
+
+    // Affinity: every port of one client lands on one backend, the one the address hash picks.
+    let svc = plan
+        .services
+        .iter()
+        .find(|s| s.name == "sticky")
+        .expect("planned");
+    let key = flow_of(&tcp_flags(CLIENT, sticky, 1, true, false));
+    let want_id = svc.table[(lb_common::affinity_hash(&key) % svc.service.table_size) as usize];
+    let want = svc
+        .backends
+        .iter()
+        .find(|(id, _)| *id == want_id)
+        .expect("backend")
+        .1;
+    let mut ports = std::collections::BTreeSet::new();
+    for port in 43000..43016 {
+        let (_, out, reason) = run(
+            &mut dp,
+            "sticky",
+            &tcp_flags(CLIENT, sticky, port, true, false),
+        );
+        assert_eq!(reason, Reason::FwdNewFlow);
+        ports.insert(nat_port(&out));
+    }
+    assert_eq!(
+        ports.into_iter().collect::<Vec<_>>(),
+        vec![u16::from_be(want.port_be)],
+        "one backend for all ports"
+    );
+    drop(dp);
+    drop(pins);
+}

@@ -1,5 +1,5 @@
 //! `gpulb backends`: every backend with the daemon's view (model, GPU, pid, state, restarts,
-//! probe latency, live flows) and the maps' (weight, table share, traffic).
+//! probe latency) and the maps' (live flows and cap, weight, table share, traffic).
 
 use std::{collections::HashMap, path::Path, time::Duration};
 
@@ -30,6 +30,10 @@ pub struct BackendRow {
     pub new_flows: u64,
     /// Conntrack entries naming this backend (closed flows stay until evicted).
     pub tracked_flows: usize,
+    /// Live TCP flows the data path counts (what `max_flows` and `load_bound` check).
+    pub live_flows: u64,
+    /// Concurrent TCP flow cap; 0: none.
+    pub max_flows: u16,
     /// What the daemon says of it (model, GPUs, pid, probes, live flows); `None` if the
     /// daemon did not answer.
     pub daemon: Option<BackendStatus>,
@@ -83,7 +87,10 @@ impl TableRow for BackendRow {
                 d.and_then(|d| d.last_probe_ms)
                     .map(|ms| format!("{ms:.1}ms")),
             ),
-            dash(d.map(|d| d.live_flows)),
+            match self.max_flows {
+                0 => self.live_flows.to_string(),
+                cap => format!("{}/{cap}", self.live_flows),
+            },
             dash(d.and_then(|d| d.load).map(|l| format!("{l:.2}"))),
             self.weight.to_string(),
             self.share.clone(),
@@ -157,6 +164,8 @@ pub fn rows(pin_path: &Path, socket: &Path) -> anyhow::Result<Vec<BackendRow>> {
             bytes: c.bytes,
             new_flows: c.new_flows,
             tracked_flows: tracked.get(&id).copied().unwrap_or(0),
+            live_flows: maps.live_flows(id)?,
+            max_flows: b.max_flows,
             daemon: status.cloned(),
         });
     }

@@ -2,9 +2,13 @@
 
 use std::path::Path;
 
+use lb_common::{
+    LIMIT_AFFINITY, LIMIT_ALLOWLIST, LIMIT_CHECK_LOAD, LIMIT_REFUSE_RST, ServiceLimits,
+};
 use serde::Serialize;
 
 use super::{TableRow, emit, open, proto_label, vip_label};
+use crate::maps::Maps;
 
 #[derive(Serialize)]
 pub struct VipRow {
@@ -16,6 +20,16 @@ pub struct VipRow {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// What the data path enforces for new flows, e.g. "rate 10/s burst 20, allow 2, rst".
+    pub limits: String,
+    /// Allowed source prefixes (empty: all).
+    pub allow: Vec<String>,
+    /// New flows refused: rate limited, source not allowed, every backend full.
+    pub rate_limited: u64,
+    pub not_allowed: u64,
+    pub backends_full: u64,
+    /// New flows sent past a full Maglev pick.
+    pub redirected: u64,
 }
 
 impl TableRow for VipRow {
@@ -28,6 +42,8 @@ impl TableRow for VipRow {
         "PACKETS",
         "BYTES",
         "NEW_FLOWS",
+        "REFUSED",
+        "LIMITS",
     ];
     fn cells(&self) -> Vec<String> {
         vec![
@@ -39,6 +55,8 @@ impl TableRow for VipRow {
             self.packets.to_string(),
             self.bytes.to_string(),
             self.new_flows.to_string(),
+            (self.rate_limited + self.not_allowed + self.backends_full).to_string(),
+            self.limits.clone(),
         ]
     }
 }
@@ -49,6 +67,9 @@ pub fn rows(pin_path: &Path) -> anyhow::Result<Vec<VipRow>> {
     let mut rows = Vec::new();
     for (key, service) in maps.services()? {
         let c = maps.vip_counters(service.id)?;
+        let a = maps.admit_counters(service.id)?;
+        let limits = maps.limits(service.id)?;
+        let allow = allowed(&maps, service.id)?;
         rows.push(VipRow {
             id: service.id,
             vip: vip_label(&key),
@@ -61,10 +82,60 @@ pub fn rows(pin_path: &Path) -> anyhow::Result<Vec<VipRow>> {
             packets: c.packets,
             bytes: c.bytes,
             new_flows: c.new_flows,
+            limits: describe(&limits, allow.len()),
+            allow,
+            rate_limited: a.rate_limited,
+            not_allowed: a.not_allowed,
+            backends_full: a.backends_full,
+            redirected: a.redirected,
         });
     }
     rows.sort_by_key(|r| r.id);
     Ok(rows)
+}
+
+fn allowed(maps: &Maps, service_id: u32) -> anyhow::Result<Vec<String>> {
+    Ok(maps
+        .allowed()?
+        .into_iter()
+        .filter(|(id, _, _)| *id == service_id)
+        .map(|(_, addr, len)| format!("{addr}/{len}"))
+        .collect())
+}
+
+/// One line for the LIMITS column; "-" when the VIP has none.
+fn describe(l: &ServiceLimits, allowed: usize) -> String {
+    let mut parts = Vec::new();
+    if l.interval_ns != 0 {
+        let rate = 1e9 / l.interval_ns as f64;
+        parts.push(format!(
+            "rate {rate:.0}/s burst {}",
+            l.burst_ns / l.interval_ns
+        ));
+    }
+    if l.flags & LIMIT_ALLOWLIST != 0 {
+        parts.push(format!("allow {allowed}"));
+    }
+    if l.flags & LIMIT_AFFINITY != 0 {
+        parts.push("affinity".into());
+    }
+    if l.bound_pct != 0 {
+        parts.push(format!("bound {:.2}", f64::from(l.bound_pct) / 100.0));
+    } else if l.flags & LIMIT_CHECK_LOAD != 0 {
+        parts.push("caps".into());
+    }
+    if parts.is_empty() {
+        return "-".into();
+    }
+    parts.push(
+        if l.flags & LIMIT_REFUSE_RST != 0 {
+            "rst"
+        } else {
+            "drop"
+        }
+        .into(),
+    );
+    parts.join(", ")
 }
 
 pub fn run(pin_path: &Path, json: bool) -> anyhow::Result<()> {

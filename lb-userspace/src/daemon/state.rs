@@ -4,7 +4,7 @@
 //! slots that changed.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::Arc,
@@ -73,7 +73,12 @@ pub enum Msg {
         generation: u64,
         result: Result<f64, String>,
     },
+    /// Time to check the data path's live-flow counts against the sockets.
+    Reconcile,
 }
+
+/// How often the live-flow counts are checked (`State::reconcile_live_flows`).
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -101,6 +106,8 @@ pub struct Backend {
     pub port: u16,
     pub config_weight: u32,
     pub weight_override: Option<u32>,
+    /// Concurrent TCP flow cap, enforced by the data path; 0: none.
+    pub max_flows: u16,
     pub draining: bool,
     pub health: Health,
     pub check: HealthCheck,
@@ -216,6 +223,8 @@ pub struct State {
     probe_client: reqwest::Client,
     next_generation: u64,
     pub metrics: Arc<DaemonMetrics>,
+    /// Backend ids whose live-flow count was above their socket count at the last check.
+    overcounted: HashSet<u32>,
 }
 
 impl State {
@@ -242,6 +251,7 @@ impl State {
             probe_client: health::client(),
             next_generation: 0,
             metrics: DaemonMetrics::new(),
+            overcounted: HashSet::new(),
         };
         (state, rx)
     }
@@ -263,6 +273,12 @@ impl State {
             b.weight_override = persisted.weights.get(&key).copied();
             self.add(b, &persisted.instances);
         }
+        spawn_periodic(
+            RECONCILE_INTERVAL,
+            self.cancel.clone(),
+            self.msgs.clone(),
+            || async { Msg::Reconcile },
+        );
     }
 
     fn add(&mut self, mut b: Backend, records: &[InstanceRecord]) {
@@ -405,7 +421,65 @@ impl State {
                     }
                 }
             }
+            Msg::Reconcile => {
+                self.reconcile_live_flows();
+                false
+            }
         }
+    }
+
+    /// The data path counts a TCP flow from its SYN to its first FIN or RST. A flow that ends
+    /// with neither (a client that vanished, a conntrack entry evicted) stays counted and
+    /// would hold a slot of a capped backend for good. For a backend whose listening socket
+    /// is in this namespace, the kernel's sockets are the truth: a count above the number of
+    /// its connections at two checks in a row is set down to that number. (The map is read
+    /// before the sockets, so a flow being opened meanwhile is never mistaken for a leak.)
+    fn reconcile_live_flows(&mut self) {
+        let Some(plan) = &self.applied else {
+            return;
+        };
+        let ids: Vec<(u32, Ipv4Addr, u16)> = plan
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter())
+            .map(|(id, b)| {
+                (
+                    *id,
+                    crate::maps::ip_of(b.addr_be),
+                    crate::maps::port_of(b.port_be),
+                )
+            })
+            .collect();
+        let mut counted = Vec::with_capacity(ids.len());
+        for &(id, addr, port) in &ids {
+            match self.datapath.maps.live_flows(id) {
+                Ok(n) => counted.push((id, addr, port, n)),
+                Err(e) => {
+                    warn!(error = %ErrorChain(&e), "reading live flows");
+                    return;
+                }
+            }
+        }
+        let sockets = tcp_sockets();
+        let mut over = HashSet::new();
+        for (id, addr, port, n) in counted {
+            if !sockets.is_listening(addr, port) {
+                continue;
+            }
+            let actual = sockets.connections(addr, port) as u64;
+            if n <= actual {
+                continue;
+            }
+            if self.overcounted.contains(&id) {
+                info!(backend = %format!("{addr}:{port}"), counted = n, connections = actual, "live-flow count set down to the backend's connections");
+                if let Err(e) = self.datapath.maps.set_live_flows(id, actual) {
+                    warn!(error = %ErrorChain(&e), "writing live flows");
+                }
+            } else {
+                over.insert(id);
+            }
+        }
+        self.overcounted = over;
     }
 
     /// Handles one supervisor event; returns true if the tables may need rewriting.
@@ -743,6 +817,7 @@ impl State {
             match kept.remove(&n.key()) {
                 Some(mut b) => {
                     b.config_weight = n.config_weight;
+                    b.max_flows = n.max_flows;
                     b.check = n.check;
                     b.load_source = n.load_source;
                     b.load_aware = n.load_aware;
@@ -908,6 +983,7 @@ fn desired<'a>(vips: &'a [Vip], backends: &[Backend]) -> Vec<DesiredService<'a>>
                     address: b.address,
                     port: b.port,
                     weight: b.weight(),
+                    max_flows: b.max_flows,
                     flags: if b.draining { BACKEND_DRAINING } else { 0 },
                     in_table: b.in_table(),
                 })
@@ -919,13 +995,14 @@ fn desired<'a>(vips: &'a [Vip], backends: &[Backend]) -> Vec<DesiredService<'a>>
 /// The backends `config` declares: `[[vip.backend]]`s, then model instances.
 fn build_backends(config: &Config, specs: Vec<InstanceSpec>) -> Vec<Backend> {
     let mut out = Vec::new();
-    let blank = |vip: &Vip, address, port, weight, check: &HealthCheck| Backend {
+    let blank = |vip: &Vip, address, port, weight, max_flows, check: &HealthCheck| Backend {
         vip: vip.name.clone(),
         vip_address: format!("{}:{}", vip.address, vip.port),
         address,
         port,
         config_weight: weight,
         weight_override: None,
+        max_flows,
         draining: false,
         health: Health::default(),
         check: check.clone(),
@@ -940,7 +1017,14 @@ fn build_backends(config: &Config, specs: Vec<InstanceSpec>) -> Vec<Backend> {
     };
     for vip in &config.vips {
         for b in &vip.backends {
-            out.push(blank(vip, b.address, b.port, b.weight, &vip.health));
+            out.push(blank(
+                vip,
+                b.address,
+                b.port,
+                b.weight,
+                b.max_flows,
+                &vip.health,
+            ));
         }
     }
     for spec in specs {
@@ -954,7 +1038,14 @@ fn build_backends(config: &Config, specs: Vec<InstanceSpec>) -> Vec<Backend> {
             .iter()
             .find(|v| v.name == spec.vip)
             .expect("a model's VIP is checked by the config");
-        let mut b = blank(vip, spec.address, spec.port, spec.weight, &model.health);
+        let mut b = blank(
+            vip,
+            spec.address,
+            spec.port,
+            spec.weight,
+            model.max_flows,
+            &model.health,
+        );
         b.load_source = model.load;
         let (commands, _) = mpsc::unbounded_channel();
         b.instance = Some(Instance {
@@ -974,7 +1065,31 @@ fn build_backends(config: &Config, specs: Vec<InstanceSpec>) -> Vec<Backend> {
 /// Established (or being established) TCP connections by local address and port, from
 /// /proc/net/tcp of this network namespace (the backends are local).
 pub fn live_connections() -> HashMap<(Ipv4Addr, u16), usize> {
-    let mut out = HashMap::new();
+    tcp_sockets().established
+}
+
+/// The TCP sockets of this network namespace, from /proc/net/tcp.
+#[derive(Debug, Default)]
+pub struct TcpSockets {
+    /// ESTABLISHED or SYN_RECV, by local address and port.
+    pub established: HashMap<(Ipv4Addr, u16), usize>,
+    /// Listening sockets (0.0.0.0 for a wildcard).
+    pub listening: HashSet<(Ipv4Addr, u16)>,
+}
+
+impl TcpSockets {
+    pub fn is_listening(&self, addr: Ipv4Addr, port: u16) -> bool {
+        self.listening.contains(&(addr, port))
+            || self.listening.contains(&(Ipv4Addr::UNSPECIFIED, port))
+    }
+
+    pub fn connections(&self, addr: Ipv4Addr, port: u16) -> usize {
+        self.established.get(&(addr, port)).copied().unwrap_or(0)
+    }
+}
+
+pub fn tcp_sockets() -> TcpSockets {
+    let mut out = TcpSockets::default();
     let Ok(text) = std::fs::read_to_string("/proc/net/tcp") else {
         return out;
     };
@@ -985,8 +1100,8 @@ pub fn live_connections() -> HashMap<(Ipv4Addr, u16), usize> {
         else {
             continue;
         };
-        // ESTABLISHED, or SYN_RECV: a handshake the data path already sent here.
-        if state != "01" && state != "03" {
+        // ESTABLISHED, or SYN_RECV: a handshake the data path already sent here. 0A: LISTEN.
+        if !matches!(state, "01" | "03" | "0A") {
             continue;
         }
         let Some((addr, port)) = local.split_once(':') else {
@@ -997,8 +1112,12 @@ pub fn live_connections() -> HashMap<(Ipv4Addr, u16), usize> {
             continue;
         };
         // The kernel prints the network-order address as a host integer.
-        *out.entry((Ipv4Addr::from(addr.to_ne_bytes()), port))
-            .or_insert(0) += 1;
+        let key = (Ipv4Addr::from(addr.to_ne_bytes()), port);
+        if state == "0A" {
+            out.listening.insert(key);
+        } else {
+            *out.established.entry(key).or_insert(0) += 1;
+        }
     }
     out
 }
