@@ -23,8 +23,10 @@ pub mod maps {
     pub const LIVE_FLOWS: &str = "LIVE_FLOWS";
     pub const CANDIDATES: &str = "CANDIDATES";
     pub const ADMIT_STATS: &str = "ADMIT_STATS";
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    pub const SOCK_NETNS: &str = "SOCK_NETNS";
     /// Every map the daemon pins; the CLI and the clean-up use this list.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 16] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -39,6 +41,8 @@ pub mod maps {
         LIVE_FLOWS,
         CANDIDATES,
         ADMIT_STATS,
+        SOCK_REVNAT,
+        SOCK_NETNS,
     ];
 }
 
@@ -46,6 +50,11 @@ pub mod maps {
 pub mod programs {
     pub const INGRESS: &str = "gpulb_ingress";
     pub const EGRESS: &str = "gpulb_egress";
+    /// Socket-level balancing of this host's own clients (cgroup sock_addr hooks).
+    pub const CONNECT4: &str = "gpulb_connect4";
+    pub const SENDMSG4: &str = "gpulb_sendmsg4";
+    pub const GETPEERNAME4: &str = "gpulb_getpeername4";
+    pub const RECVMSG4: &str = "gpulb_recvmsg4";
 }
 
 /// VIPs per host. Service ids index `VIP_STATS` and the `MAGLEV` blocks.
@@ -76,6 +85,9 @@ pub const ALLOW_ENTRIES: u32 = 1024;
 /// Backends of one VIP that caps and bounded load can choose among when the Maglev pick is
 /// full (`Candidates`).
 pub const MAX_CANDIDATES: usize = 32;
+
+/// Sockets balanced at connect/sendmsg whose peer is shown as the VIP again.
+pub const SOCK_REVNAT_ENTRIES: u32 = 65536;
 
 /// `ServiceLimits::flags`: refused new flows get a TCP RST (otherwise they are dropped).
 pub const LIMIT_REFUSE_RST: u32 = 1;
@@ -229,6 +241,17 @@ pub struct AllowKey {
 }
 const _: () = assert!(core::mem::size_of::<AllowKey>() == 8);
 
+/// `SOCK_REVNAT` key: a socket (its cookie) and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
+
 /// Per-CPU admission counters of a VIP (`ADMIT_STATS` by service id): why new flows were
 /// refused, and how many went past a full Maglev pick to another backend.
 #[repr(C)]
@@ -283,10 +306,13 @@ pub enum Reason {
     RefuseReset = 11,
     /// New flow refused by admission control, dropped.
     RefuseDrop = 12,
+    /// A socket on this host connected (or sent) to a VIP: its destination was rewritten to
+    /// a backend before any packet existed (cgroup connect4/sendmsg4).
+    SockBalanced = 13,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNotIpv4,
         Reason::PassNotTcpUdp,
@@ -301,6 +327,7 @@ impl Reason {
         Reason::EgressPass,
         Reason::RefuseReset,
         Reason::RefuseDrop,
+        Reason::SockBalanced,
     ];
 
     /// Stable name for the CLI and metrics.
@@ -319,6 +346,7 @@ impl Reason {
             Reason::EgressPass => "egress_pass",
             Reason::RefuseReset => "refuse_reset",
             Reason::RefuseDrop => "refuse_drop",
+            Reason::SockBalanced => "sock_balanced",
         }
     }
 }
@@ -466,6 +494,8 @@ mod pod {
     unsafe impl aya::Pod for AllowKey {}
     // SAFETY: see above.
     unsafe impl aya::Pod for AdmitCounters {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for SockRevKey {}
 }
 
 #[cfg(test)]

@@ -15,18 +15,21 @@ mod parse;
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, xdp_action},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_tail},
-    macros::{classifier, map, xdp},
+    macros::{cgroup_sock_addr, classifier, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::{TcContext, XdpContext},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::{
     ALLOW_ENTRIES, AdmitCounters, AllowKey, Backend, CONNTRACK_DEFAULT_SIZE, Candidates, Counters,
     FLOW_COUNTED, Flow, FlowKey, LIMIT_AFFINITY, LIMIT_ALLOWLIST, LIMIT_CHECK_LOAD,
     LIMIT_REFUSE_RST, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_CANDIDATES, MAX_SERVICES, PROTO_TCP,
-    PROTO_UDP, RATE_LIMIT_ENTRIES, RateKey, Reason, RevNat, Service, ServiceLimits, VipKey,
-    affinity_hash, flow_hash, maglev_index, reset_headers,
+    PROTO_UDP, RATE_LIMIT_ENTRIES, RateKey, Reason, RevNat, SOCK_REVNAT_ENTRIES, Service,
+    ServiceLimits, SockRevKey, VipKey, affinity_hash, flow_hash, fmix64, maglev_index,
+    reset_headers,
 };
 use parse::{
     IP_CHECK_OFF, IP_SRC_OFF, L4Packet, TCP_CHECK_OFF, UDP_CHECK_OFF, csum_update, parse_l4, ptr_at,
@@ -89,6 +92,15 @@ static CANDIDATES: Array<Candidates> = Array::pinned(MAX_SERVICES, 0);
 
 #[map]
 static ADMIT_STATS: PerCpuArray<AdmitCounters> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+/// (socket, backend) → VIP, for the socket programs that show the peer as the VIP again.
+#[map]
+static SOCK_REVNAT: LruHashMap<SockRevKey, RevNat> = LruHashMap::pinned(SOCK_REVNAT_ENTRIES, 0);
+
+/// [0]: the daemon's network namespace cookie. The socket programs run for every socket in
+/// the cgroup, whatever its namespace; only sockets in the daemon's are balanced (0: none).
+#[map]
+static SOCK_NETNS: Array<u64> = Array::pinned(1, 0);
 
 #[xdp]
 pub fn gpulb_ingress(ctx: XdpContext) -> u32 {
@@ -588,6 +600,120 @@ fn try_egress(ctx: &TcContext) -> Result<Reason, Reason> {
         .map_err(fail)?;
     ctx.skb.store(pkt.l4, &new_port, 0).map_err(fail)?;
     Ok(Reason::EgressRevNat)
+}
+
+/// A process on this host connects to a VIP: it never crosses the NIC's XDP hook, so its
+/// socket is pointed at a backend here, before the first packet.
+#[cgroup_sock_addr(connect4)]
+pub fn gpulb_connect4(ctx: SockAddrContext) -> i32 {
+    sock_forward(&ctx);
+    1 // let the connect proceed
+}
+
+/// The same per datagram, for unconnected UDP sockets.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn gpulb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock_forward(&ctx);
+    1
+}
+
+/// getpeername() of a balanced socket shows the VIP, as the application connected to.
+#[cgroup_sock_addr(getpeername4)]
+pub fn gpulb_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock_reverse(&ctx);
+    1
+}
+
+/// recvfrom() on a balanced UDP socket shows the VIP as the sender.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn gpulb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock_reverse(&ctx);
+    1
+}
+
+#[inline(always)]
+fn is_daemon_netns(ctx: &SockAddrContext) -> bool {
+    let Some(&ours) = SOCK_NETNS.get(0) else {
+        return false;
+    };
+    // SAFETY: the helper only reads the socket's namespace.
+    ours != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == ours
+}
+
+/// Maglev by the socket's cookie: a socket keeps its backend, sockets spread by weight.
+/// Admission control and caps are for clients from the network; local sockets skip them.
+#[inline(always)]
+fn sock_forward(ctx: &SockAddrContext) {
+    if !is_daemon_netns(ctx) {
+        return;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: the context the kernel passed; these fields are readable in connect4/sendmsg4.
+    let (ip, port, proto) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
+    let vip = VipKey {
+        addr_be: ip,
+        port_be: port as u16,
+        proto: proto as u8,
+        _pad: 0,
+    };
+    // SAFETY: an 8-byte value written whole by userspace.
+    let Some(service) = (unsafe { SERVICES.get(&vip) }).copied() else {
+        return;
+    };
+    // SAFETY: the helper reads the socket's cookie (assigned on first use).
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let hash = fmix64(cookie) as u32;
+    let Some(&backend_id) = MAGLEV.get(maglev_index(&service, hash)) else {
+        return;
+    };
+    let Some(backend) = lookup_backend(backend_id) else {
+        return; // no backend: the connect goes to the VIP, as without gpulb
+    };
+    let key = SockRevKey {
+        cookie,
+        addr_be: backend.addr_be,
+        port_be: backend.port_be,
+        _pad: 0,
+    };
+    let revnat = RevNat {
+        vip_be: ip,
+        vport_be: port as u16,
+        _pad: 0,
+    };
+    let _ = SOCK_REVNAT.insert(&key, &revnat, 0);
+    // SAFETY: connect4/sendmsg4 may write the destination.
+    unsafe {
+        (*sa).user_ip4 = backend.addr_be;
+        (*sa).user_port = backend.port_be as u32;
+    }
+    count_traffic(&VIP_STATS, service.id, 0, true);
+    count_traffic(&BACKEND_STATS, backend_id, 0, true);
+    count_reason(Reason::SockBalanced);
+}
+
+#[inline(always)]
+fn sock_reverse(ctx: &SockAddrContext) {
+    if !is_daemon_netns(ctx) {
+        return;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: the context the kernel passed; readable in getpeername4/recvmsg4.
+    let (ip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    let key = SockRevKey {
+        // SAFETY: as in `sock_forward`.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr_be: ip,
+        port_be: port as u16,
+        _pad: 0,
+    };
+    // SAFETY: an 8-byte value written whole.
+    if let Some(revnat) = unsafe { SOCK_REVNAT.get(&key) } {
+        // SAFETY: getpeername4/recvmsg4 may write the address shown.
+        unsafe {
+            (*sa).user_ip4 = revnat.vip_be;
+            (*sa).user_port = revnat.vport_be as u32;
+        }
+    }
 }
 
 /// A backend's FIN or RST ends the flow's count, as the client's would.

@@ -20,6 +20,17 @@ pub const DEFAULT_LOG_DIR: &str = "/var/log/gpulb";
 /// The control socket, under `state_dir`.
 pub const CONTROL_SOCKET: &str = "control.sock";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+/// The cgroup v2 root, wherever it is mounted: every process on the host.
+pub const DEFAULT_SOCKET_LB: &str = "auto";
+
+/// Which processes' sockets to VIPs are balanced at connect().
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketLb {
+    Off,
+    /// The root of the cgroup v2 hierarchy (found in /proc/self/mounts; none: off, warned).
+    Auto,
+    Cgroup(PathBuf),
+}
 /// Smallest and largest conntrack size accepted (entries).
 const CONNTRACK_MIN: u64 = 1024;
 const CONNTRACK_MAX: u64 = 1 << 26;
@@ -60,6 +71,8 @@ struct RawConfig {
     kill_timeout_ms: i64,
     /// `host:port` of the Prometheus endpoint, or "off".
     metrics_listen: Option<String>,
+    /// The cgroup (v2) whose processes' sockets to VIPs are balanced, or "off".
+    socket_lb: Option<String>,
     #[serde(default)]
     vip: Vec<RawVip>,
     #[serde(default)]
@@ -286,6 +299,9 @@ pub struct Config {
     pub kill_timeout: Duration,
     /// Where `/metrics` is served; `None`: nowhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The cgroup whose processes (in gpulb's network namespace) have their connects to a VIP
+    /// balanced at the socket.
+    pub socket_lb: SocketLb,
     pub vips: Vec<Vip>,
     pub models: Vec<Model>,
 }
@@ -644,8 +660,20 @@ impl RawConfig {
                 )
             })?),
         };
+        let socket_lb = match self.socket_lb.as_deref().unwrap_or(DEFAULT_SOCKET_LB) {
+            "off" => SocketLb::Off,
+            "auto" => SocketLb::Auto,
+            path if Path::new(path).is_absolute() => SocketLb::Cgroup(PathBuf::from(path)),
+            path => {
+                return Err(invalid(
+                    "socket_lb",
+                    format!("{path:?} is not \"auto\", \"off\" or an absolute cgroup v2 path"),
+                ));
+            }
+        };
         Ok(Config {
             metrics_listen,
+            socket_lb,
             interface: self.interface,
             xdp_mode: self.xdp_mode,
             pin_path,

@@ -9,7 +9,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
+        XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
@@ -62,6 +63,21 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
+    #[error("attaching {program} to cgroup {}", cgroup.display())]
+    AttachCgroup {
+        program: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("opening cgroup {}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading this network namespace's cookie")]
+    NetnsCookie(#[source] io::Error),
     #[error("attaching TC egress to {interface}")]
     AttachTc {
         interface: String,
@@ -257,6 +273,14 @@ impl Datapath {
             .try_into()
             .map_err(prog(programs::EGRESS))?;
         egress.load().map_err(prog(programs::EGRESS))?;
+        for name in SOCKET_PROGRAMS {
+            let p: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .expect("object has the socket programs")
+                .try_into()
+                .map_err(prog(name))?;
+            p.load().map_err(prog(name))?;
+        }
         let maps = Maps::from_ebpf(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -352,6 +376,68 @@ impl Datapath {
         Ok(attached)
     }
 
+    /// Balances the sockets of `cgroup`'s processes in this network namespace (connect4,
+    /// sendmsg4, and getpeername4/recvmsg4 to show the VIP again), or detaches that when
+    /// `None`. The links are pinned like the interface's; a previous daemon's are replaced
+    /// after this daemon's are attached, so no connect goes unbalanced in between.
+    /// Returns the cgroup, if any.
+    pub fn attach_sockets(
+        &mut self,
+        socket_lb: &config::SocketLb,
+    ) -> Result<Option<PathBuf>, DatapathError> {
+        let cgroup = match socket_lb {
+            config::SocketLb::Off => None,
+            config::SocketLb::Cgroup(path) => Some(path.clone()),
+            config::SocketLb::Auto => {
+                let found = cgroup2_root();
+                if found.is_none() {
+                    warn!("no cgroup v2 mount: clients on this host are not balanced");
+                }
+                found
+            }
+        };
+        let Some(cgroup) = cgroup.as_deref() else {
+            for name in SOCKET_PROGRAMS {
+                let _ = fs::remove_file(link_pin(&self.pin_path, "cgroup", name));
+            }
+            return Ok(None);
+        };
+        let cookie = netns_cookie().map_err(DatapathError::NetnsCookie)?;
+        self.maps.set_sock_netns(cookie)?;
+        let dir = fs::File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        for name in SOCKET_PROGRAMS {
+            let err = |source| DatapathError::AttachCgroup {
+                program: name,
+                cgroup: cgroup.to_owned(),
+                source,
+            };
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .expect("object has the socket programs")
+                .try_into()
+                .map_err(err)?;
+            // A bpf_link (kernel ≥ 5.7) takes no attach flags ("Single" is 0) and always
+            // stacks: other tools' programs on the cgroup stay, and so does the previous
+            // daemon's until its pin is replaced.
+            let id = program
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(err)?;
+            let link = program.take_link(id).map_err(err)?;
+            let path = link_pin(&self.pin_path, "cgroup", name);
+            let fd = FdLink::try_from(link).map_err(|e| DatapathError::TakeOver {
+                what: "cgroup",
+                path: path.clone(),
+                source: Box::new(e),
+            })?;
+            self.links.push(pin_link(fd, &path, "cgroup")?);
+        }
+        Ok(Some(cgroup.to_owned()))
+    }
+
     /// Removes the pinned links of interfaces other than `interface` (they detach once
     /// nothing holds them).
     fn remove_foreign_links(&self, interface: &str) {
@@ -364,7 +450,8 @@ impl Datapath {
         ];
         for entry in entries.flatten() {
             let path = entry.path();
-            let is_link = entry.file_name().to_string_lossy().starts_with("link_");
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_link = name.starts_with("link_") && !name.starts_with("link_cgroup_");
             if is_link && !ours.contains(&path) {
                 info!(link = %path.display(), "removing a pinned link of another interface");
                 let _ = fs::remove_file(path);
@@ -411,6 +498,57 @@ impl Datapath {
         drop(ebpf);
         Ok(())
     }
+}
+
+/// Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on
+/// hybrid hosts).
+fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        let (_, point, kind) = (f.next()?, f.next()?, f.next()?);
+        (kind == "cgroup2").then(|| PathBuf::from(point))
+    })
+}
+
+/// The cgroup sock_addr programs, by kernel name.
+const SOCKET_PROGRAMS: [&str; 4] = [
+    programs::CONNECT4,
+    programs::SENDMSG4,
+    programs::GETPEERNAME4,
+    programs::RECVMSG4,
+];
+
+/// This process's network namespace cookie: what `bpf_get_netns_cookie` returns for the
+/// sockets of its namespace.
+#[expect(
+    unsafe_code,
+    reason = "getsockopt(SO_NETNS_COOKIE) has no safe wrapper"
+)]
+fn netns_cookie() -> io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket fd; `cookie` and `len` are a writable u64 and its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 fn pin_link(fd: FdLink, path: &Path, what: &'static str) -> Result<PinnedLink, DatapathError> {

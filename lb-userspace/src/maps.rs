@@ -81,6 +81,7 @@ pub struct Maps {
     pub live_flows: Array<MapData, u64>,
     pub candidates: Array<MapData, Candidates>,
     pub admit_stats: PerCpuArray<MapData, AdmitCounters>,
+    pub sock_netns: Array<MapData, u64>,
 }
 
 fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T, MapsError> {
@@ -121,6 +122,7 @@ impl Maps {
             live_flows: typed(maps::LIVE_FLOWS, get(maps::LIVE_FLOWS)?)?,
             candidates: typed(maps::CANDIDATES, get(maps::CANDIDATES)?)?,
             admit_stats: typed(maps::ADMIT_STATS, get(maps::ADMIT_STATS)?)?,
+            sock_netns: typed(maps::SOCK_NETNS, get(maps::SOCK_NETNS)?)?,
         })
     }
 
@@ -280,6 +282,13 @@ impl Maps {
         self.live_flows
             .set(backend_id, n, 0)
             .map_err(op("writing", maps::LIVE_FLOWS))
+    }
+
+    /// The network namespace whose sockets the socket programs balance.
+    pub fn set_sock_netns(&mut self, cookie: u64) -> Result<(), MapsError> {
+        self.sock_netns
+            .set(0, cookie, 0)
+            .map_err(op("writing", maps::SOCK_NETNS))
     }
 
     /// A VIP's admission counters, summed over CPUs.

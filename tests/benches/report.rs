@@ -67,23 +67,31 @@ fn main() {
             .push_str("\n**Quick run** (`--quick`): shorter cases, fewer points.\n");
     }
 
-    datapath(&mut report);
-    eprintln!("[bench] control plane");
-    control_plane(&opts, &mut report);
-    eprintln!("[bench] http, streaming, saturation");
-    traffic(&opts, &mut report);
-    eprintln!("[bench] failover");
-    failover(&opts, &mut report);
-    eprintln!("[bench] load-aware");
-    load_aware(&opts, &mut report);
+    let only_steering = std::env::var("GPULB_BENCH_ONLY").is_ok_and(|v| v == "steering");
+    if !only_steering {
+        datapath(&mut report);
+        eprintln!("[bench] control plane");
+        control_plane(&opts, &mut report);
+        eprintln!("[bench] http, streaming, saturation");
+        traffic(&opts, &mut report);
+        eprintln!("[bench] failover");
+        failover(&opts, &mut report);
+    }
+    eprintln!("[bench] steering");
+    steering(&opts, &mut report);
 
     let _ = write!(
         report.md,
-        "\n---\nWhole run: {:.0} s. Reproduce: `cargo xtask bench{}`.\n",
+        "\n---\nWhole run: {:.0} s. Reproduce: `cargo xtask bench{}{}`.\n",
         started.elapsed().as_secs_f64(),
-        if opts.quick { " --quick" } else { "" }
+        if opts.quick { " --quick" } else { "" },
+        if only_steering { " steering" } else { "" }
     );
-    let path = opts.out.join("report.md");
+    let path = opts.out.join(if only_steering {
+        "steering.md"
+    } else {
+        "report.md"
+    });
     fs::write(&path, &report.md).expect("write report");
     println!("{}", report.md);
     eprintln!("[bench] wrote {}", path.display());
@@ -529,23 +537,37 @@ fn traffic(opts: &Opts, report: &mut Report) {
     report.section("saturation", &t);
 }
 
-/// Equal weights vs load-aware weights with one slow instance among four.
-fn load_aware(opts: &Opts, report: &mut Report) {
+/// How new flows are steered: equal weights, load-aware weights, bounded load; with one slow
+/// instance among four, then with four equal ones.
+fn steering(opts: &Opts, report: &mut Report) {
     let requests = if opts.quick { 64 } else { 160 };
     let (concurrency, tokens) = (16, 24);
+    let modes = [
+        ("equal weights", "eq", ""),
+        ("load-aware", "la", "load_aware = true\n"),
+        ("bounded load 1.0", "b1", "load_bound = 1.0\n"),
+        ("bounded load 1.25", "bl", "load_bound = 1.25\n"),
+        (
+            "load-aware + bounded 1.25",
+            "lb",
+            "load_aware = true\nload_bound = 1.25\n",
+        ),
+    ];
     let mut t = format!(
         "Three simulated instances as above and one slow one (1 slot, 50 tokens/s) behind \
-         one VIP; {requests} streaming chats ({tokens} tokens), {concurrency} at a time. Equal \
-         weights, then `load_aware = true` (weights follow each instance's reported load, \
-         scraped every 250 ms). The slow instance's queue is its `vllm:num_requests_waiting`, \
-         sampled every 100 ms.\n\n\
-         | weights | TTFT p50 | TTFT p95 | requests to the slow instance | its mean queue | failed |\n\
+         one VIP; {requests} streaming chats ({tokens} tokens), {concurrency} at a time. \
+         `load_aware = true`: weights follow each instance's reported load, scraped every \
+         250 ms. `load_bound = c`: the data path gives a new flow to a backend only while its \
+         live flows are under c times its weighted share, else to the next one (1.0: as even \
+         as the flows allow). The \
+         slow instance's queue is its `vllm:num_requests_waiting`, sampled every 100 ms.\n\n\
+         | steering | TTFT p50 | TTFT p95 | requests to the slow instance | its mean queue | failed |\n\
          |---|---:|---:|---:|---:|---:|\n"
     );
-    for (name, aware) in [("equal", false), ("load-aware", true)] {
+    for (name, tag, vip) in modes {
         let r = gpulb_testbed::four_instance_scenario(
-            if aware { "bench-la" } else { "bench-eq" },
-            aware,
+            &format!("bench-{tag}"),
+            vip,
             gpulb_testbed::SLOW,
             requests,
             concurrency,
@@ -561,12 +583,12 @@ fn load_aware(opts: &Opts, report: &mut Report) {
     let _ = write!(
         t,
         "\nThe same with four equal instances (the imbalance of hashing alone, as in \
-         *streaming*):\n\n| weights | TTFT p50 | TTFT p95 | failed |\n|---|---:|---:|---:|\n"
+         *streaming*):\n\n| steering | TTFT p50 | TTFT p95 | failed |\n|---|---:|---:|---:|\n"
     );
-    for (name, aware) in [("equal", false), ("load-aware", true)] {
+    for (name, tag, vip) in modes {
         let r = gpulb_testbed::four_instance_scenario(
-            if aware { "bench-la4" } else { "bench-eq4" },
-            aware,
+            &format!("bench-{tag}4"),
+            vip,
             &[],
             requests,
             concurrency,
@@ -579,7 +601,7 @@ fn load_aware(opts: &Opts, report: &mut Report) {
             r.ttft_p50_ms, r.ttft_p95_ms, r.failed
         );
     }
-    report.section("load-aware weights", &t);
+    report.section("steering: load-aware weights and bounded load", &t);
 }
 
 /// Kill one of 4 instances under steady streaming load, behind nginx and behind gpulb.

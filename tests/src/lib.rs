@@ -1090,11 +1090,11 @@ pub struct SlowScenario {
 pub const SLOW: &[&str] = &["--slots", "1", "--tokens-per-second", "50"];
 
 /// Three default simulated instances and a fourth run with `fourth` extra simulator flags
-/// (`SLOW`, or none for four equal instances) behind one VIP, with or without `load_aware`;
-/// `requests` streaming chats, `concurrency` at a time.
+/// (`SLOW`, or none for four equal instances) behind one VIP with `vip` lines in its table
+/// (e.g. `load_aware = true`); `requests` streaming chats, `concurrency` at a time.
 pub fn four_instance_scenario(
     tag: &str,
-    load_aware: bool,
+    vip: &str,
     fourth: &[&str],
     requests: usize,
     concurrency: usize,
@@ -1110,11 +1110,6 @@ pub fn four_instance_scenario(
          \"--model\", \"{{model}}\"{flags}]\n\
          [model.health]\ninterval_ms = 100\n"
     );
-    let vip = if load_aware {
-        "load_aware = true\n"
-    } else {
-        ""
-    };
     let stack = Stack::managed_with(tag, 3, PinDir::new(tag), vip, &slow)?;
     stack.wait_ready(4, Duration::from_secs(30))?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

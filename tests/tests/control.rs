@@ -693,11 +693,17 @@ fn load_aware_weights_steer_away_from_a_slow_instance() {
     // The same workload against the same four instances, one of them slow (1 slot, 50
     // tokens/s against 4 slots, 200 tokens/s): equal weights, then load-aware.
     let equal =
-        gpulb_testbed::four_instance_scenario("lequal", false, gpulb_testbed::SLOW, 96, 16, 24)
+        gpulb_testbed::four_instance_scenario("lequal", "", gpulb_testbed::SLOW, 96, 16, 24)
             .expect("equal weights");
-    let aware =
-        gpulb_testbed::four_instance_scenario("laware", true, gpulb_testbed::SLOW, 96, 16, 24)
-            .expect("load-aware");
+    let aware = gpulb_testbed::four_instance_scenario(
+        "laware",
+        "load_aware = true\n",
+        gpulb_testbed::SLOW,
+        96,
+        16,
+        24,
+    )
+    .expect("load-aware");
     eprintln!("equal weights: {equal:?}\nload-aware:    {aware:?}");
     assert_eq!(equal.failed + aware.failed, 0, "{equal:?} {aware:?}");
     assert!(

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick] [datapath]`.
+//! `cargo xtask bench [--quick] [datapath | steering]`.
 
 use std::path::PathBuf;
 
@@ -11,6 +11,9 @@ pub enum Case {
     /// Only ns/packet of gpulb_ingress under BPF_PROG_TEST_RUN: new flow, established,
     /// non-VIP, against a no-op XDP program.
     Datapath,
+    /// Only the steering section of the report (one slow instance, then four equal ones:
+    /// equal weights, load-aware weights, bounded load), in target/bench/steering.md.
+    Steering,
 }
 
 /// With no case: the whole report (datapath, control plane, http, streaming, saturation,
@@ -30,15 +33,19 @@ pub fn run(case: Option<Case>, quick: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     let out = out.canonicalize()?;
     let datapath = out.join("datapath.json");
+    let mut report = bench("report");
+    report
+        .env("GPULB_BENCH_OUT", &out)
+        .env("GPULB_BENCH_QUICK", if quick { "1" } else { "0" });
+    if let Some(Case::Steering) = case {
+        exec(report.env("GPULB_BENCH_ONLY", "steering"))?;
+        println!("[bench] report: {}", out.join("steering.md").display());
+        return Ok(());
+    }
     println!("[bench] datapath");
     exec(bench("datapath").env("GPULB_BENCH_JSON", &datapath))?;
     println!("[bench] report cases");
-    exec(
-        bench("report")
-            .env("GPULB_BENCH_DATAPATH", &datapath)
-            .env("GPULB_BENCH_OUT", &out)
-            .env("GPULB_BENCH_QUICK", if quick { "1" } else { "0" }),
-    )?;
+    exec(report.env("GPULB_BENCH_DATAPATH", &datapath))?;
     println!("[bench] report: {}", out.join("report.md").display());
     Ok(())
 }

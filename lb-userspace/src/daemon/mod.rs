@@ -72,6 +72,7 @@ pub async fn run(
     let (msgs, mut inbox) = mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
     let (interface, xdp_mode) = (config.interface.clone(), config.xdp_mode);
+    let socket_lb = config.socket_lb.clone();
     let (mut state, mut supervisor_events) =
         State::new(config, config_path, datapath, msgs, cancel.clone());
     state.start(specs, &inherited, &persisted);
@@ -81,6 +82,10 @@ pub async fn run(
         .datapath
         .attach(&interface, xdp_mode)
         .with_context(|| format!("attaching to {interface}"))?;
+    let cgroup = state
+        .datapath
+        .attach_sockets(&socket_lb)
+        .context("attaching the socket-level programs")?;
     state.persist();
 
     let (control, mut requests) = mpsc::channel(64);
@@ -105,6 +110,7 @@ pub async fn run(
         vips = state.config.vips.len(),
         backends = state.backends.len(),
         inherited = inherited.in_table.len(),
+        socket_lb = %cgroup.as_deref().map_or_else(|| "off".into(), |p| p.display().to_string()),
         pin_path = %state.config.pin_path.display(),
         socket = %socket.display(),
         "gpulb ready"

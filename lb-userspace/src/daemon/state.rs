@@ -768,12 +768,13 @@ impl State {
             Err(e) => return reload_rejected(ErrorChain(&e).to_string()),
         };
         let old = &self.config;
-        let fixed: [(&str, bool); 5] = [
+        let fixed: [(&str, bool); 6] = [
             ("interface", new.interface != old.interface),
             ("xdp_mode", new.xdp_mode != old.xdp_mode),
             ("pin_path", new.pin_path != old.pin_path),
             ("state_dir", new.state_dir != old.state_dir),
             ("conntrack_size", new.conntrack_size != old.conntrack_size),
+            ("socket_lb", new.socket_lb != old.socket_lb),
         ];
         if let Some((field, _)) = fixed.iter().find(|(_, changed)| *changed) {
             return reload_rejected(format!(

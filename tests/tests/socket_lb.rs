@@ -1,0 +1,101 @@
+//! Clients on the gpulb host itself: their sockets never cross the NIC's XDP hook, so the
+//! cgroup connect4/getpeername4 programs balance them with the same tables. Needs root.
+
+use std::{collections::BTreeSet, net::SocketAddrV4, time::Duration};
+
+use gpulb_testbed::{Extra, PinDir, Stack, VIP, VIP_PORT, burst, gpulb_cli, vip_url};
+
+/// Packets per verdict reason, from `gpulb stats --json`.
+fn reason(stack: &Stack, name: &str) -> u64 {
+    let out = gpulb_cli(&["stats", "--pin-path", &stack.pin_arg(), "--json"]).expect("stats");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("stats JSON");
+    rows.iter()
+        .find(|r| r["reason"] == name)
+        .and_then(|r| r["packets"].as_u64())
+        .unwrap_or_else(|| panic!("no reason {name} in {out}"))
+}
+
+#[test]
+fn host_clients_are_balanced_at_the_socket() {
+    let stack = Stack::start("socklb", 4, PinDir::new("socklb"), &[]).expect("stack");
+    let url = vip_url("/v1/chat/completions");
+
+    // A client across the veth goes through XDP, not the socket programs.
+    let (xdp_before, sock_before) = (
+        reason(&stack, "fwd_new_flow"),
+        reason(&stack, "sock_balanced"),
+    );
+    let replies = burst(&stack.topo.client, &url, 4, 1, false, 4).expect("remote requests");
+    assert!(replies.iter().all(Result::is_ok), "{replies:?}");
+    assert_eq!(
+        reason(&stack, "sock_balanced"),
+        sock_before,
+        "remote client not socket-balanced"
+    );
+    assert!(
+        reason(&stack, "fwd_new_flow") >= xdp_before + 4,
+        "remote client balanced by XDP"
+    );
+
+    // The host side (where gpulb and the instances run) has no route to the VIP at all: only
+    // the socket programs get its requests anywhere.
+    const N: usize = 24;
+    let replies = burst(&stack.topo.lb, &url, N, 1, false, 4).expect("host requests");
+    let instances: BTreeSet<String> = replies
+        .into_iter()
+        .map(|r| r.expect("a host request is answered").instance)
+        .collect();
+    assert!(
+        instances.len() > 1,
+        "host connections spread over instances: {instances:?}"
+    );
+    assert!(
+        reason(&stack, "sock_balanced") >= sock_before + N as u64,
+        "each host connection balanced at connect()"
+    );
+
+    // getpeername() shows the VIP the application connected to, not the backend.
+    let peer = stack
+        .topo
+        .lb
+        .run(|| {
+            let s = std::net::TcpStream::connect_timeout(
+                &SocketAddrV4::new(VIP, VIP_PORT).into(),
+                Duration::from_secs(2),
+            )?;
+            s.peer_addr()
+        })
+        .expect("thread")
+        .expect("connect from the host side");
+    assert_eq!(peer, SocketAddrV4::new(VIP, VIP_PORT).into());
+}
+
+#[test]
+fn socket_balancing_can_be_turned_off() {
+    let stack = Stack::start_with(
+        "socklb-off",
+        2,
+        PinDir::new("socklb-off"),
+        &[],
+        Extra {
+            top: "socket_lb = \"off\"",
+            ..Extra::default()
+        },
+    )
+    .expect("stack");
+    let connect = stack
+        .topo
+        .lb
+        .run(|| {
+            std::net::TcpStream::connect_timeout(
+                &SocketAddrV4::new(VIP, VIP_PORT).into(),
+                Duration::from_secs(1),
+            )
+        })
+        .expect("thread");
+    assert!(
+        connect.is_err(),
+        "no socket balancing: the host has no route to the VIP"
+    );
+    assert_eq!(reason(&stack, "sock_balanced"), 0);
+}
