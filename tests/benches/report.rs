@@ -548,9 +548,9 @@ fn steering(opts: &Opts, report: &mut Report) {
         ("bounded load 1.0", "b1", "load_bound = 1.0\n"),
         ("bounded load 1.25", "bl", "load_bound = 1.25\n"),
         (
-            "load-aware + bounded 1.25",
+            "load-aware + bounded 1.0",
             "lb",
-            "load_aware = true\nload_bound = 1.25\n",
+            "load_aware = true\nload_bound = 1.0\n",
         ),
     ];
     let mut t = format!(

@@ -300,3 +300,53 @@ fn affinity_keeps_a_client_on_one_backend_until_it_is_over_its_bound() {
     );
     drop(held);
 }
+
+#[test]
+fn admission_limits_change_by_reload_and_a_rejected_one_changes_nothing() {
+    let stack = Stack::start_with(
+        "admit-reload",
+        2,
+        PinDir::new("admit-reload"),
+        &[],
+        Extra {
+            top: XDP_TX_MODE,
+            vip: "[vip.admission]\nallow = [\"198.18.0.2/32\"]\n",
+            backend: "",
+        },
+    )
+    .expect("stack");
+    let client = &stack.topo.client;
+    let from = |src| {
+        let c = connects(client, Some(src), vip(), 1, Duration::from_secs(2)).expect("connect");
+        count(&c).0 == 1
+    };
+    assert!(from(CLIENT_ADDR), "allowed source");
+    assert!(!from(CLIENT_ADDR2), "source outside the allow-list");
+
+    // An invalid allow-list is rejected whole: the running one stays.
+    let text = std::fs::read_to_string(&stack.config).expect("config");
+    std::fs::write(
+        &stack.config,
+        text.replace("198.18.0.2/32", "198.18.0.3/24"),
+    )
+    .expect("write");
+    let e = stack.ctl(&["reload"]).expect_err("host bits set");
+    assert!(e.to_string().contains("has host bits set"), "{e:#}");
+    assert!(from(CLIENT_ADDR) && !from(CLIENT_ADDR2), "nothing changed");
+
+    // A valid one is applied as a diff: the new prefix in, the old one out.
+    std::fs::write(
+        &stack.config,
+        text.replace("198.18.0.2/32", "198.18.0.3/32"),
+    )
+    .expect("write");
+    stack.ctl(&["reload"]).expect("reload");
+    assert!(from(CLIENT_ADDR2), "newly allowed source");
+    assert!(!from(CLIENT_ADDR), "no longer allowed source");
+    let row = vip_row(&stack);
+    assert_eq!(
+        row["allow"],
+        serde_json::json!(["198.18.0.3/32"]),
+        "{row:#}"
+    );
+}

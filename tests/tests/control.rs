@@ -719,3 +719,21 @@ fn load_aware_weights_steer_away_from_a_slow_instance() {
         "fewer requests go to the slow instance: {aware:?} vs {equal:?}"
     );
 }
+
+#[test]
+fn bounded_load_evens_out_the_hash_imbalance_of_equal_instances() {
+    // Four equal instances (4 slots each) and 16 streams at a time: hashing alone puts more
+    // than 4 on some instance now and then, and those wait; load_bound = 1.0 gives each new
+    // flow to an instance below its share of the live flows.
+    let equal = gpulb_testbed::four_instance_scenario("bequal", "", &[], 96, 16, 24)
+        .expect("equal weights");
+    let bounded =
+        gpulb_testbed::four_instance_scenario("bbound", "load_bound = 1.0\n", &[], 96, 16, 24)
+            .expect("bounded load");
+    eprintln!("equal weights: {equal:?}\nbounded load:  {bounded:?}");
+    assert_eq!(equal.failed + bounded.failed, 0, "{equal:?} {bounded:?}");
+    assert!(
+        bounded.ttft_p95_ms < equal.ttft_p95_ms,
+        "bounded load must lower TTFT p95: {bounded:?} vs {equal:?}"
+    );
+}
