@@ -25,6 +25,8 @@ pub mod maps {
     pub const ADMIT_STATS: &str = "ADMIT_STATS";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     pub const SOCK_NETNS: &str = "SOCK_NETNS";
+    /// Pinned by earlier versions, removed at load: `REASONS` had 11 entries.
+    pub const RETIRED: [&str; 1] = ["REASONS"];
     /// Every map the daemon pins; the CLI and the clean-up use this list.
     pub const ALL: [&str; 16] = [
         SERVICES,

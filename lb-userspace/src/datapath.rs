@@ -156,7 +156,7 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<(), DatapathError> {
 }
 
 /// Key size, value size and max entries each pinned map must have.
-fn expected_layout(conntrack_size: u32) -> [(&'static str, u32, u32, Option<u32>); 8] {
+fn expected_layout(conntrack_size: u32) -> [(&'static str, u32, u32, Option<u32>); 16] {
     use std::mem::size_of;
 
     use lb_common::*;
@@ -199,7 +199,45 @@ fn expected_layout(conntrack_size: u32) -> [(&'static str, u32, u32, Option<u32>
             s(size_of::<Counters>()),
             Some(MAX_BACKENDS),
         ),
-        (names::REASONS, 4, 8, None),
+        (names::REASONS, 4, 8, Some(Reason::COUNT)),
+        (
+            names::LIMITS,
+            4,
+            s(size_of::<ServiceLimits>()),
+            Some(MAX_SERVICES),
+        ),
+        (
+            names::RATE_LIMIT,
+            s(size_of::<RateKey>()),
+            8,
+            Some(RATE_LIMIT_ENTRIES),
+        ),
+        (
+            names::ALLOW,
+            s(4 + size_of::<AllowKey>()),
+            4,
+            Some(ALLOW_ENTRIES),
+        ),
+        (names::LIVE_FLOWS, 4, 8, Some(MAX_BACKENDS)),
+        (
+            names::CANDIDATES,
+            4,
+            s(size_of::<Candidates>()),
+            Some(MAX_SERVICES),
+        ),
+        (
+            names::ADMIT_STATS,
+            4,
+            s(size_of::<AdmitCounters>()),
+            Some(MAX_SERVICES),
+        ),
+        (
+            names::SOCK_REVNAT,
+            s(size_of::<SockRevKey>()),
+            s(size_of::<RevNat>()),
+            Some(SOCK_REVNAT_ENTRIES),
+        ),
+        (names::SOCK_NETNS, 4, 8, Some(1)),
     ]
 }
 
@@ -254,6 +292,10 @@ impl Datapath {
             source,
         })?;
         check_pinned(pin_path, conntrack_size)?;
+        // Maps of older versions that nothing reads any more.
+        for name in names::RETIRED {
+            let _ = fs::remove_file(pin_path.join(name));
+        }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_path)
             .map_max_entries(names::CONNS, conntrack_size)
@@ -583,7 +625,10 @@ pub fn remove_pins(pin_path: &Path) -> io::Result<()> {
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("link_"))
         .map(|e| e.path());
-    let maps = names::ALL.iter().map(|name| pin_path.join(name));
+    let maps = names::ALL
+        .iter()
+        .chain(&names::RETIRED)
+        .map(|name| pin_path.join(name));
     for path in links.collect::<Vec<_>>().into_iter().chain(maps) {
         match fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
