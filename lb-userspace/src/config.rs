@@ -108,7 +108,7 @@ struct RawModel {
     max_flows: i64,
     #[serde(default)]
     env: BTreeMap<String, String>,
-    /// Where the instances report their load: "vllm" (`/metrics`), "llamacpp" (`/slots`),
+    /// Where the instances report their load: "vllm", "sglang", "tgi" (`/metrics`), "llamacpp" (`/slots`),
     /// "none".
     #[serde(default = "default_load_source")]
     load: String,
@@ -1037,7 +1037,10 @@ impl RawModel {
         let load = crate::load::LoadSource::parse(&self.load).ok_or_else(|| {
             invalid(
                 f("load"),
-                format!("{:?} is not \"vllm\", \"llamacpp\" or \"none\"", self.load),
+                format!(
+                    "{:?} is not \"vllm\", \"sglang\", \"tgi\", \"llamacpp\" or \"none\"",
+                    self.load
+                ),
             )
         })?;
         Ok(Model {
@@ -1643,8 +1646,8 @@ base_port = 9001
             ),
             (
                 "base_port = 9001",
-                "base_port = 9001\nload = \"sglang\"",
-                "model[0].load: \"sglang\" is not \"vllm\", \"llamacpp\" or \"none\"",
+                "base_port = 9001\nload = \"sglng\"",
+                "model[0].load: \"sglng\" is not \"vllm\", \"sglang\", \"tgi\", \"llamacpp\" or \"none\"",
             ),
             (
                 "base_port = 9001",

@@ -14,6 +14,11 @@ pub enum LoadSource {
     /// Prometheus `/metrics` with vLLM's names (also gpulb-sim):
     /// `vllm:num_requests_running`, `vllm:num_requests_waiting`, KV-cache usage.
     Vllm,
+    /// SGLang's Prometheus `/metrics` (`--enable-metrics`): `sglang:num_running_reqs`,
+    /// `sglang:num_queue_reqs`, `sglang:token_usage`.
+    Sglang,
+    /// Text Generation Inference's `/metrics`: `tgi_batch_current_size`, `tgi_queue_size`.
+    Tgi,
     /// llama.cpp server `/slots`: the share of slots processing.
     Llamacpp,
     None,
@@ -23,11 +28,47 @@ impl LoadSource {
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "vllm" => Some(Self::Vllm),
+            "sglang" => Some(Self::Sglang),
+            "tgi" => Some(Self::Tgi),
             "llamacpp" => Some(Self::Llamacpp),
             "none" => Some(Self::None),
             _ => None,
         }
     }
+
+    /// The Prometheus gauges of an engine that exports them.
+    fn gauges(self) -> Option<Gauges> {
+        match self {
+            Self::Vllm => Some(Gauges {
+                running: "vllm:num_requests_running",
+                waiting: "vllm:num_requests_waiting",
+                // vLLM renamed the gauge; either is a 0-1 fraction.
+                cache: &["vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"],
+            }),
+            Self::Sglang => Some(Gauges {
+                running: "sglang:num_running_reqs",
+                waiting: "sglang:num_queue_reqs",
+                cache: &["sglang:token_usage"],
+            }),
+            // TGI exports no KV-cache or batch-capacity gauge: an instance counts as loaded
+            // once requests queue.
+            Self::Tgi => Some(Gauges {
+                running: "tgi_batch_current_size",
+                waiting: "tgi_queue_size",
+                cache: &[],
+            }),
+            Self::Llamacpp | Self::None => None,
+        }
+    }
+}
+
+/// Names of an engine's load gauges in its Prometheus text.
+#[derive(Debug, Clone, Copy)]
+struct Gauges {
+    running: &'static str,
+    waiting: &'static str,
+    /// KV-cache use as a 0-1 fraction, under any of these names.
+    cache: &'static [&'static str],
 }
 
 /// Weights are scaled by this in load-aware mode, so a busy backend can drop to a small
@@ -46,6 +87,15 @@ const ALPHA: f64 = 0.5;
 /// One load figure from vLLM-style metrics: KV-cache usage (how full the batch is) plus
 /// the queue relative to what runs. Idle 0, full batch about 1, queueing above 1.
 pub fn from_vllm_metrics(text: &str) -> Result<f64, String> {
+    from_metrics(text, LoadSource::Vllm)
+}
+
+/// The same figure from the Prometheus text of `source` (vLLM, SGLang, TGI). Series of one
+/// gauge (several data-parallel ranks, say) are summed.
+pub fn from_metrics(text: &str, source: LoadSource) -> Result<f64, String> {
+    let g = source
+        .gauges()
+        .ok_or_else(|| format!("{source:?} exports no Prometheus load gauges"))?;
     let value = |names: &[&str]| -> Option<f64> {
         let mut found = None;
         for line in text.lines().filter(|l| !l.starts_with('#')) {
@@ -57,12 +107,21 @@ pub fn from_vllm_metrics(text: &str) -> Result<f64, String> {
         }
         found
     };
-    let running =
-        value(&["vllm:num_requests_running"]).ok_or("no vllm:num_requests_running in /metrics")?;
-    let waiting = value(&["vllm:num_requests_waiting"]).unwrap_or(0.0);
-    // vLLM renamed the gauge; either is a 0-1 fraction.
-    let cache = value(&["vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"]).unwrap_or(0.0);
-    Ok(cache.clamp(0.0, 1.0) + waiting / running.max(1.0))
+    let running = value(&[g.running]).ok_or_else(|| format!("no {} in /metrics", g.running))?;
+    let waiting = value(&[g.waiting]).unwrap_or(0.0);
+    let cache = value(g.cache).unwrap_or(0.0);
+    // Data-parallel ranks each report a fraction; their mean is the instance's.
+    let ranks = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            g.cache
+                .iter()
+                .any(|c| l.split(['{', ' ']).next() == Some(c))
+        })
+        .count()
+        .max(1) as f64;
+    Ok((cache / ranks).clamp(0.0, 1.0) + waiting / running.max(1.0))
 }
 
 /// llama.cpp's `/slots`: the share of slots processing a request.
@@ -87,7 +146,7 @@ pub async fn scrape(
     timeout: Duration,
 ) -> Result<f64, String> {
     let path = match source {
-        LoadSource::Vllm => "/metrics",
+        LoadSource::Vllm | LoadSource::Sglang | LoadSource::Tgi => "/metrics",
         LoadSource::Llamacpp => "/slots",
         LoadSource::None => return Ok(0.0),
     };
@@ -102,7 +161,7 @@ pub async fn scrape(
     }
     let body = resp.text().await.map_err(|e| format!("GET {path}: {e}"))?;
     match source {
-        LoadSource::Vllm => from_vllm_metrics(&body),
+        LoadSource::Vllm | LoadSource::Sglang | LoadSource::Tgi => from_metrics(&body, source),
         LoadSource::Llamacpp => from_llamacpp_slots(&body),
         LoadSource::None => Ok(0.0),
     }
@@ -171,6 +230,28 @@ mod tests {
         assert!((from_vllm_metrics(&newer).expect("parses") - 1.25).abs() < 1e-9);
         let e = from_vllm_metrics("up 1\n").expect_err("not vLLM");
         assert!(e.contains("vllm:num_requests_running"), "{e}");
+    }
+
+    #[test]
+    fn sglang_and_tgi_loads_use_their_own_gauges() {
+        // As SGLang serves them with --enable-metrics; two data-parallel ranks.
+        let sglang = "# HELP sglang:token_usage The token usage.\n\
+            sglang:token_usage{model_name=\"q\",dp_rank=\"0\"} 0.6\n\
+            sglang:token_usage{model_name=\"q\",dp_rank=\"1\"} 0.4\n\
+            sglang:num_running_reqs{model_name=\"q\",dp_rank=\"0\"} 4\n\
+            sglang:num_running_reqs{model_name=\"q\",dp_rank=\"1\"} 4\n\
+            sglang:num_queue_reqs{model_name=\"q\",dp_rank=\"0\"} 2\n\
+            sglang:num_queue_reqs{model_name=\"q\",dp_rank=\"1\"} 2\n";
+        let load = from_metrics(sglang, LoadSource::Sglang).expect("parses");
+        assert!(
+            (load - 1.0).abs() < 1e-9,
+            "mean usage 0.5 + queue 4 / running 8: {load}"
+        );
+        let tgi = "# TYPE tgi_queue_size gauge\ntgi_queue_size 6\ntgi_batch_current_size 3\n";
+        let load = from_metrics(tgi, LoadSource::Tgi).expect("parses");
+        assert!((load - 2.0).abs() < 1e-9, "queue 6 / batch 3: {load}");
+        let e = from_metrics(VLLM, LoadSource::Tgi).expect_err("not TGI");
+        assert!(e.contains("tgi_batch_current_size"), "{e}");
     }
 
     #[test]

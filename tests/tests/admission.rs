@@ -184,6 +184,8 @@ fn capped_backends_refuse_new_flows_fast_when_all_are_full() {
         assert_eq!(r["live_flows"].as_u64(), Some(CAP as u64), "{r:#}");
         assert_eq!(r["max_flows"].as_u64(), Some(CAP as u64), "{r:#}");
     }
+    let row = vip_row(&stack);
+    assert_eq!(row["backends_full"].as_u64(), Some(3), "{row:#}");
     // Closing one held connection (a FIN) frees its slot.
     held.pop();
     assert!(
@@ -194,8 +196,6 @@ fn capped_backends_refuse_new_flows_fast_when_all_are_full() {
         }),
         "a freed slot takes a new flow"
     );
-    let row = vip_row(&stack);
-    assert_eq!(row["backends_full"].as_u64(), Some(3), "{row:#}");
 
     // A count the data path can no longer lower (a client that vanished without FIN or RST)
     // is set down to the backend's connections by the daemon.
@@ -242,14 +242,31 @@ fn affinity_keeps_a_client_on_one_backend_until_it_is_over_its_bound() {
     .expect("stack");
     let client = &stack.topo.client;
 
-    // One connection at a time, each closed before the next: all on one instance.
+    // One connection at a time, each ended (its FIN counted by the data path) before the
+    // next opens, so the preferred backend is always under its bound: all on one instance.
+    // (Overlapping connections would not be: at one live flow among four backends, the bound
+    // is ceil(1.5 × 2 / 4) = 1.)
+    let counted = |stack: &Stack| -> u64 {
+        stack
+            .backends()
+            .expect("backends")
+            .iter()
+            .map(|r| r["live_flows"].as_u64().unwrap_or(0))
+            .sum()
+    };
     let instances: Vec<String> = (0..12)
         .map(|_| {
             let mut c = connects(client, None, vip(), 1, Duration::from_secs(2)).expect("connect");
             let Some(Connect::Open(mut stream)) = c.pop() else {
                 panic!("connection opens: {c:?}");
             };
-            completion_on(&mut stream).expect("completion")
+            let instance = completion_on(&mut stream).expect("completion");
+            drop(stream);
+            assert!(
+                wait_until(Duration::from_secs(5), || counted(&stack) == 0),
+                "the closed connection's flow ended"
+            );
+            instance
         })
         .collect();
     let first = instances[0].clone();
