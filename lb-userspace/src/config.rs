@@ -1134,6 +1134,10 @@ impl RawVip {
             let port = parse_port(&bf("port"), raw.port)?;
             let weight = parse_weight(&bf("weight"), raw.weight)?;
             let max_flows = parse_max_flows(&bf("max_flows"), raw.max_flows)?;
+            // Only TCP flows are counted (a FIN or RST ends them); UDP has no end to count.
+            if max_flows != 0 && protocol == Protocol::Udp {
+                return Err(invalid(bf("max_flows"), "needs a TCP VIP"));
+            }
             if let Some(prev) = backends
                 .iter()
                 .position(|b| b.address == address && b.port == port)
@@ -1172,6 +1176,9 @@ impl RawVip {
             },
             load_bound_pct: match self.load_bound {
                 0.0 => 0,
+                _ if protocol == Protocol::Udp => {
+                    return Err(invalid(f("load_bound"), "needs a TCP VIP"));
+                }
                 b if (1.0..=10.0).contains(&b) => (b * 100.0).round() as u32,
                 b => {
                     return Err(invalid(
@@ -1339,6 +1346,11 @@ port = 8002
             let got = error_for(VIP_LINE, &format!("port = 80\n{extra}"));
             assert!(got.contains(want), "{extra:?}: {got}");
         }
+        let udp = error_for(
+            VIP_LINE,
+            "port = 80\nprotocol = \"udp\"\nload_bound = 1.5\n",
+        );
+        assert!(udp.contains("vip[0].load_bound: needs a TCP VIP"), "{udp}");
         let got = error_for("port = 8002\n", "port = 8002\nmax_flows = 70000\n");
         assert!(
             got.contains("vip[0].backend[1].max_flows: 70000 is out of range"),

@@ -238,7 +238,7 @@ fn scrape_maps(pin_path: &std::path::Path, status: &[BackendStatus]) -> anyhow::
     );
     let max_flows = gauge(
         "gpulb_backend_max_flows",
-        "The backend's cap on concurrent TCP flows (absent: none).",
+        "The backend's cap on concurrent TCP flows (0: none).",
         &labels,
     );
     let in_table = gauge(
@@ -307,9 +307,7 @@ fn scrape_maps(pin_path: &std::path::Path, status: &[BackendStatus]) -> anyhow::
         counted
             .with_label_values(&l)
             .set(maps.live_flows(id)? as i64);
-        if b.max_flows != 0 {
-            max_flows.with_label_values(&l).set(i64::from(b.max_flows));
-        }
+        max_flows.with_label_values(&l).set(i64::from(b.max_flows));
         let Some(s) = s else {
             weight.with_label_values(&l).set(i64::from(b.weight));
             continue;
