@@ -700,6 +700,8 @@ pub struct Extra<'a> {
     pub vip: &'a str,
     /// In each `[[vip.backend]]`.
     pub backend: &'a str,
+    /// At the end of the config (more `[[vip]]`s, say).
+    pub tail: &'a str,
 }
 
 /// Generic-mode XDP, for tests of the data path's RSTs: a veth delivers what native XDP_TX
@@ -740,6 +742,7 @@ impl Stack {
             top: top_extra,
             vip: vip_extra,
             backend: backend_extra,
+            tail,
         } = extra;
         let topo = Topology::new(tag)?;
         let dir = TempDir::new(tag)?;
@@ -767,8 +770,10 @@ impl Stack {
                 sim_port(i)
             ));
         }
+        vip.push_str(tail);
         let stack = Self::launch(topo, dir, pins, sims, top_extra, vip_extra, &vip)?;
-        stack.wait_ready(backends, Duration::from_secs(30))?;
+        // At least: `tail` may add backends of its own.
+        stack.wait_ready_by(backends, Duration::from_secs(30), |ready, n| ready >= n)?;
         Ok(stack)
     }
 
@@ -865,6 +870,15 @@ impl Stack {
 
     /// Waits until `n` backends are ready (in the table, probes passing).
     pub fn wait_ready(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_ready_by(n, timeout, |ready, n| ready == n)
+    }
+
+    fn wait_ready_by(
+        &self,
+        n: usize,
+        timeout: Duration,
+        done: impl Fn(usize, usize) -> bool,
+    ) -> anyhow::Result<()> {
         let mut last = serde_json::Value::Null;
         let ok = wait_until(timeout, || {
             let Ok(rows) = self.backends() else {
@@ -872,7 +886,7 @@ impl Stack {
             };
             let ready = rows.iter().filter(|r| r["state"] == "ready").count();
             last = serde_json::Value::Array(rows);
-            ready == n
+            done(ready, n)
         });
         ensure!(
             ok,

@@ -49,7 +49,7 @@ fn syn_flood_from_one_source_is_rate_limited_and_other_sources_get_through() {
                 "[vip.admission]\nrate = {RATE}\nburst = {BURST}\nrefuse = \"rst\"\n\
                  allow = [\"198.18.0.2/31\"]\n"
             ),
-            backend: "",
+            ..Extra::default()
         },
     )
     .expect("stack");
@@ -155,6 +155,7 @@ fn capped_backends_refuse_new_flows_fast_when_all_are_full() {
             top: XDP_TX_MODE,
             vip: "[vip.admission]\nrefuse = \"rst\"\n",
             backend: &format!("max_flows = {CAP}"),
+            ..Extra::default()
         },
     )
     .expect("stack");
@@ -328,7 +329,7 @@ fn admission_limits_change_by_reload_and_a_rejected_one_changes_nothing() {
         Extra {
             top: XDP_TX_MODE,
             vip: "[vip.admission]\nallow = [\"198.18.0.2/32\"]\n",
-            backend: "",
+            ..Extra::default()
         },
     )
     .expect("stack");

@@ -1,9 +1,14 @@
 //! Clients on the gpulb host itself: their sockets never cross the NIC's XDP hook, so the
-//! cgroup connect4/getpeername4 programs balance them with the same tables. Needs root.
+//! cgroup connect4/sendmsg4/getpeername4/recvmsg4 programs balance them with the same
+//! tables. Needs root.
 
-use std::{collections::BTreeSet, net::SocketAddrV4, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{SocketAddr, SocketAddrV4, UdpSocket},
+    time::Duration,
+};
 
-use gpulb_testbed::{Extra, PinDir, Stack, VIP, VIP_PORT, burst, gpulb_cli, vip_url};
+use gpulb_testbed::{Extra, LB_ADDR, PinDir, Stack, VIP, VIP_PORT, burst, gpulb_cli, vip_url};
 
 /// Packets per verdict reason, from `gpulb stats --json`.
 fn reason(stack: &Stack, name: &str) -> u64 {
@@ -98,4 +103,75 @@ fn socket_balancing_can_be_turned_off() {
         "no socket balancing: the host has no route to the VIP"
     );
     assert_eq!(reason(&stack, "sock_balanced"), 0);
+}
+
+#[test]
+fn host_udp_sockets_are_balanced_and_see_the_vip_as_the_sender() {
+    // A UDP "backend" the test owns: it echoes each datagram back to its sender.
+    const DNS_VIP_PORT: u16 = 53;
+    const ECHO_PORT: u16 = 5353;
+    let stack = Stack::start_with(
+        "socklb-udp",
+        1,
+        PinDir::new("socklb-udp"),
+        &[],
+        Extra {
+            tail: &format!(
+                "\n[[vip]]\nname = \"dns\"\naddress = \"{VIP}\"\nport = {DNS_VIP_PORT}\n\
+                 protocol = \"udp\"\n[[vip.backend]]\naddress = \"{LB_ADDR}\"\nport = {ECHO_PORT}\n"
+            ),
+            ..Extra::default()
+        },
+    )
+    .expect("stack");
+    let echo = stack
+        .topo
+        .lb
+        .spawn(|| -> std::io::Result<usize> {
+            let s = UdpSocket::bind(SocketAddrV4::new(LB_ADDR, ECHO_PORT))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut buf = [0u8; 64];
+            for served in 0..2 {
+                let Ok((n, from)) = s.recv_from(&mut buf) else {
+                    return Ok(served);
+                };
+                s.send_to(&buf[..n], from)?;
+            }
+            Ok(2)
+        })
+        .expect("echo thread");
+    let vip = SocketAddrV4::new(VIP, DNS_VIP_PORT);
+    let seen = stack
+        .topo
+        .lb
+        .run(move || -> std::io::Result<(SocketAddr, SocketAddr)> {
+            let mut buf = [0u8; 64];
+            // Unconnected: sendmsg4 picks the backend, recvmsg4 shows the VIP as the sender.
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.send_to(b"ping", vip)?;
+            let (n, from) = s.recv_from(&mut buf)?;
+            assert_eq!(&buf[..n], b"ping");
+            // Connected: connect4 picks it, getpeername4 shows the VIP.
+            let c = UdpSocket::bind("0.0.0.0:0")?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            c.connect(vip)?;
+            c.send(b"pong")?;
+            let n = c.recv(&mut buf)?;
+            assert_eq!(&buf[..n], b"pong");
+            Ok((from, c.peer_addr()?))
+        })
+        .expect("thread")
+        .expect("UDP through the VIP from the host side");
+    assert_eq!(
+        seen,
+        (vip.into(), vip.into()),
+        "the VIP is the peer both ways"
+    );
+    let served = echo.join().expect("echo thread").expect("echo");
+    assert_eq!(
+        served.expect("echo socket"),
+        2,
+        "both datagrams reached the backend"
+    );
 }
