@@ -430,8 +430,8 @@ enum Refusal {
     BackendsFull,
 }
 
-/// Counts the refusal for the VIP, and answers a SYN with a RST when the VIP says so (and the
-/// packet allows: no IPv4 options); anything else is dropped.
+/// Counts the refusal for the VIP, and answers a SYN with a RST when the VIP says so;
+/// anything else is dropped.
 #[inline(always)]
 fn refuse(
     ctx: &XdpContext,
@@ -464,7 +464,7 @@ fn count_admission(service_id: u32, field: impl FnOnce(&mut AdmitCounters) -> &m
 /// IPv4 and TCP headers rewritten, anything after the TCP header cut off.
 #[inline(always)]
 fn write_reset(ctx: &XdpContext, pkt: &L4Packet) -> Option<()> {
-    if pkt.flow.proto != PROTO_TCP || pkt.is_syn == 0 || pkt.l4 != pkt.l3 + 20 {
+    if pkt.flow.proto != PROTO_TCP || pkt.is_syn == 0 {
         return None;
     }
     let tcp: *const network_types::tcp::TcpHdr = ptr_at(ctx, pkt.l4)?;
@@ -477,8 +477,10 @@ fn write_reset(ctx: &XdpContext, pkt: &L4Packet) -> Option<()> {
         pkt.flow.dport_be,
         seq,
     );
+    // The answer has no IPv4 options: its TCP header follows at l3 + 20, over whatever the
+    // SYN had there (options included), and the rest is cut off.
     let len = ctx.data_end() - ctx.data();
-    let want = pkt.l4 + 20;
+    let want = pkt.l3 + 40;
     if len > want {
         // SAFETY: the helper only moves data_end; every pointer is re-derived below.
         if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - want) as i32)) } != 0 {

@@ -670,6 +670,14 @@ fn xdp_admission_control() {
     );
     assert_checksums_valid("RST", &rst);
 
+    // A SYN with IPv4 options gets the same 54-byte answer (no options).
+    let opts = with_ip_options(tcp_flags(CLIENT, limited, 41003, true, false));
+    let (action, rst, reason) = run(&mut dp, "SYN with options over the rate", &opts);
+    assert_eq!((action, reason), (XDP_TX, Reason::RefuseReset));
+    assert_eq!(rst.len(), 14 + 40, "options dropped from the answer");
+    assert_eq!(u16::from_be(flow_of(&rst).dport_be), 41003);
+    assert_checksums_valid("RST to a SYN with options", &rst);
+
     // The established flow of a rate-limited source is untouched.
     let (action, _, reason) = run(
         &mut dp,
@@ -709,7 +717,7 @@ fn xdp_admission_control() {
         .expect("admission counters");
     assert_eq!(
         (c.rate_limited, c.not_allowed, c.backends_full),
-        (1, 1, 0),
+        (2, 1, 0),
         "{c:?}"
     );
 
