@@ -287,6 +287,11 @@ pub fn apply(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<Ap
             let unchanged = current_backends
                 .iter()
                 .any(|&(i, b)| i == id && b == backend);
+            if !current_backends.iter().any(|&(i, _)| i == id) {
+                // A fresh id starts with no live flows, whatever a backend that once had it
+                // left counted.
+                maps.set_live_flows(id, 0)?;
+            }
             if !unchanged {
                 maps.set_backend(id, backend)?;
             }
