@@ -124,22 +124,24 @@ fn host_udp_sockets_are_balanced_and_see_the_vip_as_the_sender() {
         },
     )
     .expect("stack");
-    let echo = stack
+    // Bound before anything is sent (a socket stays in the namespace it was made in).
+    let socket = stack
         .topo
         .lb
-        .spawn(|| -> std::io::Result<usize> {
-            let s = UdpSocket::bind(SocketAddrV4::new(LB_ADDR, ECHO_PORT))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            let mut buf = [0u8; 64];
-            for served in 0..2 {
-                let Ok((n, from)) = s.recv_from(&mut buf) else {
-                    return Ok(served);
-                };
-                s.send_to(&buf[..n], from)?;
-            }
-            Ok(2)
-        })
-        .expect("echo thread");
+        .run(|| UdpSocket::bind(SocketAddrV4::new(LB_ADDR, ECHO_PORT)))
+        .expect("thread")
+        .expect("echo socket");
+    let echo = std::thread::spawn(move || -> std::io::Result<usize> {
+        socket.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = [0u8; 64];
+        for served in 0..2 {
+            let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                return Ok(served);
+            };
+            socket.send_to(&buf[..n], from)?;
+        }
+        Ok(2)
+    });
     let vip = SocketAddrV4::new(VIP, DNS_VIP_PORT);
     let seen = stack
         .topo
@@ -169,9 +171,5 @@ fn host_udp_sockets_are_balanced_and_see_the_vip_as_the_sender() {
         "the VIP is the peer both ways"
     );
     let served = echo.join().expect("echo thread").expect("echo");
-    assert_eq!(
-        served.expect("echo socket"),
-        2,
-        "both datagrams reached the backend"
-    );
+    assert_eq!(served, 2, "both datagrams reached the backend");
 }
