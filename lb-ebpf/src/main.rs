@@ -210,15 +210,14 @@ fn select_backend(
     let slot = maglev_index(service, hash);
     let mut backend_id = *MAGLEV.get(slot).ok_or(Reason::DropNoBackend)?;
     let mut backend = lookup_backend(backend_id).ok_or(Reason::DropNoBackend)?;
-    if is_new
-        && limits.flags & LIMIT_CHECK_LOAD != 0
-        && !has_room_for(backend_id, &backend, service, &limits)
-    {
-        match next_with_room(service, &limits, hash) {
-            Some((id, b)) => {
+    if is_new && limits.flags & LIMIT_CHECK_LOAD != 0 {
+        match pick_with_room(service, &limits, hash, backend_id, backend) {
+            Some((id, b, redirected)) => {
+                if redirected {
+                    count_admission(service.id, |c| &mut c.redirected);
+                }
                 backend_id = id;
                 backend = b;
-                count_admission(service.id, |c| &mut c.redirected);
             }
             None => return Err(refuse(ctx, pkt, service, &limits, Refusal::BackendsFull)),
         }
@@ -341,28 +340,84 @@ fn is_over_rate(service_id: u32, flow: &FlowKey, limits: &ServiceLimits, now: u6
     false
 }
 
-/// Whether a backend may take one more flow: under its cap, and (bounded load) under its
-/// weighted share of the service's live flows times `bound_pct`%.
+/// The backend for a new flow of a VIP whose backends have caps or a load bound: the Maglev
+/// pick if it has room, else the first candidate with room, walked from a place the flow's
+/// hash picks (so one client's flows try them in the same order). `true` with a backend
+/// other than the pick; `None` when every backend is full.
 #[inline(always)]
-fn has_room_for(id: u32, backend: &Backend, service: &Service, limits: &ServiceLimits) -> bool {
-    let live = live_flows(id);
-    if backend.max_flows != 0 && live >= backend.max_flows as u64 {
-        return false;
-    }
-    if limits.bound_pct == 0 {
-        return true;
-    }
-    let Some(c) = CANDIDATES.get(service.id) else {
-        return true;
+fn pick_with_room(
+    service: &Service,
+    limits: &ServiceLimits,
+    hash: u32,
+    picked_id: u32,
+    picked: Backend,
+) -> Option<(u32, Backend, bool)> {
+    let c = CANDIDATES.get(service.id)?;
+    // The VIP's live flows (and the pick's weight among them) only matter to the bound.
+    let (total, weight) = if limits.bound_pct != 0 {
+        service_load(c, picked_id)
+    } else {
+        (0, 0)
     };
-    let (total, weight) = service_load(c, id);
-    is_within_bound(live, weight, total, c.total_weight, limits.bound_pct)
+    if has_room(
+        live_flows(picked_id),
+        picked.max_flows,
+        weight,
+        total,
+        c,
+        limits,
+    ) {
+        return Some((picked_id, picked, false));
+    }
+    let n = c.count;
+    if n == 0 || n as usize > MAX_CANDIDATES {
+        return None;
+    }
+    let start = hash % n;
+    for k in 0..MAX_CANDIDATES as u32 {
+        if k >= n {
+            break;
+        }
+        let i = ((start + k) % n) as usize;
+        if i >= MAX_CANDIDATES {
+            break;
+        }
+        let id = c.ids[i];
+        let Some(backend) = lookup_backend(id) else {
+            continue;
+        };
+        if has_room(
+            live_flows(id),
+            backend.max_flows,
+            c.weights[i],
+            total,
+            c,
+            limits,
+        ) {
+            return Some((id, backend, true));
+        }
+    }
+    None
 }
 
-/// live < bound% × (total + 1) × weight / total_weight, in integers.
+/// Whether a backend with `live` flows may take one more: under its cap, and (bounded load)
+/// under `bound_pct`% of its weighted share of the VIP's `total` live flows.
 #[inline(always)]
-fn is_within_bound(live: u64, weight: u32, total: u64, total_weight: u32, bound_pct: u32) -> bool {
-    live * total_weight as u64 * 100 < bound_pct as u64 * (total + 1) * weight as u64
+fn has_room(
+    live: u64,
+    max_flows: u16,
+    weight: u32,
+    total: u64,
+    c: &Candidates,
+    limits: &ServiceLimits,
+) -> bool {
+    if max_flows != 0 && live >= max_flows as u64 {
+        return false;
+    }
+    // live < bound% × (total + 1) × weight / total_weight, in integers.
+    limits.bound_pct == 0
+        || live * c.total_weight as u64 * 100
+            < limits.bound_pct as u64 * (total + 1) * weight as u64
 }
 
 /// The service's live flows over its candidates, and `id`'s weight among them.
@@ -380,47 +435,6 @@ fn service_load(c: &Candidates, id: u32) -> (u64, u32) {
         }
     }
     (total, weight)
-}
-
-/// The first backend with room, walking the service's candidates from a place the flow's
-/// hash picks (so one client's flows try them in the same order).
-#[inline(always)]
-fn next_with_room(service: &Service, limits: &ServiceLimits, hash: u32) -> Option<(u32, Backend)> {
-    let c = CANDIDATES.get(service.id)?;
-    let n = c.count;
-    if n == 0 || n as usize > MAX_CANDIDATES {
-        return None;
-    }
-    let total = if limits.bound_pct != 0 {
-        service_load(c, 0).0
-    } else {
-        0
-    };
-    let start = hash % n;
-    for k in 0..MAX_CANDIDATES as u32 {
-        if k >= n {
-            break;
-        }
-        let i = ((start + k) % n) as usize;
-        if i >= MAX_CANDIDATES {
-            break;
-        }
-        let id = c.ids[i];
-        let Some(backend) = lookup_backend(id) else {
-            continue;
-        };
-        let live = live_flows(id);
-        if backend.max_flows != 0 && live >= backend.max_flows as u64 {
-            continue;
-        }
-        if limits.bound_pct != 0
-            && !is_within_bound(live, c.weights[i], total, c.total_weight, limits.bound_pct)
-        {
-            continue;
-        }
-        return Some((id, backend));
-    }
-    None
 }
 
 #[derive(Clone, Copy)]
