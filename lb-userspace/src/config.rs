@@ -20,6 +20,17 @@ pub const DEFAULT_LOG_DIR: &str = "/var/log/gpulb";
 /// The control socket, under `state_dir`.
 pub const CONTROL_SOCKET: &str = "control.sock";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+/// A `[[model]]`'s command when `gpus = "simulated:N"` names none.
+pub const SIM_COMMAND: [&str; 7] = [
+    "gpulb-sim",
+    "--listen",
+    "{address}:{port}",
+    "--name",
+    "{name}",
+    "--model",
+    "{model}",
+];
+
 /// The cgroup v2 root, wherever it is mounted: every process on the host.
 pub const DEFAULT_SOCKET_LB: &str = "auto";
 
@@ -979,17 +990,7 @@ impl RawModel {
                      \"--port\", \"{port}\"]",
                 ));
             }
-            [
-                "gpulb-sim",
-                "--listen",
-                "{address}:{port}",
-                "--name",
-                "{name}",
-                "--model",
-                "{model}",
-            ]
-            .map(String::from)
-            .to_vec()
+            SIM_COMMAND.map(String::from).to_vec()
         } else {
             self.command
         };

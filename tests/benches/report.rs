@@ -559,48 +559,34 @@ fn steering(opts: &Opts, report: &mut Report) {
          `load_aware = true`: weights follow each instance's reported load, scraped every \
          250 ms. `load_bound = c`: the data path gives a new flow to a backend only while its \
          live flows are under c times its weighted share, else to the next one (1.0: as even \
-         as the flows allow). The \
-         slow instance's queue is its `vllm:num_requests_waiting`, sampled every 100 ms.\n\n\
+         as the flows allow). The slow instance's queue is its `vllm:num_requests_waiting`, \
+         sampled every 100 ms.\n\n\
          | steering | TTFT p50 | TTFT p95 | requests to the slow instance | its mean queue | failed |\n\
          |---|---:|---:|---:|---:|---:|\n"
     );
+    let mut equal = String::from(
+        "\nThe same with four equal instances (the imbalance of hashing alone, as in \
+         *streaming*):\n\n| steering | TTFT p50 | TTFT p95 | failed |\n|---|---:|---:|---:|\n",
+    );
     for (name, tag, vip) in modes {
-        let r = gpulb_testbed::four_instance_scenario(
-            &format!("bench-{tag}"),
-            vip,
-            gpulb_testbed::SLOW,
-            requests,
-            concurrency,
-            tokens,
-        )
-        .expect("slow-instance scenario");
+        let run = |tag: String, fourth: &[&str]| {
+            gpulb_testbed::four_instance_scenario(&tag, vip, fourth, requests, concurrency, tokens)
+                .expect("four-instance scenario")
+        };
+        let r = run(format!("bench-{tag}"), gpulb_testbed::SLOW);
         let _ = writeln!(
             t,
             "| {name} | {:.1} ms | {:.1} ms | {} of {} | {:.2} | {} |",
             r.ttft_p50_ms, r.ttft_p95_ms, r.to_slow, r.requests, r.slow_queue_mean, r.failed
         );
-    }
-    let _ = write!(
-        t,
-        "\nThe same with four equal instances (the imbalance of hashing alone, as in \
-         *streaming*):\n\n| steering | TTFT p50 | TTFT p95 | failed |\n|---|---:|---:|---:|\n"
-    );
-    for (name, tag, vip) in modes {
-        let r = gpulb_testbed::four_instance_scenario(
-            &format!("bench-{tag}4"),
-            vip,
-            &[],
-            requests,
-            concurrency,
-            tokens,
-        )
-        .expect("four-instance scenario");
+        let r = run(format!("bench-{tag}4"), &[]);
         let _ = writeln!(
-            t,
+            equal,
             "| {name} | {:.1} ms | {:.1} ms | {} |",
             r.ttft_p50_ms, r.ttft_p95_ms, r.failed
         );
     }
+    t.push_str(&equal);
     report.section("steering: load-aware weights and bounded load", &t);
 }
 

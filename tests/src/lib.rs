@@ -918,6 +918,17 @@ impl Stack {
         v.as_array().cloned().context("backends JSON is an array")
     }
 
+    /// A read command (`vips`, `stats`, `flows`, ...) with `--json` and this stack's pins.
+    pub fn read(&self, args: &[&str]) -> anyhow::Result<Vec<serde_json::Value>> {
+        let pins = self.pin_arg();
+        let mut full = args.to_vec();
+        full.extend_from_slice(&["--json", "--pin-path", &pins]);
+        let v: serde_json::Value = serde_json::from_str(&gpulb_cli(&full)?)?;
+        v.as_array()
+            .cloned()
+            .with_context(|| format!("gpulb {} --json is an array", args.join(" ")))
+    }
+
     /// A control command (`drain`, `weight`, ...) with this stack's socket.
     pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
         let socket = self.socket_arg();

@@ -11,7 +11,7 @@ use std::{
 use gpulb::maps::Maps;
 use gpulb_testbed::{
     CLIENT_ADDR, CLIENT_ADDR2, CLIENT_ADDR3, Connect, Extra, PinDir, Stack, VIP, VIP_PORT,
-    XDP_TX_MODE, completion_on, connects, gpulb_cli, http_get_on, metric, scrape, wait_until,
+    XDP_TX_MODE, completion_on, connects, http_get_on, metric, scrape, wait_until,
 };
 
 fn vip() -> SocketAddrV4 {
@@ -28,8 +28,7 @@ fn count(results: &[Connect]) -> (usize, usize, usize) {
 }
 
 fn vip_row(stack: &Stack) -> serde_json::Value {
-    let out = gpulb_cli(&["vips", "--pin-path", &stack.pin_arg(), "--json"]).expect("gpulb vips");
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("vips JSON");
+    let rows = stack.read(&["vips"]).expect("gpulb vips");
     rows.into_iter().next().expect("one VIP")
 }
 

@@ -22,15 +22,7 @@ use serde_json::Value;
 
 /// `command` for the simulator with extra flags.
 fn sim_command(flags: &[&str]) -> String {
-    let mut args = vec![
-        "gpulb-sim",
-        "--listen",
-        "{address}:{port}",
-        "--name",
-        "{name}",
-        "--model",
-        "{model}",
-    ];
+    let mut args = gpulb::config::SIM_COMMAND.to_vec();
     args.extend_from_slice(flags);
     let quoted: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
     format!("command = [{}]\n", quoted.join(", "))

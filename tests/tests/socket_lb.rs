@@ -8,16 +8,15 @@ use std::{
     time::Duration,
 };
 
-use gpulb_testbed::{Extra, LB_ADDR, PinDir, Stack, VIP, VIP_PORT, burst, gpulb_cli, vip_url};
+use gpulb_testbed::{Extra, LB_ADDR, PinDir, Stack, VIP, VIP_PORT, burst, vip_url};
 
 /// Packets per verdict reason, from `gpulb stats --json`.
 fn reason(stack: &Stack, name: &str) -> u64 {
-    let out = gpulb_cli(&["stats", "--pin-path", &stack.pin_arg(), "--json"]).expect("stats");
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("stats JSON");
+    let rows = stack.read(&["stats"]).expect("gpulb stats");
     rows.iter()
         .find(|r| r["reason"] == name)
         .and_then(|r| r["packets"].as_u64())
-        .unwrap_or_else(|| panic!("no reason {name} in {out}"))
+        .unwrap_or_else(|| panic!("no reason {name} in {rows:?}"))
 }
 
 #[test]
