@@ -207,9 +207,7 @@ fn select_backend(
     } else {
         flow_hash(&pkt.flow)
     };
-    let slot = maglev_index(service, hash);
-    let mut backend_id = *MAGLEV.get(slot).ok_or(Reason::DropNoBackend)?;
-    let mut backend = lookup_backend(backend_id).ok_or(Reason::DropNoBackend)?;
+    let (mut backend_id, mut backend) = maglev_pick(service, hash).ok_or(Reason::DropNoBackend)?;
     if is_new && limits.flags & LIMIT_CHECK_LOAD != 0 {
         match pick_with_room(service, &limits, hash, backend_id, backend) {
             Some((id, b, redirected)) => {
@@ -514,6 +512,13 @@ fn write_reset(ctx: &XdpContext, pkt: &L4Packet) -> Option<()> {
     Some(())
 }
 
+/// The backend in the service's Maglev slot for `hash`; `None` for an unprogrammed slot.
+#[inline(always)]
+fn maglev_pick(service: &Service, hash: u32) -> Option<(u32, Backend)> {
+    let id = *MAGLEV.get(maglev_index(service, hash))?;
+    Some((id, lookup_backend(id)?))
+}
+
 /// A programmed backend; `None` for id 0 and for removed slots.
 #[inline(always)]
 fn lookup_backend(id: u32) -> Option<Backend> {
@@ -679,10 +684,7 @@ fn sock_forward(ctx: &SockAddrContext) {
     // SAFETY: the helper reads the socket's cookie (assigned on first use).
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let hash = fmix64(cookie) as u32;
-    let Some(&backend_id) = MAGLEV.get(maglev_index(&service, hash)) else {
-        return;
-    };
-    let Some(backend) = lookup_backend(backend_id) else {
+    let Some((backend_id, backend)) = maglev_pick(&service, hash) else {
         return; // no backend: the connect goes to the VIP, as without gpulb
     };
     let key = SockRevKey {
