@@ -284,15 +284,13 @@ pub fn apply(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<Ap
 
     for s in &plan.services {
         for &(id, backend) in &s.backends {
-            let unchanged = current_backends
-                .iter()
-                .any(|&(i, b)| i == id && b == backend);
-            if !current_backends.iter().any(|&(i, _)| i == id) {
+            let current = current_backends.iter().find(|&&(i, _)| i == id);
+            if current.is_none() {
                 // A fresh id starts with no live flows, whatever a backend that once had it
                 // left counted.
                 maps.set_live_flows(id, 0)?;
             }
-            if !unchanged {
+            if current.is_none_or(|&(_, b)| b != backend) {
                 maps.set_backend(id, backend)?;
             }
         }

@@ -8,7 +8,6 @@ use lb_common::{
 use serde::Serialize;
 
 use super::{TableRow, emit, open, proto_label, vip_label};
-use crate::maps::Maps;
 
 #[derive(Serialize)]
 pub struct VipRow {
@@ -64,12 +63,18 @@ impl TableRow for VipRow {
 pub fn rows(pin_path: &Path) -> anyhow::Result<Vec<VipRow>> {
     let maps = open(pin_path)?;
     let backends = maps.backends()?;
+    // One walk of the allow-list trie for all VIPs.
+    let prefixes = maps.allowed()?;
     let mut rows = Vec::new();
     for (key, service) in maps.services()? {
         let c = maps.vip_counters(service.id)?;
         let a = maps.admit_counters(service.id)?;
         let limits = maps.limits(service.id)?;
-        let allow = allowed(&maps, service.id)?;
+        let allow: Vec<String> = prefixes
+            .iter()
+            .filter(|(id, _, _)| *id == service.id)
+            .map(|(_, addr, len)| format!("{addr}/{len}"))
+            .collect();
         rows.push(VipRow {
             id: service.id,
             vip: vip_label(&key),
@@ -92,15 +97,6 @@ pub fn rows(pin_path: &Path) -> anyhow::Result<Vec<VipRow>> {
     }
     rows.sort_by_key(|r| r.id);
     Ok(rows)
-}
-
-fn allowed(maps: &Maps, service_id: u32) -> anyhow::Result<Vec<String>> {
-    Ok(maps
-        .allowed()?
-        .into_iter()
-        .filter(|(id, _, _)| *id == service_id)
-        .map(|(_, addr, len)| format!("{addr}/{len}"))
-        .collect())
 }
 
 /// One line for the LIMITS column; "-" when the VIP has none.

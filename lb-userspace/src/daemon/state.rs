@@ -438,31 +438,27 @@ impl State {
         let Some(plan) = &self.applied else {
             return;
         };
-        let ids: Vec<(u32, Ipv4Addr, u16)> = plan
+        // Read before the sockets: see above.
+        let counted: Result<Vec<_>, _> = plan
             .services
             .iter()
-            .flat_map(|s| s.backends.iter())
-            .map(|(id, b)| {
-                (
-                    *id,
-                    crate::maps::ip_of(b.addr_be),
-                    crate::maps::port_of(b.port_be),
-                )
+            .flat_map(|s| &s.backends)
+            .map(|&(id, b)| {
+                let n = self.datapath.maps.live_flows(id)?;
+                Ok::<_, crate::maps::MapsError>((id, crate::maps::sock_of(b.addr_be, b.port_be), n))
             })
             .collect();
-        let mut counted = Vec::with_capacity(ids.len());
-        for &(id, addr, port) in &ids {
-            match self.datapath.maps.live_flows(id) {
-                Ok(n) => counted.push((id, addr, port, n)),
-                Err(e) => {
-                    warn!(error = %ErrorChain(&e), "reading live flows");
-                    return;
-                }
+        let counted = match counted {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %ErrorChain(&e), "reading live flows");
+                return;
             }
-        }
+        };
         let sockets = tcp_sockets();
         let mut over = HashSet::new();
-        for (id, addr, port, n) in counted {
+        for (id, backend, n) in counted {
+            let (addr, port) = (*backend.ip(), backend.port());
             if !sockets.is_listening(addr, port) {
                 continue;
             }
@@ -471,7 +467,7 @@ impl State {
                 continue;
             }
             if self.overcounted.contains(&id) {
-                info!(backend = %format!("{addr}:{port}"), counted = n, connections = actual, "live-flow count set down to the backend's connections");
+                info!(%backend, counted = n, connections = actual, "live-flow count set down to the backend's connections");
                 if let Err(e) = self.datapath.maps.set_live_flows(id, actual) {
                     warn!(error = %ErrorChain(&e), "writing live flows");
                 }
