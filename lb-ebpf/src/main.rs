@@ -10,6 +10,7 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "core_intrinsics, for atomic_xadd")]
 
+mod family;
 mod parse;
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
@@ -23,16 +24,18 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
+use family::{Family, V4, V6};
 use lb_common::{
-    ALLOW_ENTRIES, AdmitCounters, AllowKey, Backend, CONNTRACK_DEFAULT_SIZE, Candidates, Counters,
-    FLOW_COUNTED, Flow, FlowKey, LIMIT_AFFINITY, LIMIT_ALLOWLIST, LIMIT_CHECK_LOAD,
-    LIMIT_REFUSE_RST, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_CANDIDATES, MAX_SERVICES, PROTO_TCP,
-    PROTO_UDP, RATE_LIMIT_ENTRIES, RateKey, Reason, RevNat, SOCK_REVNAT_ENTRIES, Service,
-    ServiceLimits, SockRevKey, VipKey, affinity_hash, flow_hash, fmix64, maglev_index,
-    reset_headers,
+    ALLOW_ENTRIES, Addr6, AdmitCounters, AllowKey, AllowKey6, Backend, CONNTRACK_DEFAULT_SIZE,
+    CONNTRACK6_DEFAULT_SIZE, Candidates, Counters, FLOW_COUNTED, Flow, FlowKey, FlowKey6,
+    FlowKeyOf, LIMIT_AFFINITY, LIMIT_ALLOWLIST, LIMIT_CHECK_LOAD, LIMIT_REFUSE_RST, MAGLEV_ENTRIES,
+    MAX_BACKENDS, MAX_CANDIDATES, MAX_SERVICES, PROTO_TCP, PROTO_UDP, RATE_LIMIT_ENTRIES, RateKey,
+    RateKey6, Reason, RevNat, RevNat6, RevNatOf, SOCK_REVNAT_ENTRIES, Service, ServiceLimits,
+    SockRevKey, SockRevKey6, VipKey, VipKey6, VipKeyOf, affinity_hash, flow_hash, fmix64,
+    maglev_index,
 };
 use parse::{
-    IP_CHECK_OFF, IP_SRC_OFF, L4Packet, TCP_CHECK_OFF, UDP_CHECK_OFF, csum_update, parse_l4, ptr_at,
+    IP_CHECK_OFF, L4Packet, Parsed, TCP_CHECK_OFF, UDP_CHECK_OFF, csum_update, parse_l4, ptr_at,
 };
 
 /// VIP (address, port, protocol) → service id and table size. Written last by the daemon,
@@ -102,6 +105,30 @@ static SOCK_REVNAT: LruHashMap<SockRevKey, RevNat> = LruHashMap::pinned(SOCK_REV
 #[map]
 static SOCK_NETNS: Array<u64> = Array::pinned(1, 0);
 
+/// The IPv6 maps: the same roles as their IPv4 namesakes, with 16-byte addresses.
+#[map]
+static SERVICES6: HashMap<VipKey6, Service> = HashMap::pinned(MAX_SERVICES, 0);
+
+/// Backend id → IPv6 address, for the `BACKENDS` entries flagged `BACKEND_IPV6`.
+#[map]
+static BACKEND_ADDR6: Array<Addr6> = Array::pinned(MAX_BACKENDS, 0);
+
+#[map]
+static CONNS6: LruHashMap<FlowKey6, Flow> = LruHashMap::pinned(CONNTRACK6_DEFAULT_SIZE, 0);
+
+#[map]
+static REVNAT6: LruHashMap<FlowKey6, RevNat6> = LruHashMap::pinned(CONNTRACK6_DEFAULT_SIZE, 0);
+
+/// Keyed by the source's /64.
+#[map]
+static RATE_LIMIT6: LruHashMap<RateKey6, u64> = LruHashMap::pinned(RATE_LIMIT_ENTRIES, 0);
+
+#[map]
+static ALLOW6: LpmTrie<AllowKey6, u32> = LpmTrie::pinned(ALLOW_ENTRIES, 1); // BPF_F_NO_PREALLOC
+
+#[map]
+static SOCK_REVNAT6: LruHashMap<SockRevKey6, RevNat6> = LruHashMap::pinned(SOCK_REVNAT_ENTRIES, 0);
+
 #[xdp]
 pub fn gpulb_ingress(ctx: XdpContext) -> u32 {
     let reason = match try_ingress(&ctx) {
@@ -148,8 +175,15 @@ fn count_traffic(map: &PerCpuArray<Counters>, index: u32, bytes: u64, new_flow: 
 /// `Err`: passed untouched or dropped, and why.
 #[inline(always)]
 fn try_ingress(ctx: &XdpContext) -> Result<Reason, Reason> {
-    let pkt = parse_l4(ctx)?;
-    let vip = VipKey {
+    match parse_l4(ctx)? {
+        Parsed::V4(pkt) => ingress::<V4>(ctx, &pkt),
+        Parsed::V6(pkt) => ingress::<V6>(ctx, &pkt),
+    }
+}
+
+#[inline(always)]
+fn ingress<F: Family>(ctx: &XdpContext, pkt: &L4Packet<F::Addr>) -> Result<Reason, Reason> {
+    let vip = VipKeyOf {
         addr_be: pkt.flow.dst_be,
         port_be: pkt.flow.dport_be,
         proto: pkt.flow.proto,
@@ -157,10 +191,10 @@ fn try_ingress(ctx: &XdpContext) -> Result<Reason, Reason> {
     };
     // SAFETY: SERVICES entries are only replaced whole by userspace; a torn read is not
     // possible for an 8-byte value copied out at once.
-    let service = *unsafe { SERVICES.get(&vip) }.ok_or(Reason::PassNotVip)?;
-    let (backend_id, backend, reason) = select_backend(ctx, &pkt, &service)?;
+    let service = *unsafe { F::services().get(&vip) }.ok_or(Reason::PassNotVip)?;
+    let (backend_id, backend, reason) = select_backend::<F>(ctx, pkt, &service)?;
 
-    rewrite_destination(ctx, &pkt, &backend)?;
+    rewrite_destination::<F>(ctx, pkt, &backend)?;
 
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let new_flow = matches!(reason, Reason::FwdNewFlow);
@@ -169,20 +203,28 @@ fn try_ingress(ctx: &XdpContext) -> Result<Reason, Reason> {
     Ok(reason)
 }
 
+/// A backend as one family's data path uses it: its address in that family, and its port.
+#[derive(Clone, Copy)]
+struct Target<A> {
+    addr_be: A,
+    port_be: u16,
+    max_flows: u16,
+}
+
 /// The backend of this packet's flow: conntrack's, or a new choice for a new flow (and for a
 /// mid-flow packet whose entry is gone, so an unchanged table keeps it on its backend).
 #[inline(always)]
-fn select_backend(
+fn select_backend<F: Family>(
     ctx: &XdpContext,
-    pkt: &L4Packet,
+    pkt: &L4Packet<F::Addr>,
     service: &Service,
-) -> Result<(u32, Backend, Reason), Reason> {
+) -> Result<(u32, Target<F::Addr>, Reason), Reason> {
     let now = bpf_ktime_get_ns_safe();
-    if let Some(flow) = CONNS.get_ptr_mut(&pkt.flow) {
+    if let Some(flow) = F::conns().get_ptr_mut(&pkt.flow) {
         // SAFETY: the LRU value stays valid while this program runs (RCU); a racing update
         // of the same flow writes the same backend.
         let backend_id = unsafe { (*flow).backend };
-        if let Some(backend) = lookup_backend(backend_id) {
+        if let Some(backend) = lookup_backend::<F>(backend_id) {
             // SAFETY: as above; a torn timestamp only affects `gpulb flows`' idle column.
             unsafe { (*flow).last_seen_ns = now };
             track_live(flow, pkt);
@@ -195,11 +237,17 @@ fn select_backend(
     // Established flows are never refused: only packets that open a flow are admitted or not
     // (a mid-flow packet that lost its conntrack entry is re-hashed below, unlimited).
     let is_new = pkt.flow.proto == PROTO_UDP || pkt.is_syn != 0;
-    if limits.flags & LIMIT_ALLOWLIST != 0 && !is_allowed(service.id, pkt.flow.src_be) {
-        return Err(refuse(ctx, pkt, service, &limits, Refusal::NotAllowed));
+    if limits.flags & LIMIT_ALLOWLIST != 0 && !F::is_allowed(service.id, &pkt.flow.src_be) {
+        return Err(refuse::<F>(ctx, pkt, service, &limits, Refusal::NotAllowed));
     }
-    if is_new && limits.interval_ns != 0 && is_over_rate(service.id, &pkt.flow, &limits, now) {
-        return Err(refuse(ctx, pkt, service, &limits, Refusal::RateLimited));
+    if is_new && limits.interval_ns != 0 && F::is_over_rate(service.id, &pkt.flow, &limits, now) {
+        return Err(refuse::<F>(
+            ctx,
+            pkt,
+            service,
+            &limits,
+            Refusal::RateLimited,
+        ));
     }
 
     let hash = if limits.flags & LIMIT_AFFINITY != 0 {
@@ -207,9 +255,10 @@ fn select_backend(
     } else {
         flow_hash(&pkt.flow)
     };
-    let (mut backend_id, mut backend) = maglev_pick(service, hash).ok_or(Reason::DropNoBackend)?;
+    let (mut backend_id, mut backend) =
+        maglev_pick::<F>(service, hash).ok_or(Reason::DropNoBackend)?;
     if is_new && limits.flags & LIMIT_CHECK_LOAD != 0 {
-        match pick_with_room(service, &limits, hash, backend_id, backend) {
+        match pick_with_room::<F>(service, &limits, hash, backend_id, backend) {
             Some((id, b, redirected)) => {
                 if redirected {
                     count_admission(service.id, |c| &mut c.redirected);
@@ -217,7 +266,15 @@ fn select_backend(
                 backend_id = id;
                 backend = b;
             }
-            None => return Err(refuse(ctx, pkt, service, &limits, Refusal::BackendsFull)),
+            None => {
+                return Err(refuse::<F>(
+                    ctx,
+                    pkt,
+                    service,
+                    &limits,
+                    Refusal::BackendsFull,
+                ));
+            }
         }
     }
 
@@ -228,7 +285,7 @@ fn select_backend(
         flags: if counted { FLOW_COUNTED } else { 0 },
         last_seen_ns: now,
     };
-    let reply = FlowKey {
+    let reply = FlowKeyOf {
         src_be: backend.addr_be,
         dst_be: pkt.flow.src_be,
         sport_be: backend.port_be,
@@ -236,15 +293,15 @@ fn select_backend(
         proto: pkt.flow.proto,
         _pad: [0; 3],
     };
-    let revnat = RevNat {
+    let revnat = RevNatOf {
         vip_be: pkt.flow.dst_be,
         vport_be: pkt.flow.dport_be,
         _pad: 0,
     };
     // An insert can only fail under memory pressure; the packet is still forwarded, and the
     // next one re-hashes to the same backend.
-    let _ = REVNAT.insert(&reply, &revnat, 0);
-    if CONNS.insert(&pkt.flow, &flow, 0).is_ok() && counted {
+    let _ = F::revnat().insert(&reply, &revnat, 0);
+    if F::conns().insert(&pkt.flow, &flow, 0).is_ok() && counted {
         add_live(backend_id, 1);
     }
 
@@ -259,7 +316,7 @@ fn select_backend(
 /// Keeps `LIVE_FLOWS` right for a packet of a known flow: its first FIN or RST ends it, and a
 /// SYN reusing the 5-tuple of an ended flow starts it again.
 #[inline(always)]
-fn track_live(flow: *mut Flow, pkt: &L4Packet) {
+fn track_live<A>(flow: *mut Flow, pkt: &L4Packet<A>) {
     if pkt.flow.proto != PROTO_TCP {
         return;
     }
@@ -300,16 +357,11 @@ fn live_flows(backend_id: u32) -> u64 {
     }
 }
 
+/// Whether `key`'s source lies in an allowed prefix of its service (LPM: the service id
+/// is the first 32 bits of every prefix).
 #[inline(always)]
-fn is_allowed(service_id: u32, src_be: u32) -> bool {
-    let key = Key::new(
-        64,
-        AllowKey {
-            service: service_id,
-            addr_be: src_be,
-        },
-    );
-    ALLOW.get(&key).is_some()
+fn is_allowed_in<K>(map: &LpmTrie<K, u32>, bits: u32, data: K) -> bool {
+    map.get(&Key::new(32 + bits, data)).is_some()
 }
 
 /// GCRA: a source may open one flow every `interval_ns`, and run up to `burst_ns` ahead.
@@ -317,12 +369,8 @@ fn is_allowed(service_id: u32, src_be: u32) -> bool {
 /// rate. Concurrent SYNs of one source on two CPUs may both pass; the limit is per source,
 /// not exact to the packet.
 #[inline(always)]
-fn is_over_rate(service_id: u32, flow: &FlowKey, limits: &ServiceLimits, now: u64) -> bool {
-    let key = RateKey {
-        src_be: flow.src_be,
-        service: service_id,
-    };
-    if let Some(tat) = RATE_LIMIT.get_ptr_mut(&key) {
+fn is_over_rate_in<K>(map: &LruHashMap<K, u64>, key: &K, limits: &ServiceLimits, now: u64) -> bool {
+    if let Some(tat) = map.get_ptr_mut(key) {
         // SAFETY: the LRU value stays valid while this program runs.
         let stored = unsafe { *tat };
         let start = if stored > now { stored } else { now };
@@ -334,7 +382,7 @@ fn is_over_rate(service_id: u32, flow: &FlowKey, limits: &ServiceLimits, now: u6
         unsafe { *tat = next };
         return false;
     }
-    let _ = RATE_LIMIT.insert(&key, &(now + limits.interval_ns), 0);
+    let _ = map.insert(key, &(now + limits.interval_ns), 0);
     false
 }
 
@@ -343,13 +391,13 @@ fn is_over_rate(service_id: u32, flow: &FlowKey, limits: &ServiceLimits, now: u6
 /// hash picks (so one client's flows try them in the same order). `true` with a backend
 /// other than the pick; `None` when every backend is full.
 #[inline(always)]
-fn pick_with_room(
+fn pick_with_room<F: Family>(
     service: &Service,
     limits: &ServiceLimits,
     hash: u32,
     picked_id: u32,
-    picked: Backend,
-) -> Option<(u32, Backend, bool)> {
+    picked: Target<F::Addr>,
+) -> Option<(u32, Target<F::Addr>, bool)> {
     let c = CANDIDATES.get(service.id)?;
     // The VIP's live flows (and the pick's weight among them) only matter to the bound.
     let (total, weight) = if limits.bound_pct != 0 {
@@ -381,7 +429,7 @@ fn pick_with_room(
             break;
         }
         let id = c.ids[i];
-        let Some(backend) = lookup_backend(id) else {
+        let Some(backend) = lookup_backend::<F>(id) else {
             continue;
         };
         if has_room(
@@ -445,9 +493,9 @@ enum Refusal {
 /// Counts the refusal for the VIP, and answers a SYN with a RST when the VIP says so;
 /// anything else is dropped.
 #[inline(always)]
-fn refuse(
+fn refuse<F: Family>(
     ctx: &XdpContext,
-    pkt: &L4Packet,
+    pkt: &L4Packet<F::Addr>,
     service: &Service,
     limits: &ServiceLimits,
     why: Refusal,
@@ -457,7 +505,7 @@ fn refuse(
         Refusal::RateLimited => count_admission(service.id, |c| &mut c.rate_limited),
         Refusal::BackendsFull => count_admission(service.id, |c| &mut c.backends_full),
     }
-    if limits.flags & LIMIT_REFUSE_RST != 0 && write_reset(ctx, pkt).is_some() {
+    if limits.flags & LIMIT_REFUSE_RST != 0 && write_reset::<F>(ctx, pkt).is_some() {
         Reason::RefuseReset
     } else {
         Reason::RefuseDrop
@@ -473,26 +521,20 @@ fn count_admission(service_id: u32, field: impl FnOnce(&mut AdmitCounters) -> &m
 }
 
 /// Turns a SYN into the RST+ACK that answers it, addressed back to the sender: MACs swapped,
-/// IPv4 and TCP headers rewritten, anything after the TCP header cut off.
+/// IP and TCP headers rewritten, anything after the TCP header cut off.
 #[inline(always)]
-fn write_reset(ctx: &XdpContext, pkt: &L4Packet) -> Option<()> {
+fn write_reset<F: Family>(ctx: &XdpContext, pkt: &L4Packet<F::Addr>) -> Option<()> {
     if pkt.flow.proto != PROTO_TCP || pkt.is_syn == 0 {
         return None;
     }
     let tcp: *const network_types::tcp::TcpHdr = ptr_at(ctx, pkt.l4)?;
     // SAFETY: bounds checked by `ptr_at`.
     let seq = u32::from_be_bytes(unsafe { (*tcp).seq });
-    let headers = reset_headers(
-        pkt.flow.src_be,
-        pkt.flow.dst_be,
-        pkt.flow.sport_be,
-        pkt.flow.dport_be,
-        seq,
-    );
-    // The answer has no IPv4 options: its TCP header follows at l3 + 20, over whatever the
-    // SYN had there (options included), and the rest is cut off.
+    let headers = F::reset_headers(&pkt.flow, seq);
+    // The answer has no IPv4 options or IPv6 extension headers: its TCP header follows the
+    // fixed IP header, over whatever the SYN had there, and the rest is cut off.
     let len = ctx.data_end() - ctx.data();
-    let want = pkt.l3 + 40;
+    let want = pkt.l3 + core::mem::size_of::<F::Reset>();
     if len > want {
         // SAFETY: the helper only moves data_end; every pointer is re-derived below.
         if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - want) as i32)) } != 0 {
@@ -500,7 +542,7 @@ fn write_reset(ctx: &XdpContext, pkt: &L4Packet) -> Option<()> {
         }
     }
     let eth: *mut [u8; 12] = ptr_at(ctx, 0)?;
-    let out: *mut [u8; 40] = ptr_at(ctx, pkt.l3)?;
+    let out: *mut F::Reset = ptr_at(ctx, pkt.l3)?;
     // SAFETY: bounds checked by `ptr_at` after the tail moved.
     unsafe {
         let macs = *eth;
@@ -514,19 +556,24 @@ fn write_reset(ctx: &XdpContext, pkt: &L4Packet) -> Option<()> {
 
 /// The backend in the service's Maglev slot for `hash`; `None` for an unprogrammed slot.
 #[inline(always)]
-fn maglev_pick(service: &Service, hash: u32) -> Option<(u32, Backend)> {
+fn maglev_pick<F: Family>(service: &Service, hash: u32) -> Option<(u32, Target<F::Addr>)> {
     let id = *MAGLEV.get(maglev_index(service, hash))?;
-    Some((id, lookup_backend(id)?))
+    Some((id, lookup_backend::<F>(id)?))
 }
 
-/// A programmed backend; `None` for id 0 and for removed slots.
+/// A programmed backend of family `F`; `None` for id 0, for removed slots, and for a
+/// backend of the other family (the daemon never mixes them in one VIP).
 #[inline(always)]
-fn lookup_backend(id: u32) -> Option<Backend> {
+fn lookup_backend<F: Family>(id: u32) -> Option<Target<F::Addr>> {
     let backend = *BACKENDS.get(id)?;
     if id == 0 || backend.is_unset() {
         return None;
     }
-    Some(backend)
+    Some(Target {
+        addr_be: F::backend_addr(id, &backend)?,
+        port_be: backend.port_be,
+        max_flows: backend.max_flows,
+    })
 }
 
 #[inline(always)]
@@ -535,20 +582,29 @@ fn bpf_ktime_get_ns_safe() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// Destination NAT with incremental IPv4 and TCP/UDP checksum updates.
+/// Destination NAT with incremental checksum updates (IPv4 header, TCP/UDP).
 #[inline(always)]
-fn rewrite_destination(ctx: &XdpContext, pkt: &L4Packet, backend: &Backend) -> Result<(), Reason> {
-    let old_addr = u32::from_be(pkt.flow.dst_be);
-    let new_addr = u32::from_be(backend.addr_be);
+fn rewrite_destination<F: Family>(
+    ctx: &XdpContext,
+    pkt: &L4Packet<F::Addr>,
+    backend: &Target<F::Addr>,
+) -> Result<(), Reason> {
+    let old_addr = F::host_words(&pkt.flow.dst_be);
+    let new_addr = F::host_words(&backend.addr_be);
     let old_port = u16::from_be(pkt.flow.dport_be);
     let new_port = u16::from_be(backend.port_be);
 
-    // SAFETY: `pkt.ip` was bounds-checked by `parse_l4` and the packet has not moved.
-    unsafe {
-        let ip = &mut *pkt.ip;
-        let check = csum_update(u16::from_be_bytes(ip.check), old_addr, new_addr, 0, 0);
-        ip.check = check.to_be_bytes();
-        ip.dst_addr = backend.addr_be.to_ne_bytes();
+    let dst: *mut F::Addr = ptr_at(ctx, pkt.l3 + F::DST_OFF).ok_or(Reason::PassMalformed)?;
+    // SAFETY: bounds checked by `ptr_at`; packet data is only 2-byte aligned.
+    unsafe { core::ptr::write_unaligned(dst, backend.addr_be) };
+    if F::WORDS == 1 {
+        let check: *mut [u8; 2] =
+            ptr_at(ctx, pkt.l3 + IP_CHECK_OFF).ok_or(Reason::PassMalformed)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            let old = u16::from_be_bytes(*check);
+            *check = csum_update(old, 1, &old_addr, &new_addr, 0, 0).to_be_bytes();
+        }
     }
 
     if pkt.flow.proto == PROTO_TCP {
@@ -558,7 +614,8 @@ fn rewrite_destination(ctx: &XdpContext, pkt: &L4Packet, backend: &Backend) -> R
         unsafe {
             let tcp = &mut *tcp;
             let check = u16::from_be_bytes(tcp.check);
-            tcp.check = csum_update(check, old_addr, new_addr, old_port, new_port).to_be_bytes();
+            tcp.check = csum_update(check, F::WORDS, &old_addr, &new_addr, old_port, new_port)
+                .to_be_bytes();
             tcp.dest = backend.port_be.to_ne_bytes();
         }
     } else {
@@ -570,7 +627,8 @@ fn rewrite_destination(ctx: &XdpContext, pkt: &L4Packet, backend: &Backend) -> R
             let check = u16::from_be_bytes(udp.check);
             // A zero UDP checksum means "none" and must stay so; a computed 0 is sent as 0xffff.
             if check != 0 {
-                let mut new = csum_update(check, old_addr, new_addr, old_port, new_port);
+                let mut new =
+                    csum_update(check, F::WORDS, &old_addr, &new_addr, old_port, new_port);
                 if new == 0 {
                     new = 0xffff;
                 }
@@ -586,11 +644,18 @@ fn rewrite_destination(ctx: &XdpContext, pkt: &L4Packet, backend: &Backend) -> R
 /// checksums stay right whatever the skb's checksum state (offloaded partial sums included).
 #[inline(always)]
 fn try_egress(ctx: &TcContext) -> Result<Reason, Reason> {
-    let pkt = parse_l4(ctx).map_err(|_| Reason::EgressPass)?;
-    // SAFETY: REVNAT values are written whole; an 8-byte copy.
-    let revnat = *unsafe { REVNAT.get(&pkt.flow) }.ok_or(Reason::EgressPass)?;
+    match parse_l4(ctx).map_err(|_| Reason::EgressPass)? {
+        Parsed::V4(pkt) => egress::<V4>(ctx, &pkt),
+        Parsed::V6(pkt) => egress::<V6>(ctx, &pkt),
+    }
+}
+
+#[inline(always)]
+fn egress<F: Family>(ctx: &TcContext, pkt: &L4Packet<F::Addr>) -> Result<Reason, Reason> {
+    // SAFETY: REVNAT values are written whole and copied out at once.
+    let revnat = *unsafe { F::revnat().get(&pkt.flow) }.ok_or(Reason::EgressPass)?;
     if pkt.is_close != 0 {
-        end_flow_of_reply(&pkt, &revnat);
+        end_flow_of_reply::<F>(pkt, &revnat);
     }
 
     let (check_off, l4_flags) = if pkt.flow.proto == PROTO_TCP {
@@ -598,26 +663,39 @@ fn try_egress(ctx: &TcContext) -> Result<Reason, Reason> {
     } else {
         (pkt.l4 + UDP_CHECK_OFF, BPF_F_MARK_MANGLED_0 as u64)
     };
-    let (old_addr, new_addr) = (pkt.flow.src_be, revnat.vip_be);
+    let old_addr = F::words(&pkt.flow.src_be);
+    let new_addr = F::words(&revnat.vip_be);
     let (old_port, new_port) = (pkt.flow.sport_be, revnat.vport_be);
 
     let fail = |_| Reason::EgressPass;
-    ctx.skb
-        .l4_csum_replace(
-            check_off,
-            old_addr as u64,
-            new_addr as u64,
-            l4_flags | BPF_F_PSEUDO_HDR as u64 | 4,
-        )
-        .map_err(fail)?;
+    for i in 0..4 {
+        if i >= F::WORDS {
+            break;
+        }
+        ctx.skb
+            .l4_csum_replace(
+                check_off,
+                old_addr[i] as u64,
+                new_addr[i] as u64,
+                l4_flags | BPF_F_PSEUDO_HDR as u64 | 4,
+            )
+            .map_err(fail)?;
+        if F::WORDS == 1 {
+            ctx.skb
+                .l3_csum_replace(
+                    pkt.l3 + IP_CHECK_OFF,
+                    old_addr[i] as u64,
+                    new_addr[i] as u64,
+                    4,
+                )
+                .map_err(fail)?;
+        }
+    }
     ctx.skb
         .l4_csum_replace(check_off, old_port as u64, new_port as u64, l4_flags | 2)
         .map_err(fail)?;
     ctx.skb
-        .l3_csum_replace(pkt.l3 + IP_CHECK_OFF, old_addr as u64, new_addr as u64, 4)
-        .map_err(fail)?;
-    ctx.skb
-        .store(pkt.l3 + IP_SRC_OFF, &new_addr, 0)
+        .store(pkt.l3 + F::SRC_OFF, &revnat.vip_be, 0)
         .map_err(fail)?;
     ctx.skb.store(pkt.l4, &new_port, 0).map_err(fail)?;
     Ok(Reason::EgressRevNat)
@@ -627,28 +705,52 @@ fn try_egress(ctx: &TcContext) -> Result<Reason, Reason> {
 /// socket is pointed at a backend here, before the first packet.
 #[cgroup_sock_addr(connect4)]
 pub fn gpulb_connect4(ctx: SockAddrContext) -> i32 {
-    sock_forward(&ctx);
+    sock_forward::<V4>(&ctx);
     1 // let the connect proceed
 }
 
 /// The same per datagram, for unconnected UDP sockets.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn gpulb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock_forward(&ctx);
+    sock_forward::<V4>(&ctx);
     1
 }
 
 /// getpeername() of a balanced socket shows the VIP, as the application connected to.
 #[cgroup_sock_addr(getpeername4)]
 pub fn gpulb_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock_reverse(&ctx);
+    sock_reverse::<V4>(&ctx);
     1
 }
 
 /// recvfrom() on a balanced UDP socket shows the VIP as the sender.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn gpulb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock_reverse(&ctx);
+    sock_reverse::<V4>(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn gpulb_connect6(ctx: SockAddrContext) -> i32 {
+    sock_forward::<V6>(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn gpulb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock_forward::<V6>(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn gpulb_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock_reverse::<V6>(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn gpulb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock_reverse::<V6>(&ctx);
     1
 }
 
@@ -661,83 +763,72 @@ fn is_daemon_netns(ctx: &SockAddrContext) -> bool {
     ours != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == ours
 }
 
+#[inline(always)]
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the helper reads the socket's cookie (assigned on first use).
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
 /// Maglev by the socket's cookie: a socket keeps its backend, sockets spread by weight.
 /// Admission control and caps are for clients from the network; local sockets skip them.
 #[inline(always)]
-fn sock_forward(ctx: &SockAddrContext) {
+fn sock_forward<F: Family>(ctx: &SockAddrContext) {
     if !is_daemon_netns(ctx) {
         return;
     }
     let sa = ctx.sock_addr;
-    // SAFETY: the context the kernel passed; these fields are readable in connect4/sendmsg4.
-    let (ip, port, proto) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
-    let vip = VipKey {
+    // SAFETY: the context the kernel passed; these fields are readable in connect/sendmsg.
+    let (port, proto) = unsafe { ((*sa).user_port, (*sa).protocol) };
+    let ip = F::sock_ip(sa);
+    let vip = VipKeyOf {
         addr_be: ip,
         port_be: port as u16,
         proto: proto as u8,
         _pad: 0,
     };
     // SAFETY: an 8-byte value written whole by userspace.
-    let Some(service) = (unsafe { SERVICES.get(&vip) }).copied() else {
+    let Some(service) = (unsafe { F::services().get(&vip) }).copied() else {
         return;
     };
-    // SAFETY: the helper reads the socket's cookie (assigned on first use).
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = socket_cookie(ctx);
     let hash = fmix64(cookie) as u32;
-    let Some((backend_id, backend)) = maglev_pick(&service, hash) else {
+    let Some((backend_id, backend)) = maglev_pick::<F>(&service, hash) else {
         return; // no backend: the connect goes to the VIP, as without gpulb
     };
-    let key = SockRevKey {
-        cookie,
-        addr_be: backend.addr_be,
-        port_be: backend.port_be,
-        _pad: 0,
-    };
-    let revnat = RevNat {
+    let revnat = RevNatOf {
         vip_be: ip,
         vport_be: port as u16,
         _pad: 0,
     };
-    let _ = SOCK_REVNAT.insert(&key, &revnat, 0);
-    // SAFETY: connect4/sendmsg4 may write the destination.
-    unsafe {
-        (*sa).user_ip4 = backend.addr_be;
-        (*sa).user_port = backend.port_be as u32;
-    }
+    F::remember_socket(cookie, &backend.addr_be, backend.port_be, &revnat);
+    F::set_sock_ip(sa, &backend.addr_be);
+    // SAFETY: connect/sendmsg may write the destination port.
+    unsafe { (*sa).user_port = backend.port_be as u32 };
     count_traffic(&VIP_STATS, service.id, 0, true);
     count_traffic(&BACKEND_STATS, backend_id, 0, true);
     count_reason(Reason::SockBalanced);
 }
 
 #[inline(always)]
-fn sock_reverse(ctx: &SockAddrContext) {
+fn sock_reverse<F: Family>(ctx: &SockAddrContext) {
     if !is_daemon_netns(ctx) {
         return;
     }
     let sa = ctx.sock_addr;
-    // SAFETY: the context the kernel passed; readable in getpeername4/recvmsg4.
-    let (ip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
-    let key = SockRevKey {
-        // SAFETY: as in `sock_forward`.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        addr_be: ip,
-        port_be: port as u16,
-        _pad: 0,
-    };
-    // SAFETY: an 8-byte value written whole.
-    if let Some(revnat) = unsafe { SOCK_REVNAT.get(&key) } {
-        // SAFETY: getpeername4/recvmsg4 may write the address shown.
-        unsafe {
-            (*sa).user_ip4 = revnat.vip_be;
-            (*sa).user_port = revnat.vport_be as u32;
-        }
+    // SAFETY: the context the kernel passed; readable in getpeername/recvmsg.
+    let port = unsafe { (*sa).user_port };
+    let ip = F::sock_ip(sa);
+    if let Some(revnat) = F::socket_vip(socket_cookie(ctx), &ip, port as u16) {
+        F::set_sock_ip(sa, &revnat.vip_be);
+        // SAFETY: getpeername/recvmsg may write the address shown.
+        unsafe { (*sa).user_port = revnat.vport_be as u32 };
     }
 }
 
 /// A backend's FIN or RST ends the flow's count, as the client's would.
 #[inline(always)]
-fn end_flow_of_reply(reply: &L4Packet, revnat: &RevNat) {
-    let key = FlowKey {
+fn end_flow_of_reply<F: Family>(reply: &L4Packet<F::Addr>, revnat: &RevNatOf<F::Addr>) {
+    let key = FlowKeyOf {
         src_be: reply.flow.dst_be,
         dst_be: revnat.vip_be,
         sport_be: reply.flow.dport_be,
@@ -745,7 +836,7 @@ fn end_flow_of_reply(reply: &L4Packet, revnat: &RevNat) {
         proto: reply.flow.proto,
         _pad: [0; 3],
     };
-    if let Some(flow) = CONNS.get_ptr_mut(&key) {
+    if let Some(flow) = F::conns().get_ptr_mut(&key) {
         track_live(flow, reply);
     }
 }

@@ -2,20 +2,29 @@
 
 use core::mem;
 
-use lb_common::{FlowKey, PROTO_TCP, PROTO_UDP, Reason};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr};
+use lb_common::{Addr6, FlowKeyOf, MAX_EXT_HEADERS, PROTO_TCP, PROTO_UDP, Reason};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
 
 /// EtherTypes as they sit in memory (network order read as a native u16).
 const ETH_P_IP: u16 = 0x0800_u16.to_be();
+const ETH_P_IPV6: u16 = 0x86dd_u16.to_be();
 const ETH_P_8021Q: u16 = 0x8100_u16.to_be();
 /// IPv4 `frags` field: MF flag plus the 13-bit offset; any bit set means "a fragment".
 const IP_MF_OFFSET_MASK: u16 = 0x3fff;
 /// Offset of the checksum field inside the TCP and UDP headers.
 pub const TCP_CHECK_OFF: usize = 16;
 pub const UDP_CHECK_OFF: usize = 6;
-/// Offset of the source address inside the IPv4 header, and of its checksum.
-pub const IP_SRC_OFF: usize = 12;
+/// Offset of the IPv4 header checksum.
 pub const IP_CHECK_OFF: usize = 10;
+
+/// Largest offset `ptr_at` accepts.
+const MAX_HEADER_OFFSET: usize = 0x3fff;
 
 /// What both programs can read packets from.
 pub trait PacketCtx {
@@ -49,6 +58,12 @@ impl PacketCtx for aya_ebpf::programs::TcContext {
 /// verifier needs before any access.
 #[inline(always)]
 pub fn ptr_at<C: PacketCtx, T>(ctx: &C, offset: usize) -> Option<*mut T> {
+    // Header offsets reach at most ~8.3 KB (four 2 KB IPv6 extension headers). The explicit
+    // bound also tells the verifier the range of an offset the compiler kept on the stack,
+    // which it would otherwise refuse to add to a packet pointer.
+    if offset > MAX_HEADER_OFFSET {
+        return None;
+    }
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + mem::size_of::<T>() > end {
@@ -57,25 +72,30 @@ pub fn ptr_at<C: PacketCtx, T>(ctx: &C, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// An IPv4 TCP or UDP packet, parsed.
-pub struct L4Packet {
-    /// Offset of the IPv4 header.
+/// A TCP or UDP packet, parsed; `A` is its address family's (`u32` or `Addr6`).
+pub struct L4Packet<A> {
+    /// Offset of the IP header.
     pub l3: usize,
     /// Offset of the TCP/UDP header.
     pub l4: usize,
-    pub ip: *mut Ipv4Hdr,
     /// The packet's 5-tuple, in its own direction.
-    pub flow: FlowKey,
+    pub flow: FlowKeyOf<A>,
     /// TCP: a SYN without ACK (a client opening a connection). UDP: always 0.
     pub is_syn: u32,
     /// TCP: FIN or RST (the flow is ending). UDP: always 0.
     pub is_close: u32,
 }
 
-/// Parses Ethernet, one optional 802.1Q tag, IPv4 (options included) and TCP or UDP. The
-/// `Err` names why the packet is not one the load balancer handles.
+pub enum Parsed {
+    V4(L4Packet<u32>),
+    V6(L4Packet<Addr6>),
+}
+
+/// Parses Ethernet, one optional 802.1Q tag, IPv4 (options included) or IPv6 (with up to
+/// `MAX_EXT_HEADERS` extension headers), and TCP or UDP. The `Err` names why the packet is
+/// not one the load balancer handles.
 #[inline(always)]
-pub fn parse_l4<C: PacketCtx>(ctx: &C) -> Result<L4Packet, Reason> {
+pub fn parse_l4<C: PacketCtx>(ctx: &C) -> Result<Parsed, Reason> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassMalformed)?;
     let mut l3 = EthHdr::LEN;
     // SAFETY: `ptr_at` checked that the header lies inside the packet.
@@ -86,10 +106,18 @@ pub fn parse_l4<C: PacketCtx>(ctx: &C) -> Result<L4Packet, Reason> {
         ether_type = unsafe { (*vlan).ether_type };
         l3 += VlanHdr::LEN;
     }
-    if ether_type != ETH_P_IP {
-        return Err(Reason::PassNotIpv4);
+    if ether_type == ETH_P_IP {
+        parse_ipv4(ctx, l3).map(Parsed::V4)
+    } else if ether_type == ETH_P_IPV6 {
+        parse_ipv6(ctx, l3).map(Parsed::V6)
+    } else {
+        Err(Reason::PassNotIp)
     }
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(Reason::PassMalformed)?;
+}
+
+#[inline(always)]
+fn parse_ipv4<C: PacketCtx>(ctx: &C, l3: usize) -> Result<L4Packet<u32>, Reason> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Reason::PassMalformed)?;
     // SAFETY: bounds checked by `ptr_at`.
     let (vihl, frags, proto, src, dst) = unsafe {
         let h = &*ip;
@@ -108,7 +136,73 @@ pub fn parse_l4<C: PacketCtx>(ctx: &C) -> Result<L4Packet, Reason> {
     if frags & IP_MF_OFFSET_MASK != 0 {
         return Err(Reason::PassFragment);
     }
-    let l4 = l3 + ihl;
+    parse_transport(
+        ctx,
+        l3,
+        l3 + ihl,
+        proto,
+        u32::from_ne_bytes(src),
+        u32::from_ne_bytes(dst),
+    )
+}
+
+/// IPv6 next-header values of the extension headers walked to reach TCP/UDP.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTH: u8 = 51;
+const IPV6_DEST_OPTS: u8 = 60;
+
+#[inline(always)]
+fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<L4Packet<Addr6>, Reason> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Reason::PassMalformed)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let (vcf, mut next, src, dst) = unsafe {
+        let h = &*ip;
+        (h.vcf[0], h.next_hdr, h.src_addr, h.dst_addr)
+    };
+    if vcf >> 4 != 6 {
+        return Err(Reason::PassMalformed);
+    }
+    let mut l4 = l3 + Ipv6Hdr::LEN;
+    for _ in 0..MAX_EXT_HEADERS {
+        let unit = match next {
+            PROTO_TCP | PROTO_UDP => break,
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => 8,
+            // Its length counts 4-byte units, minus 2 (RFC 4302).
+            IPV6_AUTH => 4,
+            IPV6_FRAGMENT => return Err(Reason::PassFragment),
+            _ => return Err(Reason::PassNotTcpUdp),
+        };
+        // Every extension header starts with (next header, length).
+        let ext: *const [u8; 2] = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        let [following, len] = unsafe { *ext };
+        let extra = if unit == 4 { 2 } else { 1 };
+        l4 += (len as usize + extra) * unit;
+        next = following;
+    }
+    let words = |a: [u8; 16]| -> Addr6 {
+        [
+            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        ]
+    };
+    parse_transport(ctx, l3, l4, next, words(src), words(dst))
+}
+
+/// The TCP or UDP header at `l4`: ports and the flags that open or end a flow.
+#[inline(always)]
+fn parse_transport<C: PacketCtx, A>(
+    ctx: &C,
+    l3: usize,
+    l4: usize,
+    proto: u8,
+    src_be: A,
+    dst_be: A,
+) -> Result<L4Packet<A>, Reason> {
     let (ports, is_syn, is_close) = match proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
@@ -133,10 +227,9 @@ pub fn parse_l4<C: PacketCtx>(ctx: &C) -> Result<L4Packet, Reason> {
     Ok(L4Packet {
         l3,
         l4,
-        ip,
-        flow: FlowKey {
-            src_be: u32::from_ne_bytes(src),
-            dst_be: u32::from_ne_bytes(dst),
+        flow: FlowKeyOf {
+            src_be,
+            dst_be,
             sport_be: u16::from_ne_bytes(ports[0]),
             dport_be: u16::from_ne_bytes(ports[1]),
             proto,
@@ -156,16 +249,27 @@ fn csum_fold(mut sum: u32) -> u16 {
 }
 
 /// RFC 1624 incremental update, HC' = ~(~HC + ~m + m'), for a checksum field whose covered
-/// data changed one 32-bit word (`old_be` → `new_be`, network order as in memory) and one
-/// 16-bit word. Values in host order, as read with `from_be_bytes`.
+/// data changed the first `words` 32-bit words of `old32` to those of `new32` (an address:
+/// 1 word for IPv4, 4 for IPv6) and one 16-bit word (a port). Values in host order, as read
+/// with `from_be_bytes`.
 #[inline(always)]
-pub fn csum_update(check: u16, old32: u32, new32: u32, old16: u16, new16: u16) -> u16 {
-    let sum = (!check as u32 & 0xffff)
-        + (!(old32 >> 16) & 0xffff)
-        + (!old32 & 0xffff)
-        + (new32 >> 16)
-        + (new32 & 0xffff)
-        + (!old16 as u32 & 0xffff)
-        + new16 as u32;
+pub fn csum_update(
+    check: u16,
+    words: usize,
+    old32: &[u32; 4],
+    new32: &[u32; 4],
+    old16: u16,
+    new16: u16,
+) -> u16 {
+    let mut sum = (!check as u32 & 0xffff) + (!old16 as u32 & 0xffff) + new16 as u32;
+    for i in 0..4 {
+        if i >= words {
+            break;
+        }
+        sum += (!(old32[i] >> 16) & 0xffff)
+            + (!old32[i] & 0xffff)
+            + (new32[i] >> 16)
+            + (new32[i] & 0xffff);
+    }
     !csum_fold(sum)
 }

@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -24,7 +24,7 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 pub const SIM_COMMAND: [&str; 7] = [
     "gpulb-sim",
     "--listen",
-    "{address}:{port}",
+    "{listen}",
     "--name",
     "{name}",
     "--model",
@@ -74,6 +74,7 @@ struct RawConfig {
     xdp_mode: XdpMode,
     pin_path: Option<PathBuf>,
     conntrack_size: Option<i64>,
+    conntrack_size_v6: Option<i64>,
     state_dir: Option<PathBuf>,
     log_dir: Option<PathBuf>,
     #[serde(default = "default_drain_timeout_ms")]
@@ -304,6 +305,8 @@ pub struct Config {
     /// One output file per model instance.
     pub log_dir: PathBuf,
     pub conntrack_size: u32,
+    /// Entries of the IPv6 conntrack (a table of its own).
+    pub conntrack_size_v6: u32,
     /// How long a drain waits for a backend's connections to end.
     pub drain_timeout: Duration,
     /// How long a stopping instance gets between SIGTERM and SIGKILL.
@@ -328,13 +331,14 @@ impl Config {
 pub struct Model {
     pub name: String,
     pub vip: String,
-    /// argv with `{port}`, `{address}`, `{name}`, `{model}`, `{gpus}`, `{tp}` placeholders.
+    /// argv with `{port}`, `{address}`, `{listen}` (address:port, an IPv6 address in
+    /// brackets), `{name}`, `{model}`, `{gpus}`, `{tp}` placeholders.
     pub command: Vec<String>,
     /// What `/v1/models` must list before an instance is ready.
     pub served_model: String,
     pub gpus: GpuSelection,
     pub gpus_per_instance: u32,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub base_port: u16,
     pub weight: u32,
     /// Per instance; 0: no cap.
@@ -399,7 +403,7 @@ pub struct HealthCheck {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vip {
     pub name: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub maglev_table_size: u32,
@@ -435,7 +439,7 @@ pub struct RateLimit {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Cidr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub len: u8,
 }
 
@@ -446,35 +450,70 @@ impl fmt::Display for Cidr {
 }
 
 impl Cidr {
-    /// `a.b.c.d/n` with no host bits set, or a bare address (/32).
+    /// `a.b.c.d/n` or `x:y::/n` with no host bits set, or a bare address (/32, /128).
     pub fn parse(field: &str, text: &str) -> Result<Self, FieldError> {
         let bad = |why: &str| invalid(field, format!("{text:?} {why}"));
-        let (addr, len) = match text.split_once('/') {
-            Some((a, l)) => (
-                a,
-                l.parse::<u8>()
-                    .map_err(|_| bad("has no prefix length 0-32"))?,
-            ),
-            None => (text, 32),
+        let (addr, len) = text.split_once('/').unwrap_or((text, ""));
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| bad("is not an IPv4 or IPv6 CIDR"))?;
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            "" => bits,
+            l => l
+                .parse::<u8>()
+                .ok()
+                .filter(|&l| l <= bits)
+                .ok_or_else(|| bad(&format!("has no prefix length 0-{bits}")))?,
         };
-        let addr: Ipv4Addr = addr.parse().map_err(|_| bad("is not an IPv4 CIDR"))?;
-        if len > 32 {
-            return Err(bad("has no prefix length 0-32"));
-        }
-        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-        if u32::from(addr) & !mask != 0 {
+        let network = Self::network(addr, len);
+        if network != addr {
             return Err(bad(&format!(
-                "has host bits set (the network is {}/{len})",
-                Ipv4Addr::from(u32::from(addr) & mask)
+                "has host bits set (the network is {network}/{len})"
             )));
         }
         Ok(Self { addr, len })
     }
+
+    /// `addr` with the bits past `len` cleared.
+    fn network(addr: IpAddr, len: u8) -> IpAddr {
+        match addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+            }
+        }
+    }
+}
+
+/// The family of an address, for errors: "IPv4" or "IPv6".
+fn family(addr: IpAddr) -> &'static str {
+    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// A VIP's backends, models and allowed prefixes are of its own family: the data path
+/// translates addresses, not families.
+fn check_family(field: &str, addr: IpAddr, vip: IpAddr) -> Result<(), FieldError> {
+    if addr.is_ipv4() == vip.is_ipv4() {
+        return Ok(());
+    }
+    Err(invalid(
+        field,
+        format!(
+            "{addr} is {}, but the VIP {vip} is {}",
+            family(addr),
+            family(vip)
+        ),
+    ))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
     /// 0: no cap.
@@ -527,14 +566,43 @@ fn parse_port(field: &str, port: i64) -> Result<u16, FieldError> {
     }
 }
 
-fn parse_addr(field: &str, addr: &str) -> Result<Ipv4Addr, FieldError> {
-    let ip: Ipv4Addr = addr
+fn parse_addr(field: &str, addr: &str) -> Result<IpAddr, FieldError> {
+    let ip: IpAddr = addr
         .parse()
-        .map_err(|_| invalid(field, format!("{addr:?} is not an IPv4 address")))?;
-    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        .map_err(|_| invalid(field, format!("{addr:?} is not an IPv4 or IPv6 address")))?;
+    let not_unicast = match ip {
+        IpAddr::V4(v4) => v4.is_broadcast(),
+        IpAddr::V6(_) => false,
+    };
+    if ip.is_unspecified() || ip.is_multicast() || not_unicast {
         return Err(invalid(field, format!("{addr:?} is not a unicast address")));
     }
+    if let IpAddr::V6(v6) = ip {
+        if v6.to_ipv4_mapped().is_some() {
+            return Err(invalid(
+                field,
+                format!("{addr:?} is an IPv4-mapped address: write the IPv4 address"),
+            ));
+        }
+        if v6.is_unicast_link_local() {
+            return Err(invalid(
+                field,
+                format!("{addr:?} is link-local, which needs an interface scope: not supported"),
+            ));
+        }
+    }
     Ok(ip)
+}
+
+fn parse_conntrack(field: &str, size: Option<i64>, default: u32) -> Result<u32, FieldError> {
+    match size {
+        None => Ok(default),
+        Some(n) if (CONNTRACK_MIN as i64..=CONNTRACK_MAX as i64).contains(&n) => Ok(n as u32),
+        Some(n) => Err(invalid(
+            field,
+            format!("{n} is out of range {CONNTRACK_MIN}-{CONNTRACK_MAX}"),
+        )),
+    }
 }
 
 fn is_prime(n: u32) -> bool {
@@ -556,16 +624,16 @@ impl RawConfig {
                 format!("{} is not an absolute path", pin_path.display()),
             ));
         }
-        let conntrack_size = match self.conntrack_size {
-            None => lb_common::CONNTRACK_DEFAULT_SIZE,
-            Some(n) if (CONNTRACK_MIN as i64..=CONNTRACK_MAX as i64).contains(&n) => n as u32,
-            Some(n) => {
-                return Err(invalid(
-                    "conntrack_size",
-                    format!("{n} is out of range {CONNTRACK_MIN}-{CONNTRACK_MAX}"),
-                ));
-            }
-        };
+        let conntrack_size = parse_conntrack(
+            "conntrack_size",
+            self.conntrack_size,
+            lb_common::CONNTRACK_DEFAULT_SIZE,
+        )?;
+        let conntrack_size_v6 = parse_conntrack(
+            "conntrack_size_v6",
+            self.conntrack_size_v6,
+            lb_common::CONNTRACK6_DEFAULT_SIZE,
+        )?;
         if self.vip.len() > MAX_SERVICES as usize {
             return Err(invalid(
                 "vip",
@@ -578,7 +646,7 @@ impl RawConfig {
 
         let mut vips: Vec<Vip> = Vec::with_capacity(self.vip.len());
         let mut names: HashMap<String, usize> = HashMap::new();
-        let mut keys: HashMap<(Ipv4Addr, u16, Protocol), usize> = HashMap::new();
+        let mut keys: HashMap<(IpAddr, u16, Protocol), usize> = HashMap::new();
         let mut total_backends = 0usize;
         for (i, raw) in self.vip.into_iter().enumerate() {
             let vip = raw.validate(i)?;
@@ -592,8 +660,10 @@ impl RawConfig {
                 return Err(invalid(
                     format!("vip[{i}]"),
                     format!(
-                        "{}:{}/{} already defined by vip[{prev}] ({:?})",
-                        vip.address, vip.port, vip.protocol, vips[prev].name
+                        "{}/{} already defined by vip[{prev}] ({:?})",
+                        SocketAddr::new(vip.address, vip.port),
+                        vip.protocol,
+                        vips[prev].name
                     ),
                 ));
             }
@@ -691,6 +761,7 @@ impl RawConfig {
             state_dir,
             log_dir,
             conntrack_size,
+            conntrack_size_v6,
             drain_timeout: parse_ms("drain_timeout_ms", self.drain_timeout_ms, 0, 3_600_000)?,
             kill_timeout: parse_ms("kill_timeout_ms", self.kill_timeout_ms, 0, 600_000)?,
             vips,
@@ -864,8 +935,8 @@ fn validate_models(raw: Vec<RawModel>, vips: &[Vip]) -> Result<Vec<Model>, Field
                 return Err(invalid(
                     format!("model[{i}].base_port"),
                     format!(
-                        "instance {n} would listen on {}:{port}, already vip[{}].backend[{j}]",
-                        model.address,
+                        "instance {n} would listen on {}, already vip[{}].backend[{j}]",
+                        SocketAddr::new(model.address, port as u16),
                         vips.iter()
                             .position(|v| v.name == model.vip)
                             .expect("checked")
@@ -882,8 +953,9 @@ fn validate_models(raw: Vec<RawModel>, vips: &[Vip]) -> Result<Vec<Model>, Field
                 return Err(invalid(
                     format!("model[{i}].base_port"),
                     format!(
-                        "instance {n} would listen on {}:{port}, already used by {:?}",
-                        model.address, other.name
+                        "instance {n} would listen on {}, already used by {:?}",
+                        SocketAddr::new(model.address, port as u16),
+                        other.name
                     ),
                 ));
             }
@@ -999,13 +1071,14 @@ impl RawModel {
                 return Err(invalid(
                     format!("model[{i}].command[{k}]"),
                     format!(
-                        "unknown placeholder {{{bad}}} (known: {{port}} {{address}} {{name}} \
+                        "unknown placeholder {{{bad}}} (known: {{port}} {{address}} {{listen}} {{name}} \
                          {{model}} {{gpus}} {{tp}})"
                     ),
                 ));
             }
         }
         let address = parse_addr(&f("address"), &self.address)?;
+        check_family(&f("address"), address, vip.address)?;
         let base_port = parse_port(&f("base_port"), self.base_port)?;
         if let Some(n) = listed
             && u32::from(base_port) + n / gpus_per_instance - 1 > 65535
@@ -1071,7 +1144,7 @@ impl RawModel {
 
 /// The first `{...}` in `arg` that is not a known placeholder.
 fn unknown_placeholder(arg: &str) -> Option<&str> {
-    const KNOWN: [&str; 6] = ["port", "address", "name", "model", "gpus", "tp"];
+    const KNOWN: [&str; 7] = ["port", "address", "listen", "name", "model", "gpus", "tp"];
     let mut rest = arg;
     while let Some(start) = rest.find('{') {
         let after = &rest[start + 1..];
@@ -1092,6 +1165,7 @@ impl RawVip {
             return Err(invalid(f("name"), "must not be empty"));
         }
         let address = parse_addr(&f("address"), &self.address)?;
+        let vip_address = address;
         let port = parse_port(&f("port"), self.port)?;
         let protocol = match self.protocol.as_str() {
             "tcp" => Protocol::Tcp,
@@ -1132,6 +1206,7 @@ impl RawVip {
         for (j, raw) in self.backend.into_iter().enumerate() {
             let bf = |name: &str| format!("vip[{i}].backend[{j}].{name}");
             let address = parse_addr(&bf("address"), &raw.address)?;
+            check_family(&bf("address"), address, vip_address)?;
             let port = parse_port(&bf("port"), raw.port)?;
             let weight = parse_weight(&bf("weight"), raw.weight)?;
             let max_flows = parse_max_flows(&bf("max_flows"), raw.max_flows)?;
@@ -1145,7 +1220,10 @@ impl RawVip {
             {
                 return Err(invalid(
                     format!("vip[{i}].backend[{j}]"),
-                    format!("duplicate backend {address}:{port} (also vip[{i}].backend[{prev}])"),
+                    format!(
+                        "duplicate backend {} (also vip[{i}].backend[{prev}])",
+                        SocketAddr::new(address, port)
+                    ),
                 ));
             }
             backends.push(BackendConfig {
@@ -1188,13 +1266,20 @@ impl RawVip {
                     ));
                 }
             },
-            admission: self.admission.validate(&f("admission"), protocol)?,
+            admission: self
+                .admission
+                .validate(&f("admission"), protocol, vip_address)?,
         })
     }
 }
 
 impl RawAdmission {
-    fn validate(self, field: &str, protocol: Protocol) -> Result<Admission, FieldError> {
+    fn validate(
+        self,
+        field: &str,
+        protocol: Protocol,
+        vip: IpAddr,
+    ) -> Result<Admission, FieldError> {
         let f = |name: &str| format!("{field}.{name}");
         let rate = match (self.rate, self.burst) {
             (None, None) => None,
@@ -1220,6 +1305,7 @@ impl RawAdmission {
         let mut allow: Vec<Cidr> = Vec::new();
         for (k, text) in self.allow.iter().flatten().enumerate() {
             let cidr = Cidr::parse(&format!("{field}.allow[{k}]"), text)?;
+            check_family(&format!("{field}.allow[{k}]"), cidr.addr, vip)?;
             if !allow.contains(&cidr) {
                 allow.push(cidr);
             }
@@ -1305,6 +1391,100 @@ port = 8002
                 .collect::<Vec<_>>(),
             ["198.18.0.0/15", "10.1.2.3/32"]
         );
+    }
+
+    const GOOD6: &str = r#"
+interface = "lo"
+
+[[vip]]
+name = "chat6"
+address = "2001:db8:1::1"
+port = 80
+[vip.admission]
+allow = ["2001:db8::/48"]
+
+[[vip.backend]]
+address = "2001:db8::10"
+port = 8001
+
+[[model]]
+name = "sim"
+vip = "chat6"
+gpus = "simulated:2"
+address = "::1"
+base_port = 9000
+"#;
+
+    #[test]
+    fn ipv6_vips_backends_and_prefixes_parse() {
+        let c = parse(GOOD6).expect("valid IPv6 config");
+        let v = &c.vips[0];
+        assert_eq!(v.address, "2001:db8:1::1".parse::<IpAddr>().expect("v6"));
+        assert_eq!(v.backends[0].address.to_string(), "2001:db8::10");
+        assert_eq!(v.admission.allow[0].to_string(), "2001:db8::/48");
+        assert_eq!(c.models[0].address, IpAddr::V6(Ipv6Addr::LOCALHOST));
+        assert_eq!(c.conntrack_size_v6, lb_common::CONNTRACK6_DEFAULT_SIZE);
+    }
+
+    #[test]
+    fn ipv6_errors_name_field_and_value() {
+        let error6 = |from: &str, to: &str| {
+            assert!(GOOD6.contains(from), "fixture lacks {from:?}");
+            parse(&GOOD6.replacen(from, to, 1))
+                .expect_err("config should be rejected")
+                .to_string()
+        };
+        let cases = [
+            (
+                "address = \"2001:db8::10\"",
+                "address = \"198.18.0.1\"",
+                "vip[0].backend[0].address: 198.18.0.1 is IPv4, but the VIP 2001:db8:1::1 is IPv6",
+            ),
+            (
+                "address = \"::1\"",
+                "address = \"127.0.0.1\"",
+                "model[0].address: 127.0.0.1 is IPv4, but the VIP 2001:db8:1::1 is IPv6",
+            ),
+            (
+                "\"2001:db8::/48\"",
+                "\"198.18.0.0/15\"",
+                "vip[0].admission.allow[0]: 198.18.0.0 is IPv4, but the VIP 2001:db8:1::1 is IPv6",
+            ),
+            (
+                "\"2001:db8::/48\"",
+                "\"2001:db8::1/48\"",
+                "vip[0].admission.allow[0]: \"2001:db8::1/48\" has host bits set (the network is 2001:db8::/48)",
+            ),
+            (
+                "\"2001:db8::/48\"",
+                "\"2001:db8::/129\"",
+                "vip[0].admission.allow[0]: \"2001:db8::/129\" has no prefix length 0-128",
+            ),
+            (
+                "address = \"2001:db8:1::1\"",
+                "address = \"::ffff:198.18.100.1\"",
+                "vip[0].address: \"::ffff:198.18.100.1\" is an IPv4-mapped address",
+            ),
+            (
+                "address = \"2001:db8::10\"",
+                "address = \"fe80::1\"",
+                "vip[0].backend[0].address: \"fe80::1\" is link-local",
+            ),
+            (
+                "address = \"2001:db8:1::1\"",
+                "address = \"ff02::1\"",
+                "vip[0].address: \"ff02::1\" is not a unicast address",
+            ),
+            (
+                "interface = \"lo\"",
+                "interface = \"lo\"\nconntrack_size_v6 = 10",
+                "conntrack_size_v6: 10 is out of range",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let got = error6(from, to);
+            assert!(got.contains(want), "{to:?}: {got}");
+        }
     }
 
     #[test]
@@ -1436,7 +1616,7 @@ port = 8002
     fn bad_address() {
         let e = error_for("198.18.100.1", "198.18.300.1");
         assert!(
-            e.contains("vip[0].address: \"198.18.300.1\" is not an IPv4 address"),
+            e.contains("vip[0].address: \"198.18.300.1\" is not an IPv4 or IPv6 address"),
             "{e}"
         );
         let e = error_for("198.18.100.1", "0.0.0.0");

@@ -156,7 +156,10 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<(), DatapathError> {
 }
 
 /// Key size, value size and max entries each pinned map must have.
-fn expected_layout(conntrack_size: u32) -> [(&'static str, u32, u32, Option<u32>); 16] {
+fn expected_layout(
+    conntrack_size: u32,
+    conntrack_size_v6: u32,
+) -> [(&'static str, u32, u32, Option<u32>); 23] {
     use std::mem::size_of;
 
     use lb_common::*;
@@ -238,13 +241,54 @@ fn expected_layout(conntrack_size: u32) -> [(&'static str, u32, u32, Option<u32>
             Some(SOCK_REVNAT_ENTRIES),
         ),
         (names::SOCK_NETNS, 4, 8, Some(1)),
+        (
+            names::SERVICES6,
+            s(size_of::<VipKey6>()),
+            s(size_of::<Service>()),
+            Some(MAX_SERVICES),
+        ),
+        (names::BACKEND_ADDR6, 4, 16, Some(MAX_BACKENDS)),
+        (
+            names::CONNS6,
+            s(size_of::<FlowKey6>()),
+            s(size_of::<Flow>()),
+            Some(conntrack_size_v6),
+        ),
+        (
+            names::REVNAT6,
+            s(size_of::<FlowKey6>()),
+            s(size_of::<RevNat6>()),
+            Some(conntrack_size_v6),
+        ),
+        (
+            names::RATE_LIMIT6,
+            s(size_of::<RateKey6>()),
+            8,
+            Some(RATE_LIMIT_ENTRIES),
+        ),
+        (
+            names::ALLOW6,
+            s(4 + size_of::<AllowKey6>()),
+            4,
+            Some(ALLOW_ENTRIES),
+        ),
+        (
+            names::SOCK_REVNAT6,
+            s(size_of::<SockRevKey6>()),
+            s(size_of::<RevNat6>()),
+            Some(SOCK_REVNAT_ENTRIES),
+        ),
     ]
 }
 
 /// Refuses to reuse pinned maps whose layout differs from this build's (aya would reuse
 /// them blindly).
-fn check_pinned(pin_path: &Path, conntrack_size: u32) -> Result<(), DatapathError> {
-    for (name, key, value, entries) in expected_layout(conntrack_size) {
+fn check_pinned(
+    pin_path: &Path,
+    conntrack_size: u32,
+    conntrack_size_v6: u32,
+) -> Result<(), DatapathError> {
+    for (name, key, value, entries) in expected_layout(conntrack_size, conntrack_size_v6) {
         let path = pin_path.join(name);
         let Ok(map) = MapData::from_pin(&path) else {
             continue;
@@ -285,13 +329,18 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the object and pins (or reuses) its maps under `pin_path`; attaches nothing.
     /// Reused maps keep their contents: conntrack survives a daemon restart or upgrade.
-    pub fn load(pin_path: &Path, conntrack_size: u32) -> Result<Self, DatapathError> {
+    /// The conntrack sizes are the IPv4 and IPv6 tables' entries.
+    pub fn load(
+        pin_path: &Path,
+        conntrack_size: u32,
+        conntrack_size_v6: u32,
+    ) -> Result<Self, DatapathError> {
         ensure_bpffs(pin_path)?;
         fs::create_dir_all(pin_path).map_err(|source| DatapathError::PinDir {
             path: pin_path.to_owned(),
             source,
         })?;
-        check_pinned(pin_path, conntrack_size)?;
+        check_pinned(pin_path, conntrack_size, conntrack_size_v6)?;
         // Maps of older versions that nothing reads any more.
         for name in names::RETIRED {
             let _ = fs::remove_file(pin_path.join(name));
@@ -300,6 +349,8 @@ impl Datapath {
             .default_map_pin_directory(pin_path)
             .map_max_entries(names::CONNS, conntrack_size)
             .map_max_entries(names::REVNAT, conntrack_size)
+            .map_max_entries(names::CONNS6, conntrack_size_v6)
+            .map_max_entries(names::REVNAT6, conntrack_size_v6)
             .load(crate::EBPF_OBJECT)
             .map_err(DatapathError::Load)?;
         let prog = |name| move |source| DatapathError::Program { name, source };
@@ -418,8 +469,8 @@ impl Datapath {
         Ok(attached)
     }
 
-    /// Balances the sockets of `cgroup`'s processes in this network namespace (connect4,
-    /// sendmsg4, and getpeername4/recvmsg4 to show the VIP again), or detaches that when
+    /// Balances the sockets of `cgroup`'s processes in this network namespace (connect and
+    /// sendmsg, and getpeername/recvmsg to show the VIP again; IPv4 and IPv6), or detaches that when
     /// `None`. The links are pinned like the interface's; a previous daemon's are replaced
     /// after this daemon's are attached, so no connect goes unbalanced in between.
     /// Returns the cgroup, if any.
@@ -554,11 +605,15 @@ fn cgroup2_root() -> Option<PathBuf> {
 }
 
 /// The cgroup sock_addr programs, by kernel name.
-const SOCKET_PROGRAMS: [&str; 4] = [
+const SOCKET_PROGRAMS: [&str; 8] = [
     programs::CONNECT4,
     programs::SENDMSG4,
     programs::GETPEERNAME4,
     programs::RECVMSG4,
+    programs::CONNECT6,
+    programs::SENDMSG6,
+    programs::GETPEERNAME6,
+    programs::RECVMSG6,
 ];
 
 /// This process's network namespace cookie: what `bpf_get_netns_cookie` returns for the

@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -193,7 +193,7 @@ pub struct InstanceSpec {
     pub name: String,
     pub model: String,
     pub vip: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
     pub gpus: Vec<Gpu>,
@@ -316,6 +316,10 @@ fn instance(model: &Model, n: usize, port: u16, gpus: Vec<Gpu>) -> InstanceSpec 
     let fill = |arg: &str| {
         arg.replace("{port}", &port.to_string())
             .replace("{address}", &model.address.to_string())
+            .replace(
+                "{listen}",
+                &std::net::SocketAddr::new(model.address, port).to_string(),
+            )
             .replace("{name}", &spec.name)
             .replace("{model}", &model.served_model)
             .replace("{gpus}", &spec.cuda_visible_devices())

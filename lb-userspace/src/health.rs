@@ -3,7 +3,7 @@
 //! or none.
 
 use std::{
-    net::SocketAddrV4,
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -22,7 +22,7 @@ pub fn client() -> reqwest::Client {
 /// Probes `addr` once; `Ok` carries the probe's latency, `Err` says what failed.
 pub async fn probe(
     client: &reqwest::Client,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     check: &HealthCheck,
 ) -> Result<Duration, String> {
     let start = Instant::now();

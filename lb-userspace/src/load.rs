@@ -3,7 +3,7 @@
 //! turned into a Maglev weight with hysteresis, so that new connections go where the GPU has
 //! room while weights do not flap.
 
-use std::{net::SocketAddrV4, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use serde::Serialize;
 
@@ -141,7 +141,7 @@ pub fn from_llamacpp_slots(body: &str) -> Result<f64, String> {
 /// Scrapes one backend's load.
 pub async fn scrape(
     client: &reqwest::Client,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     source: LoadSource,
     timeout: Duration,
 ) -> Result<f64, String> {

@@ -26,8 +26,16 @@ pub struct MaglevBackend {
 }
 
 /// The permutation identity of a backend address.
-pub fn backend_key(addr: std::net::Ipv4Addr, port: u16) -> u64 {
-    (u64::from(u32::from(addr)) << 16) | u64::from(port)
+pub fn backend_key(addr: std::net::IpAddr, port: u16) -> u64 {
+    let bits = match addr {
+        // IPv4: the address itself, as before IPv6 (tables stay the same across upgrades).
+        std::net::IpAddr::V4(a) => u64::from(u32::from(a)),
+        std::net::IpAddr::V6(a) => {
+            let a = u128::from(a);
+            lb_common::fmix64((a >> 64) as u64 ^ lb_common::fmix64(a as u64))
+        }
+    };
+    (bits << 16) | u64::from(port)
 }
 
 /// Builds a table of `size` slots (a prime). Backends of weight 0 get no slot; if every
@@ -114,7 +122,7 @@ mod tests {
             .map(|(i, &weight)| MaglevBackend {
                 id: i as u32 + 1,
                 key: backend_key(
-                    Ipv4Addr::new(198, 18, 0, 1 + (i / 200) as u8),
+                    Ipv4Addr::new(198, 18, 0, 1 + (i / 200) as u8).into(),
                     8000 + i as u16,
                 ),
                 weight,

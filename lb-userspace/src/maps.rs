@@ -2,7 +2,8 @@
 //! object (daemon, tests) or from the pin directory (CLI).
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    fmt,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
 };
 
@@ -14,8 +15,9 @@ use aya::{
     },
 };
 use lb_common::{
-    AdmitCounters, AllowKey, Backend, Candidates, Counters, Flow, FlowKey, MAGLEV_MAX_SIZE, Reason,
-    RevNat, Service, ServiceLimits, VipKey, maps,
+    Addr6, AdmitCounters, AllowKey, AllowKey6, BACKEND_IPV6, Backend, Candidates, Counters, Flow,
+    FlowKey, FlowKey6, MAGLEV_MAX_SIZE, Reason, RevNat, RevNat6, Service, ServiceLimits, VipKey,
+    VipKey6, addr6_of, ipv6_of, maps,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -67,17 +69,55 @@ pub fn sock_of(addr_be: u32, port_be: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip_of(addr_be), port_of(port_be))
 }
 
+/// A VIP as userspace names it, either family: its address, port and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VipAddr {
+    pub addr: SocketAddr,
+    pub proto: u8,
+}
+
+impl fmt::Display for VipAddr {
+    /// `198.18.100.1:80`, `[2001:db8::1]:80`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.addr.fmt(f)
+    }
+}
+
+/// A `BACKENDS` entry with its address in either family (an IPv6 one is kept in
+/// `BACKEND_ADDR6`). `flags` are the `Backend` flags other than `BACKEND_IPV6`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendEntry {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub service: u16,
+    pub flags: u16,
+    pub max_flows: u16,
+}
+
+/// A conntrack entry's key, either family: client → VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowAddrs {
+    pub client: SocketAddr,
+    pub vip: SocketAddr,
+    pub proto: u8,
+}
+
 pub struct Maps {
     pub services: HashMap<MapData, VipKey, Service>,
+    pub services6: HashMap<MapData, VipKey6, Service>,
     pub backends: Array<MapData, Backend>,
+    pub backend_addr6: Array<MapData, Addr6>,
     pub maglev: Array<MapData, u32>,
     pub conns: HashMap<MapData, FlowKey, Flow>,
+    pub conns6: HashMap<MapData, FlowKey6, Flow>,
     pub revnat: HashMap<MapData, FlowKey, RevNat>,
+    pub revnat6: HashMap<MapData, FlowKey6, RevNat6>,
     pub vip_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub reasons: PerCpuArray<MapData, u64>,
     pub limits: Array<MapData, ServiceLimits>,
     pub allow: LpmTrie<MapData, AllowKey, u32>,
+    pub allow6: LpmTrie<MapData, AllowKey6, u32>,
     pub live_flows: Array<MapData, u64>,
     pub candidates: Array<MapData, Candidates>,
     pub admit_stats: PerCpuArray<MapData, AdmitCounters>,
@@ -86,6 +126,22 @@ pub struct Maps {
 
 fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T, MapsError> {
     T::try_from(map).map_err(|source| MapsError::Layout { name, source })
+}
+
+/// Reads every entry of a hash map; an entry removed between key and value reads (an LRU
+/// eviction) is skipped, not an error.
+fn entries<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, MapsError> {
+    map.iter()
+        .filter_map(|r| match r {
+            Ok(kv) => Some(Ok(kv)),
+            Err(MapError::KeyNotFound) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(op("reading", name))
 }
 
 impl Maps {
@@ -110,15 +166,20 @@ impl Maps {
     ) -> Result<Self, MapsError> {
         Ok(Self {
             services: typed(maps::SERVICES, get(maps::SERVICES)?)?,
+            services6: typed(maps::SERVICES6, get(maps::SERVICES6)?)?,
             backends: typed(maps::BACKENDS, get(maps::BACKENDS)?)?,
+            backend_addr6: typed(maps::BACKEND_ADDR6, get(maps::BACKEND_ADDR6)?)?,
             maglev: typed(maps::MAGLEV, get(maps::MAGLEV)?)?,
             conns: typed(maps::CONNS, get(maps::CONNS)?)?,
+            conns6: typed(maps::CONNS6, get(maps::CONNS6)?)?,
             revnat: typed(maps::REVNAT, get(maps::REVNAT)?)?,
+            revnat6: typed(maps::REVNAT6, get(maps::REVNAT6)?)?,
             vip_stats: typed(maps::VIP_STATS, get(maps::VIP_STATS)?)?,
             backend_stats: typed(maps::BACKEND_STATS, get(maps::BACKEND_STATS)?)?,
             reasons: typed(maps::REASONS, get(maps::REASONS)?)?,
             limits: typed(maps::LIMITS, get(maps::LIMITS)?)?,
             allow: typed(maps::ALLOW, get(maps::ALLOW)?)?,
+            allow6: typed(maps::ALLOW6, get(maps::ALLOW6)?)?,
             live_flows: typed(maps::LIVE_FLOWS, get(maps::LIVE_FLOWS)?)?,
             candidates: typed(maps::CANDIDATES, get(maps::CANDIDATES)?)?,
             admit_stats: typed(maps::ADMIT_STATS, get(maps::ADMIT_STATS)?)?,
@@ -126,47 +187,161 @@ impl Maps {
         })
     }
 
-    pub fn services(&self) -> Result<Vec<(VipKey, Service)>, MapsError> {
-        self.services
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(op("reading", maps::SERVICES))
+    /// Every VIP, both families.
+    pub fn services(&self) -> Result<Vec<(VipAddr, Service)>, MapsError> {
+        let v4 = entries(&self.services, maps::SERVICES)?
+            .into_iter()
+            .map(|(k, s)| {
+                let addr = SocketAddr::from(sock_of(k.addr_be, k.port_be));
+                (
+                    VipAddr {
+                        addr,
+                        proto: k.proto,
+                    },
+                    s,
+                )
+            });
+        let v6 = entries(&self.services6, maps::SERVICES6)?
+            .into_iter()
+            .map(|(k, s)| {
+                let addr = SocketAddr::new(ipv6_of(&k.addr_be).into(), port_of(k.port_be));
+                (
+                    VipAddr {
+                        addr,
+                        proto: k.proto,
+                    },
+                    s,
+                )
+            });
+        Ok(v4.chain(v6).collect())
     }
 
-    pub fn set_service(&mut self, key: VipKey, service: Service) -> Result<(), MapsError> {
-        self.services
-            .insert(key, service, 0)
-            .map_err(op("writing", maps::SERVICES))
+    pub fn set_service(&mut self, vip: VipAddr, service: Service) -> Result<(), MapsError> {
+        match vip.addr.ip() {
+            IpAddr::V4(ip) => self
+                .services
+                .insert(
+                    VipKey {
+                        addr_be: addr_be(ip),
+                        port_be: port_be(vip.addr.port()),
+                        proto: vip.proto,
+                        _pad: 0,
+                    },
+                    service,
+                    0,
+                )
+                .map_err(op("writing", maps::SERVICES)),
+            IpAddr::V6(ip) => self
+                .services6
+                .insert(
+                    VipKey6 {
+                        addr_be: addr6_of(ip),
+                        port_be: port_be(vip.addr.port()),
+                        proto: vip.proto,
+                        _pad: 0,
+                    },
+                    service,
+                    0,
+                )
+                .map_err(op("writing", maps::SERVICES6)),
+        }
     }
 
-    pub fn remove_service(&mut self, key: &VipKey) -> Result<(), MapsError> {
-        self.services
-            .remove(key)
-            .map_err(op("removing from", maps::SERVICES))
+    pub fn remove_service(&mut self, vip: &VipAddr) -> Result<(), MapsError> {
+        match vip.addr.ip() {
+            IpAddr::V4(ip) => self
+                .services
+                .remove(&VipKey {
+                    addr_be: addr_be(ip),
+                    port_be: port_be(vip.addr.port()),
+                    proto: vip.proto,
+                    _pad: 0,
+                })
+                .map_err(op("removing from", maps::SERVICES)),
+            IpAddr::V6(ip) => self
+                .services6
+                .remove(&VipKey6 {
+                    addr_be: addr6_of(ip),
+                    port_be: port_be(vip.addr.port()),
+                    proto: vip.proto,
+                    _pad: 0,
+                })
+                .map_err(op("removing from", maps::SERVICES6)),
+        }
     }
 
-    pub fn backend(&self, id: u32) -> Result<Backend, MapsError> {
-        self.backends
+    fn entry(&self, id: u32, b: &Backend) -> Result<BackendEntry, MapsError> {
+        let ip = if b.flags & BACKEND_IPV6 != 0 {
+            let a = self
+                .backend_addr6
+                .get(&id, 0)
+                .map_err(op("reading", maps::BACKEND_ADDR6))?;
+            IpAddr::V6(ipv6_of(&a))
+        } else {
+            IpAddr::V4(ip_of(b.addr_be))
+        };
+        Ok(BackendEntry {
+            addr: SocketAddr::new(ip, port_of(b.port_be)),
+            weight: b.weight,
+            service: b.service,
+            flags: b.flags & !BACKEND_IPV6,
+            max_flows: b.max_flows,
+        })
+    }
+
+    pub fn backend(&self, id: u32) -> Result<BackendEntry, MapsError> {
+        let b = self
+            .backends
             .get(&id, 0)
-            .map_err(op("reading", maps::BACKENDS))
+            .map_err(op("reading", maps::BACKENDS))?;
+        self.entry(id, &b)
     }
 
     /// Every programmed backend, by id.
-    pub fn backends(&self) -> Result<Vec<(u32, Backend)>, MapsError> {
+    pub fn backends(&self) -> Result<Vec<(u32, BackendEntry)>, MapsError> {
         let mut out = Vec::new();
         for (id, b) in self.backends.iter().enumerate() {
             let b = b.map_err(op("reading", maps::BACKENDS))?;
             if id != 0 && !b.is_unset() {
-                out.push((id as u32, b));
+                out.push((id as u32, self.entry(id as u32, &b)?));
             }
         }
         Ok(out)
     }
 
-    pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapsError> {
+    /// Writes a backend; an IPv6 address goes in first, so the data path never sees an
+    /// IPv6 entry without it.
+    pub fn set_backend(&mut self, id: u32, b: &BackendEntry) -> Result<(), MapsError> {
+        let (addr_be, flags) = match b.addr.ip() {
+            IpAddr::V4(ip) => (addr_be(ip), b.flags),
+            IpAddr::V6(ip) => {
+                self.backend_addr6
+                    .set(id, addr6_of(ip), 0)
+                    .map_err(op("writing", maps::BACKEND_ADDR6))?;
+                (0, b.flags | BACKEND_IPV6)
+            }
+        };
+        let backend = Backend {
+            addr_be,
+            weight: b.weight,
+            port_be: port_be(b.addr.port()),
+            service: b.service,
+            flags,
+            max_flows: b.max_flows,
+        };
         self.backends
             .set(id, backend, 0)
             .map_err(op("writing", maps::BACKENDS))
+    }
+
+    /// Empties a backend slot (its Maglev slots must already point elsewhere).
+    pub fn clear_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        self.backends
+            .set(id, Backend::default(), 0)
+            .map_err(op("writing", maps::BACKENDS))?;
+        self.backend_addr6
+            .set(id, [0; 4], 0)
+            .map_err(op("writing", maps::BACKEND_ADDR6))
     }
 
     /// The Maglev table of a service (its first `table_size` slots).
@@ -188,18 +363,29 @@ impl Maps {
         Ok(())
     }
 
-    /// Tracked flows (conntrack entries), client → VIP.
-    pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>, MapsError> {
-        // A flow evicted between key and value reads is skipped, not an error.
-        self.conns
-            .iter()
-            .filter_map(|r| match r {
-                Ok(kv) => Some(Ok(kv)),
-                Err(MapError::KeyNotFound) => None,
-                Err(e) => Some(Err(e)),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(op("reading", maps::CONNS))
+    /// Tracked flows (conntrack entries), client → VIP, both families.
+    pub fn flows(&self) -> Result<Vec<(FlowAddrs, Flow)>, MapsError> {
+        let v4 = entries(&self.conns, maps::CONNS)?
+            .into_iter()
+            .map(|(k, f)| {
+                let flow = FlowAddrs {
+                    client: sock_of(k.src_be, k.sport_be).into(),
+                    vip: sock_of(k.dst_be, k.dport_be).into(),
+                    proto: k.proto,
+                };
+                (flow, f)
+            });
+        let v6 = entries(&self.conns6, maps::CONNS6)?
+            .into_iter()
+            .map(|(k, f)| {
+                let flow = FlowAddrs {
+                    client: SocketAddr::new(ipv6_of(&k.src_be).into(), port_of(k.sport_be)),
+                    vip: SocketAddr::new(ipv6_of(&k.dst_be).into(), port_of(k.dport_be)),
+                    proto: k.proto,
+                };
+                (flow, f)
+            });
+        Ok(v4.chain(v6).collect())
     }
 
     pub fn limits(&self, service_id: u32) -> Result<ServiceLimits, MapsError> {
@@ -220,52 +406,79 @@ impl Maps {
             .map_err(op("writing", maps::CANDIDATES))
     }
 
-    /// Every allowed prefix: (service id, address, prefix length).
-    pub fn allowed(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>, MapsError> {
-        self.allow
-            .keys()
-            .map(|k| {
-                let k = k.map_err(op("reading", maps::ALLOW))?;
-                let data = k.data();
-                Ok((
-                    data.service,
-                    ip_of(data.addr_be),
-                    (k.prefix_len() - 32) as u8,
-                ))
-            })
-            .collect()
-    }
-
-    fn allow_key(service_id: u32, addr: Ipv4Addr, len: u8) -> Key<AllowKey> {
-        Key::new(
-            32 + u32::from(len),
-            AllowKey {
-                service: service_id,
-                addr_be: addr_be(addr),
-            },
-        )
+    /// Every allowed prefix, both families: (service id, address, prefix length).
+    pub fn allowed(&self) -> Result<Vec<(u32, IpAddr, u8)>, MapsError> {
+        let v4 = self.allow.keys().map(|k| {
+            let k = k.map_err(op("reading", maps::ALLOW))?;
+            let data = k.data();
+            let ip = IpAddr::V4(ip_of(data.addr_be));
+            Ok((data.service, ip, (k.prefix_len() - 32) as u8))
+        });
+        let v6 = self.allow6.keys().map(|k| {
+            let k = k.map_err(op("reading", maps::ALLOW6))?;
+            let data = k.data();
+            let ip = IpAddr::V6(ipv6_of(&data.addr_be));
+            Ok((data.service, ip, (k.prefix_len() - 32) as u8))
+        });
+        v4.chain(v6).collect()
     }
 
     pub fn allow_prefix(
         &mut self,
         service_id: u32,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         len: u8,
     ) -> Result<(), MapsError> {
-        self.allow
-            .insert(&Self::allow_key(service_id, addr, len), 1, 0)
-            .map_err(op("writing", maps::ALLOW))
+        let prefix = 32 + u32::from(len);
+        match addr {
+            IpAddr::V4(ip) => {
+                let data = AllowKey {
+                    service: service_id,
+                    addr_be: addr_be(ip),
+                };
+                self.allow
+                    .insert(&Key::new(prefix, data), 1, 0)
+                    .map_err(op("writing", maps::ALLOW))
+            }
+            IpAddr::V6(ip) => {
+                let data = AllowKey6 {
+                    service: service_id,
+                    addr_be: addr6_of(ip),
+                };
+                self.allow6
+                    .insert(&Key::new(prefix, data), 1, 0)
+                    .map_err(op("writing", maps::ALLOW6))
+            }
+        }
     }
 
     pub fn remove_prefix(
         &mut self,
         service_id: u32,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         len: u8,
     ) -> Result<(), MapsError> {
-        self.allow
-            .remove(&Self::allow_key(service_id, addr, len))
-            .map_err(op("removing from", maps::ALLOW))
+        let prefix = 32 + u32::from(len);
+        match addr {
+            IpAddr::V4(ip) => {
+                let data = AllowKey {
+                    service: service_id,
+                    addr_be: addr_be(ip),
+                };
+                self.allow
+                    .remove(&Key::new(prefix, data))
+                    .map_err(op("removing from", maps::ALLOW))
+            }
+            IpAddr::V6(ip) => {
+                let data = AllowKey6 {
+                    service: service_id,
+                    addr_be: addr6_of(ip),
+                };
+                self.allow6
+                    .remove(&Key::new(prefix, data))
+                    .map_err(op("removing from", maps::ALLOW6))
+            }
+        }
     }
 
     /// Live TCP flows the data path counts for a backend (below-zero races read as 0).

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::{
     control::{BackendStatus, Request},
-    maps::{Maps, sock_of},
+    maps::Maps,
 };
 
 /// What the state task counts.
@@ -194,7 +194,7 @@ fn scrape_maps(pin_path: &std::path::Path, status: &[BackendStatus]) -> anyhow::
     );
     let services = maps.services()?;
     for (key, service) in &services {
-        let vip = sock_of(key.addr_be, key.port_be).to_string();
+        let vip = key.to_string();
         let c = maps.vip_counters(service.id)?;
         vip_packets.with_label_values(&[&vip]).inc_by(c.packets);
         vip_bytes.with_label_values(&[&vip]).inc_by(c.bytes);
@@ -293,8 +293,8 @@ fn scrape_maps(pin_path: &std::path::Path, status: &[BackendStatus]) -> anyhow::
         let Some((vip_key, _)) = services.iter().find(|(_, s)| s.id == u32::from(b.service)) else {
             continue;
         };
-        let vip = sock_of(vip_key.addr_be, vip_key.port_be).to_string();
-        let backend = sock_of(b.addr_be, b.port_be).to_string();
+        let vip = vip_key.to_string();
+        let backend = b.addr.to_string();
         let s = status
             .iter()
             .find(|s| s.vip_address == vip && s.backend == backend);

@@ -7,18 +7,18 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, SocketAddr},
 };
 
 use lb_common::{
-    Backend, Candidates, LIMIT_AFFINITY, LIMIT_ALLOWLIST, LIMIT_CHECK_LOAD, LIMIT_REFUSE_RST,
-    MAX_BACKENDS, MAX_CANDIDATES, MAX_SERVICES, Service, ServiceLimits, VipKey,
+    Candidates, LIMIT_AFFINITY, LIMIT_ALLOWLIST, LIMIT_CHECK_LOAD, LIMIT_REFUSE_RST, MAX_BACKENDS,
+    MAX_CANDIDATES, MAX_SERVICES, Service, ServiceLimits,
 };
 
 use crate::{
     config::{Cidr, Config, Vip},
     maglev::{self, MaglevBackend},
-    maps::{Maps, MapsError, addr_be, port_be},
+    maps::{BackendEntry, Maps, MapsError, VipAddr},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +27,7 @@ pub struct Plan {
 }
 
 /// SERVICES and BACKENDS contents, as `plan` takes them.
-pub type Current = (Vec<(VipKey, Service)>, Vec<(u32, Backend)>);
+pub type Current = (Vec<(VipAddr, Service)>, Vec<(u32, BackendEntry)>);
 
 impl Plan {
     /// The map contents this plan describes, as `plan` takes them for the next one.
@@ -45,9 +45,9 @@ impl Plan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedService {
     pub name: String,
-    pub key: VipKey,
+    pub key: VipAddr,
     pub service: Service,
-    pub backends: Vec<(u32, Backend)>,
+    pub backends: Vec<(u32, BackendEntry)>,
     pub table: Vec<u32>,
     pub limits: ServiceLimits,
     pub candidates: Candidates,
@@ -76,12 +76,10 @@ fn allocate(
     Ok(id)
 }
 
-pub fn vip_key(vip: &Vip) -> VipKey {
-    VipKey {
-        addr_be: addr_be(vip.address),
-        port_be: port_be(vip.port),
+pub fn vip_key(vip: &Vip) -> VipAddr {
+    VipAddr {
+        addr: SocketAddr::new(vip.address, vip.port),
         proto: vip.protocol.number(),
-        _pad: 0,
     }
 }
 
@@ -94,7 +92,7 @@ pub struct DesiredService<'a> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DesiredBackend {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
     /// Concurrent TCP flow cap; 0: none.
@@ -132,19 +130,19 @@ pub fn static_backends(config: &Config) -> Vec<DesiredService<'_>> {
 /// What the maps should hold, reusing the ids found in the maps now.
 pub fn plan(
     desired: &[DesiredService<'_>],
-    current_services: &[(VipKey, Service)],
-    current_backends: &[(u32, Backend)],
+    current_services: &[(VipAddr, Service)],
+    current_backends: &[(u32, BackendEntry)],
 ) -> Result<Plan, PlanError> {
-    let service_ids: HashMap<VipKey, u32> =
+    let service_ids: HashMap<VipAddr, u32> =
         current_services.iter().map(|(k, s)| (*k, s.id)).collect();
-    // Existing backends by (service id, address, port).
-    let backend_ids: HashMap<(u16, u32, u16), u32> = current_backends
+    // Existing backends by (service id, address and port).
+    let backend_ids: HashMap<(u16, SocketAddr), u32> = current_backends
         .iter()
-        .map(|(id, b)| ((b.service, b.addr_be, b.port_be), *id))
+        .map(|(id, b)| ((b.service, b.addr), *id))
         .collect();
 
     // Every VIP/backend that stays keeps its id; new ones get fresh ids.
-    let keys: Vec<VipKey> = desired.iter().map(|d| vip_key(d.vip)).collect();
+    let keys: Vec<VipAddr> = desired.iter().map(|d| vip_key(d.vip)).collect();
     // Ids in the maps now are not handed to anything new: conntrack entries may still name
     // a removed backend, and must not be sent to its successor.
     let mut used_services: BTreeSet<u32> = service_ids.values().copied().collect();
@@ -164,17 +162,16 @@ pub fn plan(
         let mut backends = Vec::with_capacity(d.backends.len());
         let mut members = Vec::with_capacity(d.backends.len());
         for b in &d.backends {
-            let k = (sid as u16, addr_be(b.address), port_be(b.port));
+            let k = (sid as u16, SocketAddr::new(b.address, b.port));
             let id = match backend_ids.get(&k) {
                 Some(&id) => id,
                 None => allocate(&mut used_backends, 1, MAX_BACKENDS, "backend")?,
             };
             backends.push((
                 id,
-                Backend {
-                    addr_be: k.1,
+                BackendEntry {
+                    addr: k.1,
                     weight: b.weight,
-                    port_be: k.2,
                     service: sid as u16,
                     flags: b.flags,
                     max_flows: b.max_flows,
@@ -291,7 +288,7 @@ pub fn apply(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<Ap
                 maps.set_live_flows(id, 0)?;
             }
             if current.is_none_or(|&(_, b)| b != backend) {
-                maps.set_backend(id, backend)?;
+                maps.set_backend(id, &backend)?;
             }
         }
     }
@@ -329,7 +326,7 @@ pub fn apply(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<Ap
             maps.set_service(s.key, s.service)?;
         }
     }
-    let planned_keys: Vec<VipKey> = plan.services.iter().map(|s| s.key).collect();
+    let planned_keys: Vec<VipAddr> = plan.services.iter().map(|s| s.key).collect();
     for (key, service) in current_services
         .iter()
         .filter(|(k, _)| !planned_keys.contains(k))
@@ -350,7 +347,7 @@ pub fn apply(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<Ap
         .iter()
         .filter(|(id, _)| !planned_ids.contains(id))
     {
-        maps.set_backend(*id, Backend::default())?;
+        maps.clear_backend(*id)?;
         applied.backends_removed += 1;
     }
     Ok(applied)
@@ -418,7 +415,7 @@ mod tests {
             p.services[0]
                 .backends
                 .iter()
-                .find(|(_, b)| b.port_be == port.to_be())
+                .find(|(_, b)| b.addr.port() == port)
                 .map(|(id, _)| *id)
         };
         assert_eq!(id_of(&second, 8002), id_of(&first, 8002));

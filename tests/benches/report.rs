@@ -192,7 +192,10 @@ fn control_plane(opts: &Opts, report: &mut Report) {
         let backends: Vec<MaglevBackend> = (0..n)
             .map(|i| MaglevBackend {
                 id: i + 1,
-                key: maglev::backend_key(Ipv4Addr::new(10, (i >> 8) as u8, i as u8, 1), 8000),
+                key: maglev::backend_key(
+                    Ipv4Addr::new(10, (i >> 8) as u8, i as u8, 1).into(),
+                    8000,
+                ),
                 weight: 1,
             })
             .collect();
@@ -210,12 +213,14 @@ fn control_plane(opts: &Opts, report: &mut Report) {
 
     let pins = PinDir::new("bench-mem");
     let flows = 1u32 << 20;
-    let dp = Datapath::load(&pins.path, flows).expect("load the data path");
+    let flows6 = lb_common::CONNTRACK6_DEFAULT_SIZE;
+    let dp = Datapath::load(&pins.path, flows, flows6).expect("load the data path");
     let _ = write!(
         t,
-        "\nKernel memory (memlock from /proc/PID/fdinfo) with `conntrack_size = {flows}` \
-         (LRU maps are preallocated, so this is the cost of 1 M tracked flows whether or not \
-         they are in use):\n\n| map | memory |\n|---|---:|\n"
+        "\nKernel memory (memlock from /proc/PID/fdinfo) with `conntrack_size = {flows}` and \
+         the default `conntrack_size_v6 = {flows6}` (LRU maps are preallocated, so this is the \
+         cost of that many tracked flows whether or not they are in use):\n\n\
+         | map | memory |\n|---|---:|\n"
     );
     let mut total = 0;
     for name in lb_common::maps::ALL {

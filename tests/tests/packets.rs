@@ -2,19 +2,27 @@
 //! and output bytes (rewritten with checksums verified by recomputation, or untouched).
 //! Needs root (BPF).
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::{PacketBuilder, VlanId};
 use gpulb::{config::Config, datapath::Datapath, plan};
 use gpulb_testbed::PinDir;
-use lb_common::{FlowKey, Reason, flow_hash};
+use lb_common::{FlowKey, FlowKey6, Reason, addr6_of, flow_hash};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 
 const CLIENT: [u8; 4] = [198, 18, 0, 2];
 const VIP: [u8; 4] = [198, 18, 100, 1];
+/// IPv6 fixtures use the documentation prefix: these packets exist only in BPF_PROG_TEST_RUN.
+const CLIENT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const VIP6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+];
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
 
@@ -59,6 +67,34 @@ port = 80
 address = "198.18.0.1"
 port = 9000
 weight = 1
+
+[[vip]]
+name = "chat6"
+address = "2001:db8:1::1"
+port = 80
+maglev_table_size = 1021
+
+[[vip.backend]]
+address = "2001:db8::1"
+port = 8001
+[[vip.backend]]
+address = "2001:db8::1"
+port = 8002
+[[vip.backend]]
+address = "2001:db8::1"
+port = 8003
+weight = 2
+
+[[vip]]
+name = "dns6"
+address = "2001:db8:1::1"
+port = 53
+protocol = "udp"
+maglev_table_size = 251
+
+[[vip.backend]]
+address = "2001:db8::1"
+port = 5353
 "#;
 
 /// What a fixture expects.
@@ -185,47 +221,150 @@ fn icmp_echo() -> Vec<u8> {
     out
 }
 
-/// Parsed view of an IPv4 TCP/UDP frame: (l3 offset, l4 offset).
-fn offsets(pkt: &[u8]) -> (usize, usize) {
-    let l3 = if pkt[12..14] == [0x81, 0x00] { 18 } else { 14 };
-    (l3, l3 + usize::from(pkt[l3] & 0x0f) * 4)
+/// A TCP/UDP frame as the tests read it back, either family.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    l3: usize,
+    l4: usize,
+    v6: bool,
+    src: SocketAddr,
+    dst: SocketAddr,
+    proto: u8,
 }
 
+/// Parses what the fixtures build: an optional 802.1Q tag, IPv4 with options or IPv6 with
+/// hop-by-hop, routing, destination options and authentication headers, then TCP/UDP.
+fn frame_of(pkt: &[u8]) -> Frame {
+    let l3 = if pkt[12..14] == [0x81, 0x00] { 18 } else { 14 };
+    let v6 = pkt[l3 - 2..l3] == [0x86, 0xdd];
+    let (src, dst, proto, l4) = if v6 {
+        let (mut next, mut l4) = (pkt[l3 + 6], l3 + 40);
+        while matches!(next, 0 | 43 | 51 | 60) {
+            let len = usize::from(pkt[l4 + 1]);
+            let size = if next == 51 {
+                (len + 2) * 4
+            } else {
+                (len + 1) * 8
+            };
+            next = pkt[l4];
+            l4 += size;
+        }
+        let ip = |o: usize| IpAddr::from(<[u8; 16]>::try_from(&pkt[o..o + 16]).expect("16 bytes"));
+        (ip(l3 + 8), ip(l3 + 24), next, l4)
+    } else {
+        let ip = |o: usize| IpAddr::from(<[u8; 4]>::try_from(&pkt[o..o + 4]).expect("4 bytes"));
+        let l4 = l3 + usize::from(pkt[l3] & 0x0f) * 4;
+        (ip(l3 + 12), ip(l3 + 16), pkt[l3 + 9], l4)
+    };
+    let port = |o: usize| u16::from_be_bytes([pkt[o], pkt[o + 1]]);
+    Frame {
+        l3,
+        l4,
+        v6,
+        src: SocketAddr::new(src, port(l4)),
+        dst: SocketAddr::new(dst, port(l4 + 2)),
+        proto,
+    }
+}
+
+/// The IPv4 conntrack key of a frame.
 fn flow_of(pkt: &[u8]) -> FlowKey {
-    let (l3, l4) = offsets(pkt);
-    let b4 = |o: usize| u32::from_ne_bytes(pkt[o..o + 4].try_into().expect("4 bytes"));
-    let b2 = |o: usize| u16::from_ne_bytes(pkt[o..o + 2].try_into().expect("2 bytes"));
+    let f = frame_of(pkt);
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (f.src.ip(), f.dst.ip()) else {
+        panic!("an IPv4 frame: {f:?}");
+    };
     FlowKey {
-        src_be: b4(l3 + 12),
-        dst_be: b4(l3 + 16),
-        sport_be: b2(l4),
-        dport_be: b2(l4 + 2),
-        proto: pkt[l3 + 9],
+        src_be: u32::from_ne_bytes(src.octets()),
+        dst_be: u32::from_ne_bytes(dst.octets()),
+        sport_be: f.src.port().to_be(),
+        dport_be: f.dst.port().to_be(),
+        proto: f.proto,
         _pad: [0; 3],
     }
 }
 
-/// Checks both checksums of a rewritten frame by recomputing them from scratch.
+/// The Maglev hash the data path computes for a frame, either family.
+fn hash_of(pkt: &[u8]) -> u32 {
+    let f = frame_of(pkt);
+    match (f.src.ip(), f.dst.ip()) {
+        (IpAddr::V6(src), IpAddr::V6(dst)) => flow_hash(&FlowKey6 {
+            src_be: addr6_of(src),
+            dst_be: addr6_of(dst),
+            sport_be: f.src.port().to_be(),
+            dport_be: f.dst.port().to_be(),
+            proto: f.proto,
+            _pad: [0; 3],
+        }),
+        _ => flow_hash(&flow_of(pkt)),
+    }
+}
+
+/// Checks the checksums of a rewritten frame by recomputing them from scratch: the IPv4
+/// header's, and TCP/UDP's over its pseudo-header (IPv4 or IPv6).
 fn assert_checksums_valid(name: &str, pkt: &[u8]) {
-    let (l3, l4) = offsets(pkt);
-    assert_eq!(
-        ones_complement(&[&pkt[l3..l4]]),
-        0,
-        "{name}: IPv4 header checksum"
-    );
-    let total = usize::from(u16::from_be_bytes([pkt[l3 + 2], pkt[l3 + 3]]));
-    let segment = &pkt[l4..l3 + total];
-    let proto = pkt[l3 + 9];
-    if proto == 17 && segment[6..8] == [0, 0] {
-        return; // UDP without checksum
+    let f = frame_of(pkt);
+    let (l3, l4) = (f.l3, f.l4);
+    let (segment, addrs) = if f.v6 {
+        let payload = usize::from(u16::from_be_bytes([pkt[l3 + 4], pkt[l3 + 5]]));
+        (&pkt[l4..l3 + 40 + payload], &pkt[l3 + 8..l3 + 40])
+    } else {
+        assert_eq!(
+            ones_complement(&[&pkt[l3..l4]]),
+            0,
+            "{name}: IPv4 header checksum"
+        );
+        let total = usize::from(u16::from_be_bytes([pkt[l3 + 2], pkt[l3 + 3]]));
+        (&pkt[l4..l3 + total], &pkt[l3 + 12..l3 + 20])
+    };
+    if f.proto == 17 && segment[6..8] == [0, 0] {
+        assert!(!f.v6, "{name}: IPv6 UDP must carry a checksum");
+        return; // IPv4 UDP without checksum
     }
     let len = (segment.len() as u16).to_be_bytes();
-    let pseudo = [&pkt[l3 + 12..l3 + 20], &[0, proto], &len[..]].concat();
+    let pseudo = [addrs, &[0, f.proto], &len[..]].concat();
     assert_eq!(
         ones_complement(&[&pseudo, segment]),
         0,
         "{name}: L4 checksum"
     );
+}
+
+fn tcp6_packet(src: [u8; 16], dst: [u8; 16], sport: u16, syn: bool) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(src, dst, 64)
+        .tcp(sport, 80, 1000, 65535);
+    let b = if syn { b.syn() } else { b.ack(5000) };
+    let mut out = Vec::new();
+    b.write(&mut out, b"GET / HTTP/1.1\r\n\r\n").expect("build");
+    out
+}
+
+/// IPv6 extension headers, by next-header value.
+const HOP_BY_HOP: u8 = 0;
+const FRAGMENT: u8 = 44;
+const AUTH: u8 = 51;
+const DEST_OPTS: u8 = 60;
+
+/// Inserts extension headers of these kinds between the IPv6 header and TCP/UDP of an
+/// untagged frame (the L4 checksum does not cover them, so it stays valid). Options headers
+/// carry one PadN option; an authentication header is 12 bytes; a fragment header says
+/// "first fragment, more follow".
+fn with_ext_headers(mut pkt: Vec<u8>, kinds: &[u8]) -> Vec<u8> {
+    let l4_proto = pkt[14 + 6];
+    let mut ext = Vec::new();
+    for (i, &kind) in kinds.iter().enumerate() {
+        let next = kinds.get(i + 1).copied().unwrap_or(l4_proto);
+        match kind {
+            AUTH => ext.extend_from_slice(&[next, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1]),
+            FRAGMENT => ext.extend_from_slice(&[next, 0, 0, 1, 0, 0, 0, 7]),
+            _ => ext.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]),
+        }
+    }
+    pkt[14 + 6] = kinds[0];
+    let payload = u16::from_be_bytes([pkt[18], pkt[19]]) + ext.len() as u16;
+    pkt[18..20].copy_from_slice(&payload.to_be_bytes());
+    pkt.splice(54..54, ext);
+    pkt
 }
 
 #[test]
@@ -236,7 +375,8 @@ fn xdp_fixture_table() {
     );
     let pins = PinDir::new("packets");
     let config = Config::parse(Path::new("fixture.toml"), CONFIG).expect("fixture config");
-    let mut dp = Datapath::load(&pins.path, config.conntrack_size).expect("load BPF object");
+    let mut dp = Datapath::load(&pins.path, config.conntrack_size, config.conntrack_size_v6)
+        .expect("load BPF object");
     let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
     plan::apply(&mut dp.maps, &plan, None).expect("program maps");
     // The "empty" VIP keeps its service but loses its table: a VIP with no backend.
@@ -287,7 +427,7 @@ fn xdp_fixture_table() {
             name: "ARP request for the VIP",
             packet: arp(),
             action: XDP_PASS,
-            reason: Reason::PassNotIpv4,
+            reason: Reason::PassNotIp,
             expect: Expect::Untouched,
         },
         Fixture {
@@ -389,6 +529,109 @@ fn xdp_fixture_table() {
             reason: Reason::PassMalformed,
             expect: Expect::Untouched,
         },
+        Fixture {
+            name: "IPv6 SYN to VIP",
+            packet: tcp6_packet(CLIENT6, VIP6, 40020, true),
+            action: XDP_PASS,
+            reason: Reason::FwdNewFlow,
+            expect: Expect::Nat,
+        },
+        Fixture {
+            name: "IPv6 established packet",
+            packet: tcp6_packet(CLIENT6, VIP6, 40020, false),
+            action: XDP_PASS,
+            reason: Reason::FwdEstablished,
+            expect: Expect::NatSameAs("IPv6 SYN to VIP"),
+        },
+        Fixture {
+            name: "IPv6 SYN behind hop-by-hop and destination options",
+            packet: with_ext_headers(
+                tcp6_packet(CLIENT6, VIP6, 40021, true),
+                &[HOP_BY_HOP, DEST_OPTS],
+            ),
+            action: XDP_PASS,
+            reason: Reason::FwdNewFlow,
+            expect: Expect::Nat,
+        },
+        Fixture {
+            name: "IPv6 SYN behind an authentication header",
+            packet: with_ext_headers(tcp6_packet(CLIENT6, VIP6, 40022, true), &[AUTH]),
+            action: XDP_PASS,
+            reason: Reason::FwdNewFlow,
+            expect: Expect::Nat,
+        },
+        Fixture {
+            name: "IPv6 fragment to VIP",
+            packet: with_ext_headers(tcp6_packet(CLIENT6, VIP6, 40023, true), &[FRAGMENT]),
+            action: XDP_PASS,
+            reason: Reason::PassFragment,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "IPv6 with more extension headers than walked",
+            packet: with_ext_headers(
+                tcp6_packet(CLIENT6, VIP6, 40024, true),
+                &[HOP_BY_HOP, DEST_OPTS, DEST_OPTS, DEST_OPTS, DEST_OPTS],
+            ),
+            action: XDP_PASS,
+            reason: Reason::PassNotTcpUdp,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "IPv6 extension header running past the end",
+            packet: {
+                let mut p = with_ext_headers(tcp6_packet(CLIENT6, VIP6, 40025, true), &[DEST_OPTS]);
+                p[54 + 1] = 200;
+                p
+            },
+            action: XDP_PASS,
+            reason: Reason::PassMalformed,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "UDP to IPv6 UDP VIP",
+            packet: {
+                let mut out = Vec::new();
+                PacketBuilder::ethernet2(MAC_A, MAC_B)
+                    .ipv6(CLIENT6, VIP6, 64)
+                    .udp(40026, 53)
+                    .write(&mut out, b"query")
+                    .expect("build");
+                out
+            },
+            action: XDP_PASS,
+            reason: Reason::FwdNewFlow,
+            expect: Expect::Nat,
+        },
+        Fixture {
+            name: "ICMPv6 echo to the VIP",
+            packet: {
+                let mut out = Vec::new();
+                PacketBuilder::ethernet2(MAC_A, MAC_B)
+                    .ipv6(CLIENT6, VIP6, 64)
+                    .icmpv6_echo_request(7, 1)
+                    .write(&mut out, b"ping")
+                    .expect("build");
+                out
+            },
+            action: XDP_PASS,
+            reason: Reason::PassNotTcpUdp,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "IPv6 TCP to a non-VIP address",
+            packet: tcp6_packet(CLIENT6, CLIENT6, 40027, true),
+            action: XDP_PASS,
+            reason: Reason::PassNotVip,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "truncated IPv6 header",
+            packet: tcp6_packet(CLIENT6, VIP6, 40028, true)[..14 + 30].to_vec(),
+            action: XDP_PASS,
+            reason: Reason::PassMalformed,
+            expect: Expect::Untouched,
+        },
     ];
 
     let mut outputs: Vec<(&str, Vec<u8>)> = Vec::new();
@@ -417,15 +660,11 @@ fn xdp_fixture_table() {
         match f.expect {
             Expect::Untouched => assert_eq!(out, f.packet, "{}: packet must be untouched", f.name),
             Expect::Nat | Expect::NatSameAs(_) => {
-                let key = flow_of(&f.packet);
+                let key = frame_of(&f.packet);
                 let svc = plan
                     .services
                     .iter()
-                    .find(|s| {
-                        s.key.addr_be == key.dst_be
-                            && s.key.port_be == key.dport_be
-                            && s.key.proto == key.proto
-                    })
+                    .find(|s| s.key.addr == key.dst && s.key.proto == key.proto)
                     .expect("fixture targets a VIP");
                 let backend_id = match f.expect {
                     Expect::NatSameAs(prev) => {
@@ -434,14 +673,14 @@ fn xdp_fixture_table() {
                             .find(|(n, _)| *n == prev)
                             .expect("earlier fixture")
                             .1;
-                        let pf = flow_of(prev_out);
+                        let pf = frame_of(prev_out);
                         svc.backends
                             .iter()
-                            .find(|(_, b)| b.addr_be == pf.dst_be && b.port_be == pf.dport_be)
+                            .find(|(_, b)| b.addr == pf.dst)
                             .expect("known backend")
                             .0
                     }
-                    _ => svc.table[(flow_hash(&key) % svc.service.table_size) as usize],
+                    _ => svc.table[(hash_of(&f.packet) % svc.service.table_size) as usize],
                 };
                 let backend = svc
                     .backends
@@ -449,34 +688,22 @@ fn xdp_fixture_table() {
                     .find(|(id, _)| *id == backend_id)
                     .expect("backend in plan")
                     .1;
-                let got = flow_of(&out);
-                assert_eq!(
-                    (
-                        Ipv4Addr::from(got.dst_be.to_ne_bytes()),
-                        u16::from_be(got.dport_be)
-                    ),
-                    (
-                        Ipv4Addr::from(backend.addr_be.to_ne_bytes()),
-                        u16::from_be(backend.port_be)
-                    ),
-                    "{}: rewritten destination",
-                    f.name
-                );
-                assert_eq!(
-                    (got.src_be, got.sport_be),
-                    (key.src_be, key.sport_be),
-                    "{}: source untouched",
-                    f.name
-                );
+                let got = frame_of(&out);
+                assert_eq!(got.dst, backend.addr, "{}: rewritten destination", f.name);
+                assert_eq!(got.src, key.src, "{}: source untouched", f.name);
                 assert_checksums_valid(f.name, &out);
                 // Only the destination and the checksums differ from the input.
-                let (l3, l4) = offsets(&out);
+                let (l3, l4) = (got.l3, got.l4);
                 let check_at = if key.proto == 6 { l4 + 16 } else { l4 + 6 };
                 let changed: Vec<usize> =
                     (0..out.len()).filter(|&i| out[i] != f.packet[i]).collect();
                 let allowed = |i: usize| {
-                    (l3 + 10..l3 + 12).contains(&i)
-                        || (l3 + 16..l3 + 20).contains(&i)
+                    let address = if got.v6 {
+                        (l3 + 24..l3 + 40).contains(&i)
+                    } else {
+                        (l3 + 10..l3 + 12).contains(&i) || (l3 + 16..l3 + 20).contains(&i)
+                    };
+                    address
                         || (l4 + 2..l4 + 4).contains(&i)
                         || (check_at..check_at + 2).contains(&i)
                 };
@@ -502,9 +729,11 @@ fn xdp_fixture_table() {
     let flows = dp.maps.flows().expect("flows");
     assert_eq!(
         flows.len(),
-        6,
+        10,
         "one conntrack entry per NATed flow: {flows:?}"
     );
+    let v6 = flows.iter().filter(|(k, _)| k.client.is_ipv6()).count();
+    assert_eq!(v6, 4, "IPv6 flows in CONNS6: {flows:?}");
     drop(dp);
     drop(pins);
 }
@@ -558,6 +787,20 @@ port = 8202
 [[vip.backend]]
 address = "198.18.0.1"
 port = 8203
+
+[[vip]]
+name = "limited6"
+address = "2001:db8:1::3"
+port = 80
+maglev_table_size = 251
+[vip.admission]
+rate = 1
+burst = 1
+refuse = "rst"
+allow = ["2001:db8::/48"]
+[[vip.backend]]
+address = "2001:db8::1"
+port = 8001
 "#;
 
 const XDP_TX: u32 = 3;
@@ -614,7 +857,8 @@ fn xdp_admission_control() {
     );
     let pins = PinDir::new("admission");
     let config = Config::parse(Path::new("admission.toml"), ADMISSION_CONFIG).expect("config");
-    let mut dp = Datapath::load(&pins.path, config.conntrack_size).expect("load BPF object");
+    let mut dp = Datapath::load(&pins.path, config.conntrack_size, config.conntrack_size_v6)
+        .expect("load BPF object");
     let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
     plan::apply(&mut dp.maps, &plan, None).expect("program maps");
     let limited = [198, 18, 100, 3];
@@ -753,7 +997,7 @@ fn xdp_admission_control() {
             .services
             .iter()
             .flat_map(|s| s.backends.iter())
-            .find(|(_, b)| b.port_be == port.to_be())
+            .find(|(_, b)| b.addr.port() == port)
             .expect("backend");
         dp.maps.live_flows(*bid).expect("live flows")
     };
@@ -804,9 +1048,65 @@ fn xdp_admission_control() {
     }
     assert_eq!(
         ports.into_iter().collect::<Vec<_>>(),
-        vec![u16::from_be(want.port_be)],
+        vec![want.addr.port()],
         "one backend for all ports"
     );
+
+    // IPv6: the rate limit buckets a source's /64, the answer is an IPv6 RST without the
+    // SYN's extension headers, and the allow-list is matched on the IPv6 source.
+    let vip6 = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
+    let host = |net: u16, last: u8| {
+        let mut a = CLIENT6;
+        a[6..8].copy_from_slice(&net.to_be_bytes());
+        a[15] = last;
+        a
+    };
+    let (_, _, reason) = run(
+        &mut dp,
+        "IPv6 SYN within burst",
+        &tcp6_packet(host(0, 2), vip6, 44000, true),
+    );
+    assert_eq!(reason, Reason::FwdNewFlow, "IPv6 SYN within the burst");
+    let syn6 = with_ext_headers(tcp6_packet(host(0, 3), vip6, 44001, true), &[HOP_BY_HOP]);
+    let (action, rst, reason) = run(&mut dp, "IPv6 SYN of the same /64", &syn6);
+    assert_eq!(
+        (action, reason),
+        (XDP_TX, Reason::RefuseReset),
+        "another address of the same /64 shares its bucket"
+    );
+    assert_eq!(rst.len(), 14 + 60, "RST cut to its IPv6 and TCP headers");
+    assert_eq!(rst[..6], syn6[6..12], "back to the sender's MAC");
+    let want = lb_common::reset_headers6(
+        &addr6_of(host(0, 3).into()),
+        &addr6_of(vip6.into()),
+        44001u16.to_be(),
+        80u16.to_be(),
+        1000,
+    );
+    assert_eq!(rst[14..], want, "the IPv6 RST answering the SYN");
+    assert_checksums_valid("IPv6 RST", &rst);
+    let (_, _, reason) = run(
+        &mut dp,
+        "IPv6 SYN of another /64",
+        &tcp6_packet(host(1, 2), vip6, 44002, true),
+    );
+    assert_eq!(reason, Reason::FwdNewFlow, "another /64 has its own bucket");
+    let outside = [0x20, 0x01, 0x0d, 0xb8, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    let (action, _, reason) = run(
+        &mut dp,
+        "IPv6 SYN outside the allow-list",
+        &tcp6_packet(outside, vip6, 44003, true),
+    );
+    assert_eq!(
+        (action, reason),
+        (XDP_TX, Reason::RefuseReset),
+        "IPv6 source outside 2001:db8::/48"
+    );
+    let c = dp
+        .maps
+        .admit_counters(id("limited6"))
+        .expect("admission counters");
+    assert_eq!((c.rate_limited, c.not_allowed), (1, 1), "{c:?}");
     drop(dp);
     drop(pins);
 }

@@ -6,11 +6,10 @@ use std::{collections::HashMap, path::Path, time::Duration};
 use lb_common::BACKEND_DRAINING;
 use serde::Serialize;
 
-use super::{TableRow, emit, open, percent, vip_label};
+use super::{TableRow, emit, open, percent};
 use crate::{
     control::{self, BackendStatus, Request},
     maglev,
-    maps::sock_of,
 };
 
 #[derive(Serialize)]
@@ -137,8 +136,8 @@ pub fn rows(pin_path: &Path, socket: &Path) -> anyhow::Result<Vec<BackendRow>> {
         let vip = services
             .iter()
             .find(|(_, s)| s.id == service)
-            .map_or_else(|| format!("(service {service})"), |(k, _)| vip_label(k));
-        let backend = sock_of(b.addr_be, b.port_be).to_string();
+            .map_or_else(|| format!("(service {service})"), |(k, _)| k.to_string());
+        let backend = b.addr.to_string();
         let held = slots.get(&id).copied().unwrap_or(0);
         let c = maps.backend_counters(id)?;
         let status = daemon

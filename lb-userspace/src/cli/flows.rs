@@ -5,7 +5,6 @@ use std::{collections::HashMap, path::Path};
 use serde::Serialize;
 
 use super::{TableRow, emit, open, proto_label};
-use crate::maps::sock_of;
 
 #[derive(Serialize)]
 pub struct FlowRow {
@@ -43,7 +42,7 @@ pub fn rows(pin_path: &Path, limit: usize) -> anyhow::Result<Vec<FlowRow>> {
     let backends: HashMap<u32, String> = maps
         .backends()?
         .into_iter()
-        .map(|(id, b)| (id, sock_of(b.addr_be, b.port_be).to_string()))
+        .map(|(id, b)| (id, b.addr.to_string()))
         .collect();
     let now = monotonic_ns();
     let mut rows: Vec<FlowRow> = maps
@@ -51,8 +50,8 @@ pub fn rows(pin_path: &Path, limit: usize) -> anyhow::Result<Vec<FlowRow>> {
         .into_iter()
         .map(|(k, f)| FlowRow {
             protocol: proto_label(k.proto),
-            client: sock_of(k.src_be, k.sport_be).to_string(),
-            vip: sock_of(k.dst_be, k.dport_be).to_string(),
+            client: k.client.to_string(),
+            vip: k.vip.to_string(),
             backend: backends
                 .get(&f.backend)
                 .cloned()

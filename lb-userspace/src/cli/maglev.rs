@@ -4,8 +4,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::{TableRow, emit, open, percent, vip_label};
-use crate::{maglev, maps::sock_of};
+use super::{TableRow, emit, open, percent};
+use crate::maglev;
 
 #[derive(Serialize)]
 pub struct ShareRow {
@@ -51,8 +51,8 @@ pub fn rows(pin_path: &Path) -> anyhow::Result<Vec<ShareRow>> {
         for (id, b) in members {
             let slots = counts.get(id).copied().unwrap_or(0);
             rows.push(ShareRow {
-                vip: vip_label(&key),
-                backend: sock_of(b.addr_be, b.port_be).to_string(),
+                vip: key.to_string(),
+                backend: b.addr.to_string(),
                 weight: b.weight,
                 slots,
                 table_size: service.table_size,

@@ -52,11 +52,6 @@ pub fn open(pin_path: &Path) -> anyhow::Result<Maps> {
         .with_context(|| format!("reading gpulb's maps under {}", pin_path.display()))
 }
 
-/// `198.18.100.1:80` from a service's key.
-pub fn vip_label(key: &lb_common::VipKey) -> String {
-    crate::maps::sock_of(key.addr_be, key.port_be).to_string()
-}
-
 pub fn proto_label(proto: u8) -> String {
     crate::config::Protocol::from_number(proto).map_or_else(|| proto.to_string(), |p| p.to_string())
 }

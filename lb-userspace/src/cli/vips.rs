@@ -7,7 +7,7 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use super::{TableRow, emit, open, proto_label, vip_label};
+use super::{TableRow, emit, open, proto_label};
 
 #[derive(Serialize)]
 pub struct VipRow {
@@ -77,7 +77,7 @@ pub fn rows(pin_path: &Path) -> anyhow::Result<Vec<VipRow>> {
             .collect();
         rows.push(VipRow {
             id: service.id,
-            vip: vip_label(&key),
+            vip: key.to_string(),
             protocol: proto_label(key.proto),
             table_size: service.table_size,
             backends: backends

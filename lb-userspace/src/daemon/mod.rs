@@ -61,7 +61,12 @@ pub async fn run(
     let socket = config.control_socket();
     let listener = server::bind(&socket)?;
 
-    let datapath = Datapath::load(&config.pin_path, config.conntrack_size).with_context(|| {
+    let datapath = Datapath::load(
+        &config.pin_path,
+        config.conntrack_size,
+        config.conntrack_size_v6,
+    )
+    .with_context(|| {
         format!(
             "loading the data path (pin path {})",
             config.pin_path.display()

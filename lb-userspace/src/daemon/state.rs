@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -25,7 +25,6 @@ use crate::{
     health::{self, Health},
     load::{self, Load, LoadSource},
     maglev,
-    maps::sock_of,
     metrics::DaemonMetrics,
     plan::{self, DesiredBackend, DesiredService, Plan},
     supervisor::{self, Command, InstanceRecord, RestartPolicy},
@@ -102,7 +101,7 @@ pub struct Backend {
     pub vip: String,
     /// The VIP's `address:port`.
     pub vip_address: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub config_weight: u32,
     pub weight_override: Option<u32>,
@@ -126,7 +125,12 @@ pub struct Backend {
 impl Backend {
     /// `vip/address:port`: unique, and stable across restarts.
     pub fn key(&self) -> String {
-        format!("{}/{}:{}", self.vip, self.address, self.port)
+        format!("{}/{}", self.vip, self.addr())
+    }
+
+    /// `address:port` (an IPv6 address in brackets).
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port)
     }
 
     /// The Maglev weight: the configured (or operator's) weight, scaled by load in
@@ -167,8 +171,7 @@ impl Backend {
     }
 
     fn matches(&self, selector: &str) -> bool {
-        let addr = format!("{}:{}", self.address, self.port);
-        selector == addr
+        selector == self.addr().to_string()
             || selector == self.key()
             || self
                 .instance
@@ -198,7 +201,7 @@ impl Inherited {
                 .iter()
                 .filter(|(_, b)| u32::from(b.service) == service.id)
             {
-                let name = format!("{}/{}", vip.name, sock_of(b.addr_be, b.port_be));
+                let name = format!("{}/{}", vip.name, b.addr);
                 if held.get(id).copied().unwrap_or(0) > 0 {
                     out.in_table.push(name.clone());
                 }
@@ -333,11 +336,7 @@ impl State {
         if b.steers_by_load() {
             self.start_load(b);
         }
-        let (addr, check, client) = (
-            SocketAddrV4::new(b.address, b.port),
-            b.check.clone(),
-            self.probe_client.clone(),
-        );
+        let (addr, check, client) = (b.addr(), b.check.clone(), self.probe_client.clone());
         spawn_periodic(check.interval, cancel, self.msgs.clone(), move || {
             let (key, check, client) = (key.clone(), check.clone(), client.clone());
             async move {
@@ -355,7 +354,7 @@ impl State {
     fn start_load(&self, b: &Backend) {
         let (key, generation, cancel) = (b.key(), b.probe_generation, b.probe_cancel.clone());
         let (addr, source, interval, client) = (
-            SocketAddrV4::new(b.address, b.port),
+            b.addr(),
             b.load_source,
             b.load_interval,
             self.probe_client.clone(),
@@ -445,7 +444,7 @@ impl State {
             .flat_map(|s| &s.backends)
             .map(|&(id, b)| {
                 let n = self.datapath.maps.live_flows(id)?;
-                Ok::<_, crate::maps::MapsError>((id, crate::maps::sock_of(b.addr_be, b.port_be), n))
+                Ok::<_, crate::maps::MapsError>((id, b.addr, n))
             })
             .collect();
         let counted = match counted {
@@ -458,7 +457,7 @@ impl State {
         let sockets = tcp_sockets();
         let mut over = HashSet::new();
         for (id, backend, n) in counted {
-            let (addr, port) = (*backend.ip(), backend.port());
+            let (addr, port) = (backend.ip(), backend.port());
             if !sockets.is_listening(addr, port) {
                 continue;
             }
@@ -724,9 +723,10 @@ impl State {
                 let inst = b.instance.as_ref();
                 BackendStatus {
                     vip: b.vip.clone(),
-                    vip_address: vip
-                        .map_or_else(String::new, |v| format!("{}:{}", v.address, v.port)),
-                    backend: format!("{}:{}", b.address, b.port),
+                    vip_address: vip.map_or_else(String::new, |v| {
+                        SocketAddr::new(v.address, v.port).to_string()
+                    }),
+                    backend: b.addr().to_string(),
                     model: inst.map(|i| i.spec.model.clone()),
                     instance: inst.map(|i| i.spec.name.clone()),
                     gpus: inst.map_or_else(Vec::new, |i| {
@@ -871,7 +871,7 @@ impl State {
     /// A supervisor for an instance whose previous process is being stopped: it waits for
     /// the port to be free before starting.
     fn spawn_replacement(&self, spec: InstanceSpec) -> mpsc::UnboundedSender<Command> {
-        let addr = SocketAddrV4::new(spec.address, spec.port);
+        let addr = SocketAddr::new(spec.address, spec.port);
         let deadline = Instant::now() + self.config.kill_timeout + Duration::from_secs(1);
         self.spawn_supervisor(spec, None, async move {
             while Instant::now() < deadline && std::net::TcpListener::bind(addr).is_err() {
@@ -956,7 +956,7 @@ fn current<'a>(backends: &'a mut [Backend], key: &str, generation: u64) -> Optio
 fn ejection_labels(b: &Backend, cause: &'static str) -> [String; 4] {
     [
         b.vip_address.clone(),
-        format!("{}:{}", b.address, b.port),
+        b.addr().to_string(),
         b.instance
             .as_ref()
             .map_or_else(String::new, |i| i.spec.name.clone()),
@@ -994,7 +994,7 @@ fn build_backends(config: &Config, specs: Vec<InstanceSpec>) -> Vec<Backend> {
     let mut out = Vec::new();
     let blank = |vip: &Vip, address, port, weight, max_flows, check: &HealthCheck| Backend {
         vip: vip.name.clone(),
-        vip_address: format!("{}:{}", vip.address, vip.port),
+        vip_address: SocketAddr::new(vip.address, vip.port).to_string(),
         address,
         port,
         config_weight: weight,
@@ -1060,61 +1060,110 @@ fn build_backends(config: &Config, specs: Vec<InstanceSpec>) -> Vec<Backend> {
 }
 
 /// Established (or being established) TCP connections by local address and port, from
-/// /proc/net/tcp of this network namespace (the backends are local).
-pub fn live_connections() -> HashMap<(Ipv4Addr, u16), usize> {
+/// /proc/net/tcp and tcp6 of this network namespace (the backends are local).
+pub fn live_connections() -> HashMap<(IpAddr, u16), usize> {
     tcp_sockets().established
 }
 
-/// The TCP sockets of this network namespace, from /proc/net/tcp.
+/// The TCP sockets of this network namespace, from /proc/net/tcp and /proc/net/tcp6.
+/// IPv4-mapped addresses (IPv4 clients of a dual-stack socket) are counted as IPv4.
 #[derive(Debug, Default)]
 pub struct TcpSockets {
     /// ESTABLISHED or SYN_RECV, by local address and port.
-    pub established: HashMap<(Ipv4Addr, u16), usize>,
-    /// Listening sockets (0.0.0.0 for a wildcard).
-    pub listening: HashSet<(Ipv4Addr, u16)>,
+    pub established: HashMap<(IpAddr, u16), usize>,
+    /// Listening sockets (0.0.0.0 or :: for a wildcard).
+    pub listening: HashSet<(IpAddr, u16)>,
 }
 
 impl TcpSockets {
-    pub fn is_listening(&self, addr: Ipv4Addr, port: u16) -> bool {
-        self.listening.contains(&(addr, port))
-            || self.listening.contains(&(Ipv4Addr::UNSPECIFIED, port))
+    /// A socket listens on this address: its own, or the wildcard of its family, or `::`
+    /// (dual-stack: it takes IPv4 too).
+    pub fn is_listening(&self, addr: IpAddr, port: u16) -> bool {
+        let wildcard = match addr {
+            IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        [addr, wildcard, IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
+            .iter()
+            .any(|a| self.listening.contains(&(*a, port)))
     }
 
-    pub fn connections(&self, addr: Ipv4Addr, port: u16) -> usize {
+    pub fn connections(&self, addr: IpAddr, port: u16) -> usize {
         self.established.get(&(addr, port)).copied().unwrap_or(0)
     }
 }
 
 pub fn tcp_sockets() -> TcpSockets {
     let mut out = TcpSockets::default();
-    let Ok(text) = std::fs::read_to_string("/proc/net/tcp") else {
-        return out;
-    };
-    for line in text.lines().skip(1) {
-        let mut fields = line.split_whitespace();
-        let (Some(local), Some(_remote), Some(state)) =
-            (fields.nth(1), fields.next(), fields.next())
-        else {
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
             continue;
         };
-        // ESTABLISHED, or SYN_RECV: a handshake the data path already sent here. 0A: LISTEN.
-        if !matches!(state, "01" | "03" | "0A") {
-            continue;
-        }
-        let Some((addr, port)) = local.split_once(':') else {
-            continue;
-        };
-        let (Ok(addr), Ok(port)) = (u32::from_str_radix(addr, 16), u16::from_str_radix(port, 16))
-        else {
-            continue;
-        };
-        // The kernel prints the network-order address as a host integer.
-        let key = (Ipv4Addr::from(addr.to_ne_bytes()), port);
-        if state == "0A" {
-            out.listening.insert(key);
-        } else {
-            *out.established.entry(key).or_insert(0) += 1;
+        for line in text.lines().skip(1) {
+            let mut fields = line.split_whitespace();
+            let (Some(local), Some(_remote), Some(state)) =
+                (fields.nth(1), fields.next(), fields.next())
+            else {
+                continue;
+            };
+            // ESTABLISHED, or SYN_RECV: a handshake the data path already sent here.
+            // 0A: LISTEN.
+            if !matches!(state, "01" | "03" | "0A") {
+                continue;
+            }
+            let Some(key) = proc_net_address(local) else {
+                continue;
+            };
+            if state == "0A" {
+                out.listening.insert(key);
+            } else {
+                *out.established.entry(key).or_insert(0) += 1;
+            }
         }
     }
     out
+}
+
+/// `0100007F:1F90` (tcp) or 32 hex digits and a port (tcp6). The kernel prints each
+/// network-order 32-bit word of the address as a host integer.
+fn proc_net_address(text: &str) -> Option<(IpAddr, u16)> {
+    let (addr, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for k in (0..addr.len()).step_by(8) {
+        let word = u32::from_str_radix(addr.get(k..k + 8)?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?).to_canonical(),
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_addresses_of_both_families() {
+        // 127.0.0.1:8080 as /proc/net/tcp prints it (little-endian host).
+        assert_eq!(
+            proc_net_address("0100007F:1F90"),
+            Some((IpAddr::from([127, 0, 0, 1]), 8080))
+        );
+        // [::1]:8001 in /proc/net/tcp6: four words, each the network-order word read as a
+        // host integer.
+        assert_eq!(
+            proc_net_address("00000000000000000000000001000000:1F41"),
+            Some((IpAddr::V6(Ipv6Addr::LOCALHOST), 8001))
+        );
+        // An IPv4 client of a dual-stack socket: ::ffff:198.18.0.1 counts as IPv4.
+        assert_eq!(
+            proc_net_address("0000000000000000FFFF0000010012C6:1F41"),
+            Some((IpAddr::from([198, 18, 0, 1]), 8001))
+        );
+        assert_eq!(proc_net_address("0100007F"), None);
+    }
 }

@@ -1,0 +1,245 @@
+//! What differs between IPv4 and IPv6 in the data path: the maps of each, where the
+//! addresses sit in the header, and how a socket's address is read and written. Everything
+//! else (the choice of a backend, admission, NAT, conntrack) is written once, generic over
+//! `Family`.
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    maps::{HashMap, LruHashMap},
+};
+use lb_common::{
+    Addr6, Address, AllowKey, AllowKey6, BACKEND_IPV6, Backend, Flow, FlowKeyOf, RateKey, RateKey6,
+    RevNatOf, Service, ServiceLimits, SockRevKey, SockRevKey6, VipKeyOf, reset_headers,
+    reset_headers6,
+};
+
+use crate::{
+    ALLOW, ALLOW6, BACKEND_ADDR6, CONNS, CONNS6, RATE_LIMIT, RATE_LIMIT6, REVNAT, REVNAT6,
+    SERVICES, SERVICES6, SOCK_REVNAT, SOCK_REVNAT6, is_allowed_in, is_over_rate_in,
+};
+
+pub trait Family {
+    /// `u32` or `Addr6`: the header's address bytes as native words.
+    type Addr: Address + Copy + 'static;
+    /// The IP and TCP headers of a refusing RST.
+    type Reset: Copy;
+    /// 32-bit words in an address.
+    const WORDS: usize;
+    /// Offsets of the source and destination addresses in the IP header.
+    const SRC_OFF: usize;
+    const DST_OFF: usize;
+
+    fn services() -> &'static HashMap<VipKeyOf<Self::Addr>, Service>;
+    fn conns() -> &'static LruHashMap<FlowKeyOf<Self::Addr>, Flow>;
+    fn revnat() -> &'static LruHashMap<FlowKeyOf<Self::Addr>, RevNatOf<Self::Addr>>;
+    /// The backend's address in this family; `None` for one of the other family.
+    fn backend_addr(id: u32, backend: &Backend) -> Option<Self::Addr>;
+    fn is_allowed(service_id: u32, src: &Self::Addr) -> bool;
+    fn is_over_rate(
+        service_id: u32,
+        flow: &FlowKeyOf<Self::Addr>,
+        limits: &ServiceLimits,
+        now: u64,
+    ) -> bool;
+    fn reset_headers(syn: &FlowKeyOf<Self::Addr>, seq: u32) -> Self::Reset;
+    /// The address as the header's 32-bit words in memory order; words past `WORDS` are 0.
+    fn words(addr: &Self::Addr) -> [u32; 4];
+    /// The same words in host order, for checksum arithmetic.
+    #[inline(always)]
+    fn host_words(addr: &Self::Addr) -> [u32; 4] {
+        Self::words(addr).map(u32::from_be)
+    }
+
+    /// The destination (connect, sendmsg) or peer (getpeername, recvmsg) of a socket call.
+    fn sock_ip(sa: *mut bpf_sock_addr) -> Self::Addr;
+    fn set_sock_ip(sa: *mut bpf_sock_addr, addr: &Self::Addr);
+    /// Records that the socket `cookie` was sent to (`addr`, `port_be`) instead of `vip`.
+    fn remember_socket(cookie: u64, addr: &Self::Addr, port_be: u16, vip: &RevNatOf<Self::Addr>);
+    fn socket_vip(cookie: u64, addr: &Self::Addr, port_be: u16) -> Option<RevNatOf<Self::Addr>>;
+}
+
+pub enum V4 {}
+pub enum V6 {}
+
+impl Family for V4 {
+    type Addr = u32;
+    type Reset = [u8; 40];
+    const WORDS: usize = 1;
+    const SRC_OFF: usize = 12;
+    const DST_OFF: usize = 16;
+
+    #[inline(always)]
+    fn services() -> &'static HashMap<VipKeyOf<u32>, Service> {
+        &SERVICES
+    }
+    #[inline(always)]
+    fn conns() -> &'static LruHashMap<FlowKeyOf<u32>, Flow> {
+        &CONNS
+    }
+    #[inline(always)]
+    fn revnat() -> &'static LruHashMap<FlowKeyOf<u32>, RevNatOf<u32>> {
+        &REVNAT
+    }
+    #[inline(always)]
+    fn backend_addr(_id: u32, backend: &Backend) -> Option<u32> {
+        (backend.flags & BACKEND_IPV6 == 0).then_some(backend.addr_be)
+    }
+    #[inline(always)]
+    fn is_allowed(service_id: u32, src: &u32) -> bool {
+        let data = AllowKey {
+            service: service_id,
+            addr_be: *src,
+        };
+        is_allowed_in(&ALLOW, 32, data)
+    }
+    #[inline(always)]
+    fn is_over_rate(
+        service_id: u32,
+        flow: &FlowKeyOf<u32>,
+        limits: &ServiceLimits,
+        now: u64,
+    ) -> bool {
+        let key = RateKey {
+            src_be: flow.src_be,
+            service: service_id,
+        };
+        is_over_rate_in(&RATE_LIMIT, &key, limits, now)
+    }
+    #[inline(always)]
+    fn reset_headers(syn: &FlowKeyOf<u32>, seq: u32) -> [u8; 40] {
+        reset_headers(syn.src_be, syn.dst_be, syn.sport_be, syn.dport_be, seq)
+    }
+    #[inline(always)]
+    fn words(addr: &u32) -> [u32; 4] {
+        [*addr, 0, 0, 0]
+    }
+    #[inline(always)]
+    fn sock_ip(sa: *mut bpf_sock_addr) -> u32 {
+        // SAFETY: the context the kernel passed; user_ip4 is readable in every v4 hook.
+        unsafe { (*sa).user_ip4 }
+    }
+    #[inline(always)]
+    fn set_sock_ip(sa: *mut bpf_sock_addr, addr: &u32) {
+        // SAFETY: connect4/sendmsg4/getpeername4/recvmsg4 may write user_ip4.
+        unsafe { (*sa).user_ip4 = *addr };
+    }
+    #[inline(always)]
+    fn remember_socket(cookie: u64, addr: &u32, port_be: u16, vip: &RevNatOf<u32>) {
+        let key = SockRevKey {
+            cookie,
+            addr_be: *addr,
+            port_be,
+            _pad: 0,
+        };
+        let _ = SOCK_REVNAT.insert(&key, vip, 0);
+    }
+    #[inline(always)]
+    fn socket_vip(cookie: u64, addr: &u32, port_be: u16) -> Option<RevNatOf<u32>> {
+        let key = SockRevKey {
+            cookie,
+            addr_be: *addr,
+            port_be,
+            _pad: 0,
+        };
+        // SAFETY: an 8-byte value written whole, copied out at once.
+        unsafe { SOCK_REVNAT.get(&key) }.copied()
+    }
+}
+
+impl Family for V6 {
+    type Addr = Addr6;
+    type Reset = [u8; 60];
+    const WORDS: usize = 4;
+    const SRC_OFF: usize = 8;
+    const DST_OFF: usize = 24;
+
+    #[inline(always)]
+    fn services() -> &'static HashMap<VipKeyOf<Addr6>, Service> {
+        &SERVICES6
+    }
+    #[inline(always)]
+    fn conns() -> &'static LruHashMap<FlowKeyOf<Addr6>, Flow> {
+        &CONNS6
+    }
+    #[inline(always)]
+    fn revnat() -> &'static LruHashMap<FlowKeyOf<Addr6>, RevNatOf<Addr6>> {
+        &REVNAT6
+    }
+    #[inline(always)]
+    fn backend_addr(id: u32, backend: &Backend) -> Option<Addr6> {
+        if backend.flags & BACKEND_IPV6 == 0 {
+            return None;
+        }
+        BACKEND_ADDR6.get(id).copied()
+    }
+    #[inline(always)]
+    fn is_allowed(service_id: u32, src: &Addr6) -> bool {
+        let data = AllowKey6 {
+            service: service_id,
+            addr_be: *src,
+        };
+        is_allowed_in(&ALLOW6, 128, data)
+    }
+    #[inline(always)]
+    fn is_over_rate(
+        service_id: u32,
+        flow: &FlowKeyOf<Addr6>,
+        limits: &ServiceLimits,
+        now: u64,
+    ) -> bool {
+        let key = RateKey6 {
+            src_be: [flow.src_be[0], flow.src_be[1]],
+            service: service_id,
+        };
+        is_over_rate_in(&RATE_LIMIT6, &key, limits, now)
+    }
+    #[inline(always)]
+    fn reset_headers(syn: &FlowKeyOf<Addr6>, seq: u32) -> [u8; 60] {
+        reset_headers6(&syn.src_be, &syn.dst_be, syn.sport_be, syn.dport_be, seq)
+    }
+    #[inline(always)]
+    fn words(addr: &Addr6) -> [u32; 4] {
+        *addr
+    }
+    #[inline(always)]
+    fn sock_ip(sa: *mut bpf_sock_addr) -> Addr6 {
+        // SAFETY: the context the kernel passed; user_ip6 is readable in every v6 hook, one
+        // 32-bit word at a time (volatile keeps the loads that size).
+        unsafe {
+            let ip = &raw const (*sa).user_ip6;
+            [0, 1, 2, 3].map(|i| core::ptr::read_volatile(&raw const (*ip)[i]))
+        }
+    }
+    #[inline(always)]
+    fn set_sock_ip(sa: *mut bpf_sock_addr, addr: &Addr6) {
+        // SAFETY: the v6 hooks may write user_ip6, in 32-bit words.
+        unsafe {
+            let ip = &raw mut (*sa).user_ip6;
+            for (i, word) in addr.iter().enumerate() {
+                core::ptr::write_volatile(&raw mut (*ip)[i], *word);
+            }
+        }
+    }
+    #[inline(always)]
+    fn remember_socket(cookie: u64, addr: &Addr6, port_be: u16, vip: &RevNatOf<Addr6>) {
+        let key = SockRevKey6 {
+            cookie,
+            addr_be: *addr,
+            port_be,
+            _pad: [0; 3],
+        };
+        let _ = SOCK_REVNAT6.insert(&key, vip, 0);
+    }
+    #[inline(always)]
+    fn socket_vip(cookie: u64, addr: &Addr6, port_be: u16) -> Option<RevNatOf<Addr6>> {
+        let key = SockRevKey6 {
+            cookie,
+            addr_be: *addr,
+            port_be,
+            _pad: [0; 3],
+        };
+        // SAFETY: a 20-byte value written whole; a racing rewrite of the same socket writes
+        // the same VIP.
+        unsafe { SOCK_REVNAT6.get(&key) }.copied()
+    }
+}
