@@ -121,7 +121,7 @@ struct RawModel {
     #[serde(default)]
     env: BTreeMap<String, String>,
     /// Where the instances report their load: "vllm", "sglang", "tgi" (`/metrics`), "llamacpp" (`/slots`),
-    /// "none".
+    /// "nvml" (GPU utilisation and memory), "none".
     #[serde(default = "default_load_source")]
     load: String,
     #[serde(default = "default_restart_delay_ms")]
@@ -1112,11 +1112,17 @@ impl RawModel {
             invalid(
                 f("load"),
                 format!(
-                    "{:?} is not \"vllm\", \"sglang\", \"tgi\", \"llamacpp\" or \"none\"",
+                    "{:?} is not \"vllm\", \"sglang\", \"tgi\", \"llamacpp\", \"nvml\" or \"none\"",
                     self.load
                 ),
             )
         })?;
+        if load == crate::load::LoadSource::Nvml && matches!(gpus, GpuSelection::Simulated(_)) {
+            return Err(invalid(
+                f("load"),
+                "\"nvml\" needs real GPUs; simulated ones have no NVML readings",
+            ));
+        }
         Ok(Model {
             load,
             weight: parse_weight(&f("weight"), self.weight)?,
@@ -1840,7 +1846,12 @@ base_port = 9001
             (
                 "base_port = 9001",
                 "base_port = 9001\nload = \"sglng\"",
-                "model[0].load: \"sglng\" is not \"vllm\", \"sglang\", \"tgi\", \"llamacpp\" or \"none\"",
+                "model[0].load: \"sglng\" is not \"vllm\", \"sglang\", \"tgi\", \"llamacpp\", \"nvml\" or \"none\"",
+            ),
+            (
+                "gpus = [0, 1]",
+                "gpus = \"simulated:2\"\nload = \"nvml\"",
+                "model[0].load: \"nvml\" needs real GPUs",
             ),
             (
                 "base_port = 9001",

@@ -119,6 +119,52 @@ fn nvml_gpus(model: &str) -> Result<Vec<Gpu>, GpuError> {
         .collect()
 }
 
+/// What NVML reports of an instance's GPUs now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GpuUsage {
+    /// Mean of the GPUs' `utilization.gpu` (the share of time a kernel ran), 0-1.
+    pub utilization: f64,
+    /// The fullest GPU's used memory, 0-1.
+    pub memory: f64,
+}
+
+/// NVML, initialised once per process on first use (`Err`: no driver, say why).
+fn nvml() -> Result<&'static nvml_wrapper::Nvml, String> {
+    static NVML: std::sync::OnceLock<Result<nvml_wrapper::Nvml, String>> =
+        std::sync::OnceLock::new();
+    NVML.get_or_init(|| nvml_wrapper::Nvml::init().map_err(|e| format!("NVML: {e}")))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Utilisation and memory of the GPUs with these UUIDs. Blocking (NVML calls).
+pub fn usage(uuids: &[String]) -> Result<GpuUsage, String> {
+    let nvml = nvml()?;
+    let mut samples = Vec::with_capacity(uuids.len());
+    for uuid in uuids {
+        let err = |e: nvml_wrapper::error::NvmlError| format!("NVML {uuid}: {e}");
+        let device = nvml.device_by_uuid(uuid.as_str()).map_err(err)?;
+        let util = device.utilization_rates().map_err(err)?;
+        let mem = device.memory_info().map_err(err)?;
+        samples.push((
+            f64::from(util.gpu) / 100.0,
+            mem.used as f64 / (mem.total.max(1)) as f64,
+        ));
+    }
+    combine_usage(&samples).ok_or_else(|| "no GPU to ask NVML about".to_owned())
+}
+
+/// (utilisation, memory) of each GPU → the instance's: mean utilisation, fullest memory.
+pub fn combine_usage(samples: &[(f64, f64)]) -> Option<GpuUsage> {
+    if samples.is_empty() {
+        return None;
+    }
+    Some(GpuUsage {
+        utilization: samples.iter().map(|s| s.0).sum::<f64>() / samples.len() as f64,
+        memory: samples.iter().map(|s| s.1).fold(0.0, f64::max),
+    })
+}
+
 /// `N` simulated GPUs for `model`, with stable fake UUIDs and no NUMA affinity.
 pub fn simulated(model: &str, n: u32) -> Vec<Gpu> {
     (0..n)

@@ -21,6 +21,9 @@ pub enum LoadSource {
     Tgi,
     /// llama.cpp server `/slots`: the share of slots processing.
     Llamacpp,
+    /// NVML: the instance's GPUs' utilisation and memory, for servers that export no load
+    /// of their own (real GPUs only).
+    Nvml,
     None,
 }
 
@@ -31,6 +34,7 @@ impl LoadSource {
             "sglang" => Some(Self::Sglang),
             "tgi" => Some(Self::Tgi),
             "llamacpp" => Some(Self::Llamacpp),
+            "nvml" => Some(Self::Nvml),
             "none" => Some(Self::None),
             _ => None,
         }
@@ -57,7 +61,7 @@ impl LoadSource {
                 waiting: "tgi_queue_size",
                 cache: &[],
             }),
-            Self::Llamacpp | Self::None => None,
+            Self::Llamacpp | Self::Nvml | Self::None => None,
         }
     }
 }
@@ -138,16 +142,35 @@ pub fn from_llamacpp_slots(body: &str) -> Result<f64, String> {
     Ok(busy as f64 / slots.len() as f64)
 }
 
-/// Scrapes one backend's load.
+/// Memory use above this share adds to the load: an engine that preallocates its KV cache
+/// (vLLM: 90% by default) sits at it while serving normally.
+const MEMORY_PRESSURE_FROM: f64 = 0.9;
+
+/// One load figure from NVML: the GPUs' utilisation (0-1), plus up to 1 more as the fullest
+/// GPU's memory goes from `MEMORY_PRESSURE_FROM` to full (an instance close to running out).
+pub fn from_gpu_usage(u: crate::gpu::GpuUsage) -> f64 {
+    let pressure = ((u.memory - MEMORY_PRESSURE_FROM) / (1.0 - MEMORY_PRESSURE_FROM)).max(0.0);
+    u.utilization.clamp(0.0, 1.0) + pressure.min(1.0)
+}
+
+/// Scrapes one backend's load; `gpus` are the UUIDs of its GPUs (for NVML).
 pub async fn scrape(
     client: &reqwest::Client,
     addr: SocketAddr,
     source: LoadSource,
+    gpus: &[String],
     timeout: Duration,
 ) -> Result<f64, String> {
     let path = match source {
         LoadSource::Vllm | LoadSource::Sglang | LoadSource::Tgi => "/metrics",
         LoadSource::Llamacpp => "/slots",
+        LoadSource::Nvml => {
+            let uuids = gpus.to_vec();
+            return tokio::task::spawn_blocking(move || crate::gpu::usage(&uuids))
+                .await
+                .map_err(|e| format!("NVML query: {e}"))?
+                .map(from_gpu_usage);
+        }
         LoadSource::None => return Ok(0.0),
     };
     let resp = client
@@ -163,7 +186,7 @@ pub async fn scrape(
     match source {
         LoadSource::Vllm | LoadSource::Sglang | LoadSource::Tgi => from_metrics(&body, source),
         LoadSource::Llamacpp => from_llamacpp_slots(&body),
-        LoadSource::None => Ok(0.0),
+        LoadSource::Nvml | LoadSource::None => Ok(0.0),
     }
 }
 
@@ -214,6 +237,21 @@ pub fn weight(base: u32, factor: f64) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn nvml_load_is_utilisation_plus_memory_pressure() {
+        let usage = |samples: &[(f64, f64)]| {
+            from_gpu_usage(crate::gpu::combine_usage(samples).expect("GPUs"))
+        };
+        // Idle, memory preallocated as vLLM does: no load.
+        assert_eq!(usage(&[(0.0, 0.9)]), 0.0);
+        // Two GPUs of a tensor-parallel instance: the mean utilisation.
+        assert!((usage(&[(1.0, 0.5), (0.5, 0.5)]) - 0.75).abs() < 1e-9);
+        // The fullest GPU's memory past 90% adds up to 1.
+        assert!((usage(&[(1.0, 0.95), (1.0, 0.2)]) - 1.5).abs() < 1e-9);
+        assert!((usage(&[(1.0, 1.0)]) - 2.0).abs() < 1e-9);
+        assert!(crate::gpu::combine_usage(&[]).is_none());
+    }
+
     use super::*;
 
     const VLLM: &str = "# HELP vllm:num_requests_running Running.\n\

@@ -359,11 +359,16 @@ impl State {
             b.load_interval,
             self.probe_client.clone(),
         );
+        let gpus: Vec<String> = b
+            .instance
+            .iter()
+            .flat_map(|i| i.spec.gpus.iter().map(|g| g.uuid.clone()))
+            .collect();
         let timeout = interval.max(Duration::from_millis(200));
         spawn_periodic(interval, cancel, self.msgs.clone(), move || {
-            let (key, client) = (key.clone(), client.clone());
+            let (key, client, gpus) = (key.clone(), client.clone(), gpus.clone());
             async move {
-                let result = load::scrape(&client, addr, source, timeout).await;
+                let result = load::scrape(&client, addr, source, &gpus, timeout).await;
                 Msg::Load {
                     key,
                     generation,
@@ -764,12 +769,16 @@ impl State {
             Err(e) => return reload_rejected(ErrorChain(&e).to_string()),
         };
         let old = &self.config;
-        let fixed: [(&str, bool); 6] = [
+        let fixed: [(&str, bool); 7] = [
             ("interface", new.interface != old.interface),
             ("xdp_mode", new.xdp_mode != old.xdp_mode),
             ("pin_path", new.pin_path != old.pin_path),
             ("state_dir", new.state_dir != old.state_dir),
             ("conntrack_size", new.conntrack_size != old.conntrack_size),
+            (
+                "conntrack_size_v6",
+                new.conntrack_size_v6 != old.conntrack_size_v6,
+            ),
             ("socket_lb", new.socket_lb != old.socket_lb),
         ];
         if let Some((field, _)) = fixed.iter().find(|(_, changed)| *changed) {
