@@ -15,9 +15,9 @@ use aya::{
     },
 };
 use lb_common::{
-    Addr6, AdmitCounters, AllowKey, AllowKey6, BACKEND_IPV6, Backend, Candidates, Counters, Flow,
-    FlowKey, FlowKey6, MAGLEV_MAX_SIZE, Reason, RevNat, RevNat6, Service, ServiceLimits, VipKey,
-    VipKey6, addr6_of, ipv6_of, maps,
+    Addr6, AdmitCounters, AllowKey, AllowKey6, AllowKeyOf, BACKEND_IPV6, Backend, Candidates,
+    Counters, Flow, FlowKey, FlowKey6, MAGLEV_MAX_SIZE, Reason, RevNat, RevNat6, Service,
+    ServiceLimits, VipKey, VipKey6, VipKeyOf, addr6_of, ipv6_of, maps,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +124,24 @@ pub struct Maps {
     pub sock_netns: Array<MapData, u64>,
 }
 
+/// A `SERVICES`/`SERVICES6` key with the address as that family's map holds it.
+fn vip_key<A>(addr_be: A, vip: &VipAddr) -> VipKeyOf<A> {
+    VipKeyOf {
+        addr_be,
+        port_be: port_be(vip.addr.port()),
+        proto: vip.proto,
+        _pad: 0,
+    }
+}
+
+/// An `ALLOW`/`ALLOW6` key: the service id (32 bits, matched whole), then the prefix.
+fn allow_key<A>(service: u32, addr_be: A, len: u8) -> Key<AllowKeyOf<A>>
+where
+    AllowKeyOf<A>: aya::Pod,
+{
+    Key::new(32 + u32::from(len), AllowKeyOf { service, addr_be })
+}
+
 fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T, MapsError> {
     T::try_from(map).map_err(|source| MapsError::Layout { name, source })
 }
@@ -220,29 +238,11 @@ impl Maps {
         match vip.addr.ip() {
             IpAddr::V4(ip) => self
                 .services
-                .insert(
-                    VipKey {
-                        addr_be: addr_be(ip),
-                        port_be: port_be(vip.addr.port()),
-                        proto: vip.proto,
-                        _pad: 0,
-                    },
-                    service,
-                    0,
-                )
+                .insert(vip_key(addr_be(ip), &vip), service, 0)
                 .map_err(op("writing", maps::SERVICES)),
             IpAddr::V6(ip) => self
                 .services6
-                .insert(
-                    VipKey6 {
-                        addr_be: addr6_of(ip),
-                        port_be: port_be(vip.addr.port()),
-                        proto: vip.proto,
-                        _pad: 0,
-                    },
-                    service,
-                    0,
-                )
+                .insert(vip_key(addr6_of(ip), &vip), service, 0)
                 .map_err(op("writing", maps::SERVICES6)),
         }
     }
@@ -251,21 +251,11 @@ impl Maps {
         match vip.addr.ip() {
             IpAddr::V4(ip) => self
                 .services
-                .remove(&VipKey {
-                    addr_be: addr_be(ip),
-                    port_be: port_be(vip.addr.port()),
-                    proto: vip.proto,
-                    _pad: 0,
-                })
+                .remove(&vip_key(addr_be(ip), vip))
                 .map_err(op("removing from", maps::SERVICES)),
             IpAddr::V6(ip) => self
                 .services6
-                .remove(&VipKey6 {
-                    addr_be: addr6_of(ip),
-                    port_be: port_be(vip.addr.port()),
-                    proto: vip.proto,
-                    _pad: 0,
-                })
+                .remove(&vip_key(addr6_of(ip), vip))
                 .map_err(op("removing from", maps::SERVICES6)),
         }
     }
@@ -429,26 +419,15 @@ impl Maps {
         addr: IpAddr,
         len: u8,
     ) -> Result<(), MapsError> {
-        let prefix = 32 + u32::from(len);
         match addr {
-            IpAddr::V4(ip) => {
-                let data = AllowKey {
-                    service: service_id,
-                    addr_be: addr_be(ip),
-                };
-                self.allow
-                    .insert(&Key::new(prefix, data), 1, 0)
-                    .map_err(op("writing", maps::ALLOW))
-            }
-            IpAddr::V6(ip) => {
-                let data = AllowKey6 {
-                    service: service_id,
-                    addr_be: addr6_of(ip),
-                };
-                self.allow6
-                    .insert(&Key::new(prefix, data), 1, 0)
-                    .map_err(op("writing", maps::ALLOW6))
-            }
+            IpAddr::V4(ip) => self
+                .allow
+                .insert(&allow_key(service_id, addr_be(ip), len), 1, 0)
+                .map_err(op("writing", maps::ALLOW)),
+            IpAddr::V6(ip) => self
+                .allow6
+                .insert(&allow_key(service_id, addr6_of(ip), len), 1, 0)
+                .map_err(op("writing", maps::ALLOW6)),
         }
     }
 
@@ -458,26 +437,15 @@ impl Maps {
         addr: IpAddr,
         len: u8,
     ) -> Result<(), MapsError> {
-        let prefix = 32 + u32::from(len);
         match addr {
-            IpAddr::V4(ip) => {
-                let data = AllowKey {
-                    service: service_id,
-                    addr_be: addr_be(ip),
-                };
-                self.allow
-                    .remove(&Key::new(prefix, data))
-                    .map_err(op("removing from", maps::ALLOW))
-            }
-            IpAddr::V6(ip) => {
-                let data = AllowKey6 {
-                    service: service_id,
-                    addr_be: addr6_of(ip),
-                };
-                self.allow6
-                    .remove(&Key::new(prefix, data))
-                    .map_err(op("removing from", maps::ALLOW6))
-            }
+            IpAddr::V4(ip) => self
+                .allow
+                .remove(&allow_key(service_id, addr_be(ip), len))
+                .map_err(op("removing from", maps::ALLOW)),
+            IpAddr::V6(ip) => self
+                .allow6
+                .remove(&allow_key(service_id, addr6_of(ip), len))
+                .map_err(op("removing from", maps::ALLOW6)),
         }
     }
 

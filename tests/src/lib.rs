@@ -945,18 +945,22 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        if self.daemon.running()
-            && let Err(e) = self
-                .daemon
-                .stop_with(Signal::SIGTERM, Duration::from_secs(15))
-        {
-            eprintln!("cleanup: {e:#}");
-        }
-        // A SIGKILLed or handed-over daemon leaves its instances running.
-        for pid in self.instance_pids() {
-            let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-        }
+        stop_daemon_and_instances(&mut self.daemon, &self.marker);
+    }
+}
+
+/// Clean-up of a test's `gpulb run`: SIGTERM (which stops its instances), then SIGKILL for
+/// any instance carrying `marker` that is left (a SIGKILLed or handed-over daemon leaves its
+/// instances running).
+pub fn stop_daemon_and_instances(daemon: &mut Proc, marker: &str) {
+    if daemon.running()
+        && let Err(e) = daemon.stop_with(Signal::SIGTERM, Duration::from_secs(15))
+    {
+        eprintln!("cleanup: {e:#}");
+    }
+    for pid in tagged_pids(&format!("GPULB_TEST_MARKER={marker}")) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
 }
 

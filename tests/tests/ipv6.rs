@@ -9,17 +9,15 @@ use std::{
     time::Duration,
 };
 
-use gpulb_testbed::{NetNs, PinDir, Proc, TempDir, bin, burst, gpulb_cli, tagged_pids, wait_until};
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
+use gpulb_testbed::{
+    NetNs, PinDir, Proc, TempDir, bin, burst, gpulb_cli, stop_daemon_and_instances, wait_until,
 };
 
 const VIP6: SocketAddr = SocketAddr::new(std::net::IpAddr::V6(Ipv6Addr::LOCALHOST), 80);
 const URL: &str = "http://[::1]:80/v1/chat/completions";
 
 /// A daemon on `lo` in its own namespace, running two simulated instances on [::1]. Drops
-/// in field order: the daemon (stopping its instances), stragglers, then pins and namespace.
+/// in field order: the daemon (stopping its instances), then pins, scratch files, namespace.
 struct Lo6 {
     daemon: Proc,
     marker: String,
@@ -119,16 +117,7 @@ impl Lo6 {
 
 impl Drop for Lo6 {
     fn drop(&mut self) {
-        if self.daemon.running()
-            && let Err(e) = self
-                .daemon
-                .stop_with(Signal::SIGTERM, Duration::from_secs(15))
-        {
-            eprintln!("cleanup: {e:#}");
-        }
-        for pid in tagged_pids(&format!("GPULB_TEST_MARKER={}", self.marker)) {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-        }
+        stop_daemon_and_instances(&mut self.daemon, &self.marker);
     }
 }
 
