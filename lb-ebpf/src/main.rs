@@ -680,16 +680,17 @@ fn egress<F: Family>(ctx: &TcContext, pkt: &L4Packet<F::Addr>) -> Result<Reason,
                 l4_flags | BPF_F_PSEUDO_HDR as u64 | 4,
             )
             .map_err(fail)?;
-        if F::WORDS == 1 {
-            ctx.skb
-                .l3_csum_replace(
-                    pkt.l3 + IP_CHECK_OFF,
-                    old_addr[i] as u64,
-                    new_addr[i] as u64,
-                    4,
-                )
-                .map_err(fail)?;
-        }
+    }
+    // Only IPv4 has a header checksum.
+    if F::WORDS == 1 {
+        ctx.skb
+            .l3_csum_replace(
+                pkt.l3 + IP_CHECK_OFF,
+                old_addr[0] as u64,
+                new_addr[0] as u64,
+                4,
+            )
+            .map_err(fail)?;
     }
     ctx.skb
         .l4_csum_replace(check_off, old_port as u64, new_port as u64, l4_flags | 2)

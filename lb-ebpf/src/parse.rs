@@ -166,11 +166,12 @@ fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<L4Packet<Addr6>, Reaso
     }
     let mut l4 = l3 + Ipv6Hdr::LEN;
     for _ in 0..MAX_EXT_HEADERS {
-        let unit = match next {
+        // Header size = (length + extra) × unit bytes.
+        let (unit, extra) = match next {
             PROTO_TCP | PROTO_UDP => break,
-            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => 8,
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => (8, 1),
             // Its length counts 4-byte units, minus 2 (RFC 4302).
-            IPV6_AUTH => 4,
+            IPV6_AUTH => (4, 2),
             IPV6_FRAGMENT => return Err(Reason::PassFragment),
             _ => return Err(Reason::PassNotTcpUdp),
         };
@@ -178,7 +179,6 @@ fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<L4Packet<Addr6>, Reaso
         let ext: *const [u8; 2] = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
         // SAFETY: bounds checked by `ptr_at`.
         let [following, len] = unsafe { *ext };
-        let extra = if unit == 4 { 2 } else { 1 };
         l4 += (len as usize + extra) * unit;
         next = following;
     }

@@ -279,14 +279,6 @@ impl Maps {
         })
     }
 
-    pub fn backend(&self, id: u32) -> Result<BackendEntry, MapsError> {
-        let b = self
-            .backends
-            .get(&id, 0)
-            .map_err(op("reading", maps::BACKENDS))?;
-        self.entry(id, &b)
-    }
-
     /// Every programmed backend, by id.
     pub fn backends(&self) -> Result<Vec<(u32, BackendEntry)>, MapsError> {
         let mut out = Vec::new();

@@ -667,6 +667,26 @@ pub fn vip_url(path: &str) -> String {
     format!("http://{VIP}:{VIP_PORT}{path}")
 }
 
+/// A read command (`vips`, `stats`, `flows`, ...) with `--json` on the maps under `pins`.
+pub fn read_pinned(pins: &Path, args: &[&str]) -> anyhow::Result<Vec<serde_json::Value>> {
+    let pins = pins.display().to_string();
+    let mut full = args.to_vec();
+    full.extend_from_slice(&["--json", "--pin-path", &pins]);
+    let v: serde_json::Value = serde_json::from_str(&gpulb_cli(&full)?)?;
+    v.as_array()
+        .cloned()
+        .with_context(|| format!("gpulb {} --json is an array", args.join(" ")))
+}
+
+/// Packets counted for a verdict reason, from `gpulb stats --json` on the maps under `pins`.
+pub fn reason_count(pins: &Path, name: &str) -> u64 {
+    let rows = read_pinned(pins, &["stats"]).expect("gpulb stats");
+    rows.iter()
+        .find(|r| r["reason"] == name)
+        .and_then(|r| r["packets"].as_u64())
+        .unwrap_or_else(|| panic!("no reason {name} in {rows:?}"))
+}
+
 /// Runs the `gpulb` CLI (in the caller's namespace: the pinned maps are global).
 pub fn gpulb_cli(args: &[&str]) -> anyhow::Result<String> {
     sh(bin("gpulb").to_str().context("UTF-8 path")?, args)
@@ -920,13 +940,12 @@ impl Stack {
 
     /// A read command (`vips`, `stats`, `flows`, ...) with `--json` and this stack's pins.
     pub fn read(&self, args: &[&str]) -> anyhow::Result<Vec<serde_json::Value>> {
-        let pins = self.pin_arg();
-        let mut full = args.to_vec();
-        full.extend_from_slice(&["--json", "--pin-path", &pins]);
-        let v: serde_json::Value = serde_json::from_str(&gpulb_cli(&full)?)?;
-        v.as_array()
-            .cloned()
-            .with_context(|| format!("gpulb {} --json is an array", args.join(" ")))
+        read_pinned(&self.pins.path, args)
+    }
+
+    /// Packets counted for a verdict reason (`gpulb stats`).
+    pub fn reason(&self, name: &str) -> u64 {
+        reason_count(&self.pins.path, name)
     }
 
     /// A control command (`drain`, `weight`, ...) with this stack's socket.

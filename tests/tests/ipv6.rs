@@ -10,7 +10,8 @@ use std::{
 };
 
 use gpulb_testbed::{
-    NetNs, PinDir, Proc, TempDir, bin, burst, gpulb_cli, stop_daemon_and_instances, wait_until,
+    NetNs, PinDir, Proc, TempDir, bin, burst, read_pinned, reason_count, stop_daemon_and_instances,
+    wait_until,
 };
 
 const VIP6: SocketAddr = SocketAddr::new(std::net::IpAddr::V6(Ipv6Addr::LOCALHOST), 80);
@@ -79,19 +80,11 @@ impl Lo6 {
 
     /// `gpulb <args> --json` on this daemon's pins.
     fn read(&self, args: &[&str]) -> anyhow::Result<Vec<serde_json::Value>> {
-        let pins = self.pins.path.display().to_string();
-        let mut full = args.to_vec();
-        full.extend_from_slice(&["--json", "--pin-path", &pins]);
-        let v: serde_json::Value = serde_json::from_str(&gpulb_cli(&full)?)?;
-        Ok(v.as_array().cloned().unwrap_or_default())
+        read_pinned(&self.pins.path, args)
     }
 
     fn reason(&self, name: &str) -> u64 {
-        let rows = self.read(&["stats"]).expect("gpulb stats");
-        rows.iter()
-            .find(|r| r["reason"] == name)
-            .and_then(|r| r["packets"].as_u64())
-            .unwrap_or_else(|| panic!("no reason {name} in {rows:?}"))
+        reason_count(&self.pins.path, name)
     }
 
     /// The peer a client connected to [::1]:80 sees.

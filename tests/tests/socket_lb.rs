@@ -10,34 +10,22 @@ use std::{
 
 use gpulb_testbed::{Extra, LB_ADDR, PinDir, Stack, VIP, VIP_PORT, burst, vip_url};
 
-/// Packets per verdict reason, from `gpulb stats --json`.
-fn reason(stack: &Stack, name: &str) -> u64 {
-    let rows = stack.read(&["stats"]).expect("gpulb stats");
-    rows.iter()
-        .find(|r| r["reason"] == name)
-        .and_then(|r| r["packets"].as_u64())
-        .unwrap_or_else(|| panic!("no reason {name} in {rows:?}"))
-}
-
 #[test]
 fn host_clients_are_balanced_at_the_socket() {
     let stack = Stack::start("socklb", 4, PinDir::new("socklb"), &[]).expect("stack");
     let url = vip_url("/v1/chat/completions");
 
     // A client across the veth goes through XDP, not the socket programs.
-    let (xdp_before, sock_before) = (
-        reason(&stack, "fwd_new_flow"),
-        reason(&stack, "sock_balanced"),
-    );
+    let (xdp_before, sock_before) = (stack.reason("fwd_new_flow"), stack.reason("sock_balanced"));
     let replies = burst(&stack.topo.client, &url, 4, 1, false, 4).expect("remote requests");
     assert!(replies.iter().all(Result::is_ok), "{replies:?}");
     assert_eq!(
-        reason(&stack, "sock_balanced"),
+        stack.reason("sock_balanced"),
         sock_before,
         "remote client not socket-balanced"
     );
     assert!(
-        reason(&stack, "fwd_new_flow") >= xdp_before + 4,
+        stack.reason("fwd_new_flow") >= xdp_before + 4,
         "remote client balanced by XDP"
     );
 
@@ -54,7 +42,7 @@ fn host_clients_are_balanced_at_the_socket() {
         "host connections spread over instances: {instances:?}"
     );
     assert!(
-        reason(&stack, "sock_balanced") >= sock_before + N as u64,
+        stack.reason("sock_balanced") >= sock_before + N as u64,
         "each host connection balanced at connect()"
     );
 
@@ -101,7 +89,7 @@ fn socket_balancing_can_be_turned_off() {
         connect.is_err(),
         "no socket balancing: the host has no route to the VIP"
     );
-    assert_eq!(reason(&stack, "sock_balanced"), 0);
+    assert_eq!(stack.reason("sock_balanced"), 0);
 }
 
 #[test]
