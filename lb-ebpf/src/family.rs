@@ -8,14 +8,16 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap},
 };
 use lb_common::{
-    Addr6, Address, AllowKey, AllowKey6, BACKEND_IPV6, Backend, Flow, FlowKeyOf, RateKey, RateKey6,
-    RevNatOf, Service, ServiceLimits, SockRevKey, SockRevKey6, VipKeyOf, reset_headers,
-    reset_headers6,
+    Addr6, Address, AllowKey, AllowKey6, Backend, Flow, FlowKeyOf, RateKey, RateKey6, RevNatOf,
+    Service, ServiceLimits, SockRevKey, SockRevKey6, VipKeyOf, reset_headers, reset_headers6,
 };
 
 use crate::{
-    ALLOW, ALLOW6, BACKEND_ADDR6, CONNS, CONNS6, RATE_LIMIT, RATE_LIMIT6, REVNAT, REVNAT6,
-    SERVICES, SERVICES6, SOCK_REVNAT, SOCK_REVNAT6, is_allowed_in, is_over_rate_in,
+    admission::{is_allowed_in, is_over_rate_in},
+    maps::{
+        ALLOW, ALLOW6, BACKEND_ADDR6, CONNS, CONNS6, RATE_LIMIT, RATE_LIMIT6, REVNAT, REVNAT6,
+        SERVICES, SERVICES6, SOCK_REVNAT, SOCK_REVNAT6,
+    },
 };
 
 pub trait Family {
@@ -82,7 +84,7 @@ impl Family for V4 {
     }
     #[inline(always)]
     fn backend_addr(_id: u32, backend: &Backend) -> Option<u32> {
-        (backend.flags & BACKEND_IPV6 == 0).then_some(backend.addr_be)
+        (!backend.is_ipv6()).then_some(backend.addr_be)
     }
     #[inline(always)]
     fn is_allowed(service_id: u32, src: &u32) -> bool {
@@ -167,7 +169,7 @@ impl Family for V6 {
     }
     #[inline(always)]
     fn backend_addr(id: u32, backend: &Backend) -> Option<Addr6> {
-        if backend.flags & BACKEND_IPV6 == 0 {
+        if !backend.is_ipv6() {
             return None;
         }
         BACKEND_ADDR6.get(id).copied()

@@ -86,6 +86,14 @@ pub struct L4Packet<A> {
     pub is_close: u32,
 }
 
+impl<A> L4Packet<A> {
+    /// Opens a flow: a TCP SYN without ACK, or any UDP datagram.
+    #[inline(always)]
+    pub fn opens_flow(&self) -> bool {
+        self.flow.proto == PROTO_UDP || self.is_syn != 0
+    }
+}
+
 pub enum Parsed {
     V4(L4Packet<u32>),
     V6(L4Packet<Addr6>),

@@ -2,9 +2,12 @@
 //! Used by `gpulb drain | undrain | weight | restart | reload | backends`.
 
 use std::{
+    fmt,
     io::{BufRead as _, BufReader, Write as _},
+    net::SocketAddr,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
+    str::FromStr,
     time::Duration,
 };
 
@@ -72,20 +75,108 @@ pub struct GpuStatus {
     pub name: String,
 }
 
+/// A backend's identity: its VIP (by name) and its address. Stable across daemon restarts
+/// and reloads; written `vip/address:port` (`chat/198.18.0.1:8001`, `chat/[::1]:8001`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct BackendKey {
+    pub vip: String,
+    pub addr: SocketAddr,
+}
+
+impl fmt::Display for BackendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.vip, self.addr)
+    }
+}
+
+impl FromStr for BackendKey {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not vip/address:port");
+        let (vip, addr) = s.rsplit_once('/').ok_or_else(bad)?;
+        Ok(Self {
+            vip: vip.to_owned(),
+            addr: addr.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+impl From<BackendKey> for String {
+    fn from(key: BackendKey) -> Self {
+        key.to_string()
+    }
+}
+
+impl TryFrom<String> for BackendKey {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+/// Where a backend stands, as the daemon sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendState {
+    /// Not yet passing its probes since its process (re)started.
+    Starting,
+    Ready,
+    /// Was ready, now failing its probes.
+    Unhealthy,
+    /// Takes no new flows by an operator's (or a rolling restart's) request.
+    Draining,
+    /// Its process exited; restarting.
+    Ejected,
+    /// Exited again and again soon after starting; restarts back off.
+    CrashLooping,
+}
+
+impl BackendState {
+    pub const ALL: [BackendState; 6] = [
+        BackendState::Starting,
+        BackendState::Ready,
+        BackendState::Unhealthy,
+        BackendState::Draining,
+        BackendState::Ejected,
+        BackendState::CrashLooping,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            BackendState::Starting => "starting",
+            BackendState::Ready => "ready",
+            BackendState::Unhealthy => "unhealthy",
+            BackendState::Draining => "draining",
+            BackendState::Ejected => "ejected",
+            BackendState::CrashLooping => "crash-looping",
+        }
+    }
+}
+
+impl fmt::Display for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The daemon's view of one backend.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
+    /// Its id in the maps (`BACKENDS`), once the tables hold it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u32>,
     pub vip: String,
-    /// `address:port` of the VIP.
-    pub vip_address: String,
-    /// `address:port`.
-    pub backend: String,
+    /// The VIP's address and port.
+    pub vip_address: SocketAddr,
+    pub backend: SocketAddr,
     pub model: Option<String>,
     pub instance: Option<String>,
     pub gpus: Vec<GpuStatus>,
     pub pid: Option<u32>,
-    /// starting, ready, unhealthy, draining, ejected, crash-looping, stopped.
-    pub state: String,
+    pub state: BackendState,
     /// Passing its health checks (whatever the drain state).
     pub healthy: bool,
     /// Takes new flows.
@@ -102,6 +193,15 @@ pub struct BackendStatus {
     pub load_error: Option<String>,
     /// CPUs the instance is pinned to (empty: not pinned).
     pub cpus: Vec<usize>,
+}
+
+impl BackendStatus {
+    pub fn key(&self) -> BackendKey {
+        BackendKey {
+            vip: self.vip.clone(),
+            addr: self.backend,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,4 +239,35 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).map_err(io)?;
     serde_json::from_str(&answer).map_err(|e| ClientError::Decode(format!("{e}: {answer:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_keys_round_trip_as_strings() {
+        for text in ["chat/198.18.0.1:8001", "chat6/[2001:db8::10]:80"] {
+            let key: BackendKey = text.parse().expect("a key");
+            assert_eq!(key.to_string(), text);
+            let json = serde_json::to_string(&key).expect("serializes");
+            assert_eq!(json, format!("{text:?}"));
+            assert_eq!(
+                serde_json::from_str::<BackendKey>(&json).expect("parses"),
+                key
+            );
+        }
+        assert!(
+            "198.18.0.1:8001".parse::<BackendKey>().is_err(),
+            "needs the VIP"
+        );
+    }
+
+    #[test]
+    fn states_serialize_as_the_cli_prints_them() {
+        for state in BackendState::ALL {
+            let json = serde_json::to_string(&state).expect("serializes");
+            assert_eq!(json, format!("{:?}", state.name()));
+        }
+    }
 }

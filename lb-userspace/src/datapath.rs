@@ -16,7 +16,10 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{maps as names, programs};
+use lb_common::{
+    maps::{self as names, ConntrackSizes},
+    programs,
+};
 use tracing::{info, warn};
 
 use crate::{config, maps::Maps};
@@ -155,156 +158,26 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<(), DatapathError> {
         })
 }
 
-/// Key size, value size and max entries each pinned map must have.
-fn expected_layout(
-    conntrack_size: u32,
-    conntrack_size_v6: u32,
-) -> [(&'static str, u32, u32, Option<u32>); 23] {
-    use std::mem::size_of;
-
-    use lb_common::*;
-    let s = |n: usize| n as u32;
-    [
-        (
-            names::SERVICES,
-            s(size_of::<VipKey>()),
-            s(size_of::<Service>()),
-            Some(MAX_SERVICES),
-        ),
-        (
-            names::BACKENDS,
-            4,
-            s(size_of::<Backend>()),
-            Some(MAX_BACKENDS),
-        ),
-        (names::MAGLEV, 4, 4, Some(MAGLEV_ENTRIES)),
-        (
-            names::CONNS,
-            s(size_of::<FlowKey>()),
-            s(size_of::<Flow>()),
-            Some(conntrack_size),
-        ),
-        (
-            names::REVNAT,
-            s(size_of::<FlowKey>()),
-            s(size_of::<RevNat>()),
-            Some(conntrack_size),
-        ),
-        (
-            names::VIP_STATS,
-            4,
-            s(size_of::<Counters>()),
-            Some(MAX_SERVICES),
-        ),
-        (
-            names::BACKEND_STATS,
-            4,
-            s(size_of::<Counters>()),
-            Some(MAX_BACKENDS),
-        ),
-        (names::REASONS, 4, 8, Some(Reason::COUNT)),
-        (
-            names::LIMITS,
-            4,
-            s(size_of::<ServiceLimits>()),
-            Some(MAX_SERVICES),
-        ),
-        (
-            names::RATE_LIMIT,
-            s(size_of::<RateKey>()),
-            8,
-            Some(RATE_LIMIT_ENTRIES),
-        ),
-        (
-            names::ALLOW,
-            s(4 + size_of::<AllowKey>()),
-            4,
-            Some(ALLOW_ENTRIES),
-        ),
-        (names::LIVE_FLOWS, 4, 8, Some(MAX_BACKENDS)),
-        (
-            names::CANDIDATES,
-            4,
-            s(size_of::<Candidates>()),
-            Some(MAX_SERVICES),
-        ),
-        (
-            names::ADMIT_STATS,
-            4,
-            s(size_of::<AdmitCounters>()),
-            Some(MAX_SERVICES),
-        ),
-        (
-            names::SOCK_REVNAT,
-            s(size_of::<SockRevKey>()),
-            s(size_of::<RevNat>()),
-            Some(SOCK_REVNAT_ENTRIES),
-        ),
-        (names::SOCK_NETNS, 4, 8, Some(1)),
-        (
-            names::SERVICES6,
-            s(size_of::<VipKey6>()),
-            s(size_of::<Service>()),
-            Some(MAX_SERVICES),
-        ),
-        (names::BACKEND_ADDR6, 4, 16, Some(MAX_BACKENDS)),
-        (
-            names::CONNS6,
-            s(size_of::<FlowKey6>()),
-            s(size_of::<Flow>()),
-            Some(conntrack_size_v6),
-        ),
-        (
-            names::REVNAT6,
-            s(size_of::<FlowKey6>()),
-            s(size_of::<RevNat6>()),
-            Some(conntrack_size_v6),
-        ),
-        (
-            names::RATE_LIMIT6,
-            s(size_of::<RateKey6>()),
-            8,
-            Some(RATE_LIMIT_ENTRIES),
-        ),
-        (
-            names::ALLOW6,
-            s(4 + size_of::<AllowKey6>()),
-            4,
-            Some(ALLOW_ENTRIES),
-        ),
-        (
-            names::SOCK_REVNAT6,
-            s(size_of::<SockRevKey6>()),
-            s(size_of::<RevNat6>()),
-            Some(SOCK_REVNAT_ENTRIES),
-        ),
-    ]
-}
-
-/// Refuses to reuse pinned maps whose layout differs from this build's (aya would reuse
-/// them blindly).
-fn check_pinned(
-    pin_path: &Path,
-    conntrack_size: u32,
-    conntrack_size_v6: u32,
-) -> Result<(), DatapathError> {
-    for (name, key, value, entries) in expected_layout(conntrack_size, conntrack_size_v6) {
-        let path = pin_path.join(name);
+/// Refuses to reuse pinned maps whose layout differs from this build's schema (aya would
+/// reuse them blindly).
+fn check_pinned(pin_path: &Path, sizes: &ConntrackSizes) -> Result<(), DatapathError> {
+    for spec in names::ALL {
+        let path = pin_path.join(spec.name);
         let Ok(map) = MapData::from_pin(&path) else {
             continue;
         };
         let info = map.info().map_err(|e| crate::maps::MapsError::Op {
             op: "inspecting",
-            name,
+            name: spec.name,
             source: e,
         })?;
-        let mut checks = vec![
-            ("key size", info.key_size(), key),
-            ("value size", info.value_size(), value),
+        let kind = info.map_type().map_or(0, |t| t as u32);
+        let checks = [
+            ("type", kind, spec.kind as u32),
+            ("key size", info.key_size(), spec.key_size),
+            ("value size", info.value_size(), spec.value_size),
+            ("max_entries", info.max_entries(), spec.max_entries(sizes)),
         ];
-        if let Some(entries) = entries {
-            checks.push(("max_entries", info.max_entries(), entries));
-        }
         if let Some((what, found, want)) = checks.into_iter().find(|(_, f, w)| f != w) {
             return Err(DatapathError::Incompatible {
                 path,
@@ -327,30 +200,28 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the object and pins (or reuses) its maps under `pin_path`; attaches nothing.
-    /// Reused maps keep their contents: conntrack survives a daemon restart or upgrade.
-    /// The conntrack sizes are the IPv4 and IPv6 tables' entries.
-    pub fn load(
-        pin_path: &Path,
-        conntrack_size: u32,
-        conntrack_size_v6: u32,
-    ) -> Result<Self, DatapathError> {
+    /// Loads the object and pins (or reuses) its maps under `pin_path`, the conntrack tables
+    /// of `sizes`; attaches nothing. Reused maps keep their contents: conntrack survives a
+    /// daemon restart or upgrade.
+    pub fn load(pin_path: &Path, sizes: ConntrackSizes) -> Result<Self, DatapathError> {
         ensure_bpffs(pin_path)?;
         fs::create_dir_all(pin_path).map_err(|source| DatapathError::PinDir {
             path: pin_path.to_owned(),
             source,
         })?;
-        check_pinned(pin_path, conntrack_size, conntrack_size_v6)?;
+        check_pinned(pin_path, &sizes)?;
         // Maps of older versions that nothing reads any more.
         for name in names::RETIRED {
             let _ = fs::remove_file(pin_path.join(name));
         }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_path)
-            .map_max_entries(names::CONNS, conntrack_size)
-            .map_max_entries(names::REVNAT, conntrack_size)
-            .map_max_entries(names::CONNS6, conntrack_size_v6)
-            .map_max_entries(names::REVNAT6, conntrack_size_v6)
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_path);
+        for spec in names::ALL {
+            if spec.max_entries(&sizes) != spec.default_entries() {
+                loader.map_max_entries(spec.name, spec.max_entries(&sizes));
+            }
+        }
+        let mut ebpf = loader
             .load(crate::EBPF_OBJECT)
             .map_err(DatapathError::Load)?;
         let prog = |name| move |source| DatapathError::Program { name, source };
@@ -682,7 +553,8 @@ pub fn remove_pins(pin_path: &Path) -> io::Result<()> {
         .map(|e| e.path());
     let maps = names::ALL
         .iter()
-        .chain(&names::RETIRED)
+        .map(|spec| spec.name)
+        .chain(names::RETIRED)
         .map(|name| pin_path.join(name));
     for path in links.collect::<Vec<_>>().into_iter().chain(maps) {
         match fs::remove_file(path) {
@@ -708,5 +580,52 @@ impl std::fmt::Display for ErrorChain<'_> {
             source = s.source();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::maps::{ALL, Entries};
+
+    /// The schema in lb-common is what the compiled BPF object declares: every map, its type,
+    /// key and value sizes, default entries and flags, and no map beside them.
+    #[test]
+    fn the_object_declares_the_schema() {
+        let object = aya_obj::Object::parse(crate::EBPF_OBJECT).expect("the BPF object parses");
+        for spec in ALL {
+            let map = object
+                .maps
+                .get(spec.name)
+                .unwrap_or_else(|| panic!("the object has no map {}", spec.name));
+            let got = (
+                map.map_type(),
+                map.key_size(),
+                map.value_size(),
+                map.max_entries(),
+                map.map_flags(),
+            );
+            let want = (
+                spec.kind as u32,
+                spec.key_size,
+                spec.value_size,
+                spec.default_entries(),
+                spec.flags,
+            );
+            assert_eq!(
+                got, want,
+                "map {} (type, key, value, entries, flags)",
+                spec.name
+            );
+            if let Entries::Fixed(n) = spec.entries {
+                assert_eq!(map.max_entries(), n, "{}", spec.name);
+            }
+        }
+        // Data sections (.rodata, .bss) are maps to the loader, not ours.
+        for name in object.maps.keys().filter(|n| !n.starts_with('.')) {
+            assert!(
+                ALL.iter().any(|s| s.name == name.as_str()),
+                "map {name} is in the object but not in lb_common::maps::ALL"
+            );
+        }
     }
 }

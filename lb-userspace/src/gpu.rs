@@ -241,7 +241,6 @@ pub struct InstanceSpec {
     pub vip: String,
     pub address: IpAddr,
     pub port: u16,
-    pub weight: u32,
     pub gpus: Vec<Gpu>,
     /// The command with placeholders filled in.
     pub argv: Vec<String>,
@@ -344,7 +343,6 @@ fn instance(model: &Model, n: usize, port: u16, gpus: Vec<Gpu>) -> InstanceSpec 
         vip: model.vip.clone(),
         address: model.address,
         port,
-        weight: model.weight,
         cpus: gpus
             .iter()
             .flat_map(|g| g.cpus.iter().copied())

@@ -15,6 +15,7 @@ pub mod maps;
 pub mod metrics;
 pub mod plan;
 pub mod sim;
+pub mod sockets;
 pub mod supervisor;
 
 /// The data path programs (`lb-ebpf`, built by build.rs).

@@ -5,64 +5,30 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use serde::Serialize;
+use crate::config::LoadSource;
 
-/// Where a backend's load comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LoadSource {
-    /// Prometheus `/metrics` with vLLM's names (also gpulb-sim):
-    /// `vllm:num_requests_running`, `vllm:num_requests_waiting`, KV-cache usage.
-    Vllm,
-    /// SGLang's Prometheus `/metrics` (`--enable-metrics`): `sglang:num_running_reqs`,
-    /// `sglang:num_queue_reqs`, `sglang:token_usage`.
-    Sglang,
-    /// Text Generation Inference's `/metrics`: `tgi_batch_current_size`, `tgi_queue_size`.
-    Tgi,
-    /// llama.cpp server `/slots`: the share of slots processing.
-    Llamacpp,
-    /// NVML: the instance's GPUs' utilisation and memory, for servers that export no load
-    /// of their own (real GPUs only).
-    Nvml,
-    None,
-}
-
-impl LoadSource {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "vllm" => Some(Self::Vllm),
-            "sglang" => Some(Self::Sglang),
-            "tgi" => Some(Self::Tgi),
-            "llamacpp" => Some(Self::Llamacpp),
-            "nvml" => Some(Self::Nvml),
-            "none" => Some(Self::None),
-            _ => None,
-        }
-    }
-
-    /// The Prometheus gauges of an engine that exports them.
-    fn gauges(self) -> Option<Gauges> {
-        match self {
-            Self::Vllm => Some(Gauges {
-                running: "vllm:num_requests_running",
-                waiting: "vllm:num_requests_waiting",
-                // vLLM renamed the gauge; either is a 0-1 fraction.
-                cache: &["vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"],
-            }),
-            Self::Sglang => Some(Gauges {
-                running: "sglang:num_running_reqs",
-                waiting: "sglang:num_queue_reqs",
-                cache: &["sglang:token_usage"],
-            }),
-            // TGI exports no KV-cache or batch-capacity gauge: an instance counts as loaded
-            // once requests queue.
-            Self::Tgi => Some(Gauges {
-                running: "tgi_batch_current_size",
-                waiting: "tgi_queue_size",
-                cache: &[],
-            }),
-            Self::Llamacpp | Self::Nvml | Self::None => None,
-        }
+/// The Prometheus gauges of an engine that exports them.
+fn gauges(source: LoadSource) -> Option<Gauges> {
+    match source {
+        LoadSource::Vllm => Some(Gauges {
+            running: "vllm:num_requests_running",
+            waiting: "vllm:num_requests_waiting",
+            // vLLM renamed the gauge; either is a 0-1 fraction.
+            cache: &["vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"],
+        }),
+        LoadSource::Sglang => Some(Gauges {
+            running: "sglang:num_running_reqs",
+            waiting: "sglang:num_queue_reqs",
+            cache: &["sglang:token_usage"],
+        }),
+        // TGI exports no KV-cache or batch-capacity gauge: an instance counts as loaded
+        // once requests queue.
+        LoadSource::Tgi => Some(Gauges {
+            running: "tgi_batch_current_size",
+            waiting: "tgi_queue_size",
+            cache: &[],
+        }),
+        LoadSource::Llamacpp | LoadSource::Nvml | LoadSource::None => None,
     }
 }
 
@@ -97,9 +63,8 @@ pub fn from_vllm_metrics(text: &str) -> Result<f64, String> {
 /// The same figure from the Prometheus text of `source` (vLLM, SGLang, TGI). Series of one
 /// gauge (several data-parallel ranks, say) are summed.
 pub fn from_metrics(text: &str, source: LoadSource) -> Result<f64, String> {
-    let g = source
-        .gauges()
-        .ok_or_else(|| format!("{source:?} exports no Prometheus load gauges"))?;
+    let g =
+        gauges(source).ok_or_else(|| format!("{source:?} exports no Prometheus load gauges"))?;
     let value = |names: &[&str]| -> Option<f64> {
         let mut found = None;
         for line in text.lines().filter(|l| !l.starts_with('#')) {

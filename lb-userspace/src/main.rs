@@ -143,7 +143,7 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(gpulb::daemon::run(config, path, specs)))
+                .and_then(|rt| Ok(rt.block_on(gpulb::daemon::run(config, path, specs))?))
         }
         Command::CheckConfig { file } => match load_config(&file) {
             Ok((c, specs)) => {

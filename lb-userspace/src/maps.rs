@@ -7,10 +7,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use std::os::fd::AsFd as _;
+
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, Map, MapData, MapError, PerCpuArray,
+        Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
 };
@@ -38,6 +40,12 @@ pub enum MapsError {
         name: &'static str,
         #[source]
         source: MapError,
+    },
+    #[error("duplicating the descriptor of map {name}")]
+    Duplicate {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("{op} map {name}")]
     Op {
@@ -92,6 +100,13 @@ pub struct BackendEntry {
     pub service: u16,
     pub flags: u16,
     pub max_flows: u16,
+}
+
+impl BackendEntry {
+    /// Takes no new flows; its established flows continue.
+    pub fn is_draining(&self) -> bool {
+        self.flags & lb_common::BACKEND_DRAINING != 0
+    }
 }
 
 /// A conntrack entry's key, either family: client → VIP.
@@ -168,6 +183,44 @@ impl Maps {
         Self::from_source(|name| ebpf.take_map(name).ok_or(MapsError::Missing { name }))
     }
 
+    /// A second set of handles to the same maps (duplicated descriptors): what the metrics
+    /// read while the state task writes through the first.
+    pub fn duplicate(&self) -> Result<Self, MapsError> {
+        let fds: std::collections::HashMap<&'static str, &MapData> = [
+            (maps::SERVICES.name, self.services.map()),
+            (maps::SERVICES6.name, self.services6.map()),
+            (maps::BACKENDS.name, self.backends.map()),
+            (maps::BACKEND_ADDR6.name, self.backend_addr6.map()),
+            (maps::MAGLEV.name, self.maglev.map()),
+            (maps::CONNS.name, self.conns.map()),
+            (maps::CONNS6.name, self.conns6.map()),
+            (maps::REVNAT.name, self.revnat.map()),
+            (maps::REVNAT6.name, self.revnat6.map()),
+            (maps::VIP_STATS.name, self.vip_stats.map()),
+            (maps::BACKEND_STATS.name, self.backend_stats.map()),
+            (maps::REASONS.name, self.reasons.map()),
+            (maps::LIMITS.name, self.limits.map()),
+            (maps::ALLOW.name, self.allow.map()),
+            (maps::ALLOW6.name, self.allow6.map()),
+            (maps::LIVE_FLOWS.name, self.live_flows.map()),
+            (maps::CANDIDATES.name, self.candidates.map()),
+            (maps::ADMIT_STATS.name, self.admit_stats.map()),
+            (maps::SOCK_NETNS.name, self.sock_netns.map()),
+        ]
+        .into_iter()
+        .collect();
+        Self::from_source(|name| {
+            let data = fds.get(name).ok_or(MapsError::Missing { name })?;
+            let fd = data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| MapsError::Duplicate { name, source })?;
+            let data = MapData::from_fd(fd).map_err(|source| MapsError::Layout { name, source })?;
+            Map::from_map_data(data).map_err(|source| MapsError::Layout { name, source })
+        })
+    }
+
     /// Opens the maps a running daemon pinned under `dir`.
     pub fn open_pinned(dir: &Path) -> Result<Self, MapsError> {
         Self::from_source(|name| {
@@ -183,31 +236,31 @@ impl Maps {
         mut get: impl FnMut(&'static str) -> Result<Map, MapsError>,
     ) -> Result<Self, MapsError> {
         Ok(Self {
-            services: typed(maps::SERVICES, get(maps::SERVICES)?)?,
-            services6: typed(maps::SERVICES6, get(maps::SERVICES6)?)?,
-            backends: typed(maps::BACKENDS, get(maps::BACKENDS)?)?,
-            backend_addr6: typed(maps::BACKEND_ADDR6, get(maps::BACKEND_ADDR6)?)?,
-            maglev: typed(maps::MAGLEV, get(maps::MAGLEV)?)?,
-            conns: typed(maps::CONNS, get(maps::CONNS)?)?,
-            conns6: typed(maps::CONNS6, get(maps::CONNS6)?)?,
-            revnat: typed(maps::REVNAT, get(maps::REVNAT)?)?,
-            revnat6: typed(maps::REVNAT6, get(maps::REVNAT6)?)?,
-            vip_stats: typed(maps::VIP_STATS, get(maps::VIP_STATS)?)?,
-            backend_stats: typed(maps::BACKEND_STATS, get(maps::BACKEND_STATS)?)?,
-            reasons: typed(maps::REASONS, get(maps::REASONS)?)?,
-            limits: typed(maps::LIMITS, get(maps::LIMITS)?)?,
-            allow: typed(maps::ALLOW, get(maps::ALLOW)?)?,
-            allow6: typed(maps::ALLOW6, get(maps::ALLOW6)?)?,
-            live_flows: typed(maps::LIVE_FLOWS, get(maps::LIVE_FLOWS)?)?,
-            candidates: typed(maps::CANDIDATES, get(maps::CANDIDATES)?)?,
-            admit_stats: typed(maps::ADMIT_STATS, get(maps::ADMIT_STATS)?)?,
-            sock_netns: typed(maps::SOCK_NETNS, get(maps::SOCK_NETNS)?)?,
+            services: typed(maps::SERVICES.name, get(maps::SERVICES.name)?)?,
+            services6: typed(maps::SERVICES6.name, get(maps::SERVICES6.name)?)?,
+            backends: typed(maps::BACKENDS.name, get(maps::BACKENDS.name)?)?,
+            backend_addr6: typed(maps::BACKEND_ADDR6.name, get(maps::BACKEND_ADDR6.name)?)?,
+            maglev: typed(maps::MAGLEV.name, get(maps::MAGLEV.name)?)?,
+            conns: typed(maps::CONNS.name, get(maps::CONNS.name)?)?,
+            conns6: typed(maps::CONNS6.name, get(maps::CONNS6.name)?)?,
+            revnat: typed(maps::REVNAT.name, get(maps::REVNAT.name)?)?,
+            revnat6: typed(maps::REVNAT6.name, get(maps::REVNAT6.name)?)?,
+            vip_stats: typed(maps::VIP_STATS.name, get(maps::VIP_STATS.name)?)?,
+            backend_stats: typed(maps::BACKEND_STATS.name, get(maps::BACKEND_STATS.name)?)?,
+            reasons: typed(maps::REASONS.name, get(maps::REASONS.name)?)?,
+            limits: typed(maps::LIMITS.name, get(maps::LIMITS.name)?)?,
+            allow: typed(maps::ALLOW.name, get(maps::ALLOW.name)?)?,
+            allow6: typed(maps::ALLOW6.name, get(maps::ALLOW6.name)?)?,
+            live_flows: typed(maps::LIVE_FLOWS.name, get(maps::LIVE_FLOWS.name)?)?,
+            candidates: typed(maps::CANDIDATES.name, get(maps::CANDIDATES.name)?)?,
+            admit_stats: typed(maps::ADMIT_STATS.name, get(maps::ADMIT_STATS.name)?)?,
+            sock_netns: typed(maps::SOCK_NETNS.name, get(maps::SOCK_NETNS.name)?)?,
         })
     }
 
     /// Every VIP, both families.
     pub fn services(&self) -> Result<Vec<(VipAddr, Service)>, MapsError> {
-        let v4 = entries(&self.services, maps::SERVICES)?
+        let v4 = entries(&self.services, maps::SERVICES.name)?
             .into_iter()
             .map(|(k, s)| {
                 let addr = SocketAddr::from(sock_of(k.addr_be, k.port_be));
@@ -219,7 +272,7 @@ impl Maps {
                     s,
                 )
             });
-        let v6 = entries(&self.services6, maps::SERVICES6)?
+        let v6 = entries(&self.services6, maps::SERVICES6.name)?
             .into_iter()
             .map(|(k, s)| {
                 let addr = SocketAddr::new(ipv6_of(&k.addr_be).into(), port_of(k.port_be));
@@ -239,11 +292,11 @@ impl Maps {
             IpAddr::V4(ip) => self
                 .services
                 .insert(vip_key(addr_be(ip), &vip), service, 0)
-                .map_err(op("writing", maps::SERVICES)),
+                .map_err(op("writing", maps::SERVICES.name)),
             IpAddr::V6(ip) => self
                 .services6
                 .insert(vip_key(addr6_of(ip), &vip), service, 0)
-                .map_err(op("writing", maps::SERVICES6)),
+                .map_err(op("writing", maps::SERVICES6.name)),
         }
     }
 
@@ -252,20 +305,20 @@ impl Maps {
             IpAddr::V4(ip) => self
                 .services
                 .remove(&vip_key(addr_be(ip), vip))
-                .map_err(op("removing from", maps::SERVICES)),
+                .map_err(op("removing from", maps::SERVICES.name)),
             IpAddr::V6(ip) => self
                 .services6
                 .remove(&vip_key(addr6_of(ip), vip))
-                .map_err(op("removing from", maps::SERVICES6)),
+                .map_err(op("removing from", maps::SERVICES6.name)),
         }
     }
 
     fn entry(&self, id: u32, b: &Backend) -> Result<BackendEntry, MapsError> {
-        let ip = if b.flags & BACKEND_IPV6 != 0 {
+        let ip = if b.is_ipv6() {
             let a = self
                 .backend_addr6
                 .get(&id, 0)
-                .map_err(op("reading", maps::BACKEND_ADDR6))?;
+                .map_err(op("reading", maps::BACKEND_ADDR6.name))?;
             IpAddr::V6(ipv6_of(&a))
         } else {
             IpAddr::V4(ip_of(b.addr_be))
@@ -279,11 +332,20 @@ impl Maps {
         })
     }
 
+    /// The backend with this id (unset: a zero address).
+    pub fn backend(&self, id: u32) -> Result<BackendEntry, MapsError> {
+        let b = self
+            .backends
+            .get(&id, 0)
+            .map_err(op("reading", maps::BACKENDS.name))?;
+        self.entry(id, &b)
+    }
+
     /// Every programmed backend, by id.
     pub fn backends(&self) -> Result<Vec<(u32, BackendEntry)>, MapsError> {
         let mut out = Vec::new();
         for (id, b) in self.backends.iter().enumerate() {
-            let b = b.map_err(op("reading", maps::BACKENDS))?;
+            let b = b.map_err(op("reading", maps::BACKENDS.name))?;
             if id != 0 && !b.is_unset() {
                 out.push((id as u32, self.entry(id as u32, &b)?));
             }
@@ -299,7 +361,7 @@ impl Maps {
             IpAddr::V6(ip) => {
                 self.backend_addr6
                     .set(id, addr6_of(ip), 0)
-                    .map_err(op("writing", maps::BACKEND_ADDR6))?;
+                    .map_err(op("writing", maps::BACKEND_ADDR6.name))?;
                 (0, b.flags | BACKEND_IPV6)
             }
         };
@@ -313,24 +375,28 @@ impl Maps {
         };
         self.backends
             .set(id, backend, 0)
-            .map_err(op("writing", maps::BACKENDS))
+            .map_err(op("writing", maps::BACKENDS.name))
     }
 
     /// Empties a backend slot (its Maglev slots must already point elsewhere).
     pub fn clear_backend(&mut self, id: u32) -> Result<(), MapsError> {
         self.backends
             .set(id, Backend::default(), 0)
-            .map_err(op("writing", maps::BACKENDS))?;
+            .map_err(op("writing", maps::BACKENDS.name))?;
         self.backend_addr6
             .set(id, [0; 4], 0)
-            .map_err(op("writing", maps::BACKEND_ADDR6))
+            .map_err(op("writing", maps::BACKEND_ADDR6.name))
     }
 
     /// The Maglev table of a service (its first `table_size` slots).
     pub fn maglev_table(&self, service: &Service) -> Result<Vec<u32>, MapsError> {
         let base = service.id * MAGLEV_MAX_SIZE;
         (base..base + service.table_size)
-            .map(|i| self.maglev.get(&i, 0).map_err(op("reading", maps::MAGLEV)))
+            .map(|i| {
+                self.maglev
+                    .get(&i, 0)
+                    .map_err(op("reading", maps::MAGLEV.name))
+            })
             .collect()
     }
 
@@ -340,14 +406,14 @@ impl Maps {
         for &(slot, id) in slots {
             self.maglev
                 .set(base + slot, id, 0)
-                .map_err(op("writing", maps::MAGLEV))?;
+                .map_err(op("writing", maps::MAGLEV.name))?;
         }
         Ok(())
     }
 
     /// Tracked flows (conntrack entries), client → VIP, both families.
     pub fn flows(&self) -> Result<Vec<(FlowAddrs, Flow)>, MapsError> {
-        let v4 = entries(&self.conns, maps::CONNS)?
+        let v4 = entries(&self.conns, maps::CONNS.name)?
             .into_iter()
             .map(|(k, f)| {
                 let flow = FlowAddrs {
@@ -357,7 +423,7 @@ impl Maps {
                 };
                 (flow, f)
             });
-        let v6 = entries(&self.conns6, maps::CONNS6)?
+        let v6 = entries(&self.conns6, maps::CONNS6.name)?
             .into_iter()
             .map(|(k, f)| {
                 let flow = FlowAddrs {
@@ -373,31 +439,31 @@ impl Maps {
     pub fn limits(&self, service_id: u32) -> Result<ServiceLimits, MapsError> {
         self.limits
             .get(&service_id, 0)
-            .map_err(op("reading", maps::LIMITS))
+            .map_err(op("reading", maps::LIMITS.name))
     }
 
     pub fn set_limits(&mut self, service_id: u32, limits: ServiceLimits) -> Result<(), MapsError> {
         self.limits
             .set(service_id, limits, 0)
-            .map_err(op("writing", maps::LIMITS))
+            .map_err(op("writing", maps::LIMITS.name))
     }
 
     pub fn set_candidates(&mut self, service_id: u32, c: Candidates) -> Result<(), MapsError> {
         self.candidates
             .set(service_id, c, 0)
-            .map_err(op("writing", maps::CANDIDATES))
+            .map_err(op("writing", maps::CANDIDATES.name))
     }
 
     /// Every allowed prefix, both families: (service id, address, prefix length).
     pub fn allowed(&self) -> Result<Vec<(u32, IpAddr, u8)>, MapsError> {
         let v4 = self.allow.keys().map(|k| {
-            let k = k.map_err(op("reading", maps::ALLOW))?;
+            let k = k.map_err(op("reading", maps::ALLOW.name))?;
             let data = k.data();
             let ip = IpAddr::V4(ip_of(data.addr_be));
             Ok((data.service, ip, (k.prefix_len() - 32) as u8))
         });
         let v6 = self.allow6.keys().map(|k| {
-            let k = k.map_err(op("reading", maps::ALLOW6))?;
+            let k = k.map_err(op("reading", maps::ALLOW6.name))?;
             let data = k.data();
             let ip = IpAddr::V6(ipv6_of(&data.addr_be));
             Ok((data.service, ip, (k.prefix_len() - 32) as u8))
@@ -415,11 +481,11 @@ impl Maps {
             IpAddr::V4(ip) => self
                 .allow
                 .insert(&allow_key(service_id, addr_be(ip), len), 1, 0)
-                .map_err(op("writing", maps::ALLOW)),
+                .map_err(op("writing", maps::ALLOW.name)),
             IpAddr::V6(ip) => self
                 .allow6
                 .insert(&allow_key(service_id, addr6_of(ip), len), 1, 0)
-                .map_err(op("writing", maps::ALLOW6)),
+                .map_err(op("writing", maps::ALLOW6.name)),
         }
     }
 
@@ -433,11 +499,11 @@ impl Maps {
             IpAddr::V4(ip) => self
                 .allow
                 .remove(&allow_key(service_id, addr_be(ip), len))
-                .map_err(op("removing from", maps::ALLOW)),
+                .map_err(op("removing from", maps::ALLOW.name)),
             IpAddr::V6(ip) => self
                 .allow6
                 .remove(&allow_key(service_id, addr6_of(ip), len))
-                .map_err(op("removing from", maps::ALLOW6)),
+                .map_err(op("removing from", maps::ALLOW6.name)),
         }
     }
 
@@ -446,7 +512,7 @@ impl Maps {
         let v = self
             .live_flows
             .get(&backend_id, 0)
-            .map_err(op("reading", maps::LIVE_FLOWS))?;
+            .map_err(op("reading", maps::LIVE_FLOWS.name))?;
         Ok(if (v as i64) < 0 { 0 } else { v })
     }
 
@@ -454,14 +520,14 @@ impl Maps {
     pub fn set_live_flows(&mut self, backend_id: u32, n: u64) -> Result<(), MapsError> {
         self.live_flows
             .set(backend_id, n, 0)
-            .map_err(op("writing", maps::LIVE_FLOWS))
+            .map_err(op("writing", maps::LIVE_FLOWS.name))
     }
 
     /// The network namespace whose sockets the socket programs balance.
     pub fn set_sock_netns(&mut self, cookie: u64) -> Result<(), MapsError> {
         self.sock_netns
             .set(0, cookie, 0)
-            .map_err(op("writing", maps::SOCK_NETNS))
+            .map_err(op("writing", maps::SOCK_NETNS.name))
     }
 
     /// A VIP's admission counters, summed over CPUs.
@@ -469,7 +535,7 @@ impl Maps {
         let values = self
             .admit_stats
             .get(&service_id, 0)
-            .map_err(op("reading", maps::ADMIT_STATS))?;
+            .map_err(op("reading", maps::ADMIT_STATS.name))?;
         Ok(values
             .iter()
             .fold(AdmitCounters::default(), |a, c| AdmitCounters {
@@ -495,11 +561,11 @@ impl Maps {
     }
 
     pub fn vip_counters(&self, service_id: u32) -> Result<Counters, MapsError> {
-        Self::summed(&self.vip_stats, maps::VIP_STATS, service_id)
+        Self::summed(&self.vip_stats, maps::VIP_STATS.name, service_id)
     }
 
     pub fn backend_counters(&self, backend_id: u32) -> Result<Counters, MapsError> {
-        Self::summed(&self.backend_stats, maps::BACKEND_STATS, backend_id)
+        Self::summed(&self.backend_stats, maps::BACKEND_STATS.name, backend_id)
     }
 
     /// Packets per reason, summed over CPUs.
@@ -510,7 +576,7 @@ impl Maps {
                 let values = self
                     .reasons
                     .get(&(r as u32), 0)
-                    .map_err(op("reading", maps::REASONS))?;
+                    .map_err(op("reading", maps::REASONS.name))?;
                 Ok((r, values.iter().sum()))
             })
             .collect()

@@ -1,23 +1,25 @@
 //! Prometheus metrics on their own listener (`metrics_listen`, 127.0.0.1:9464 by default).
 //!
 //! Two kinds: events the state task counts as they happen (ejections, Maglev rebuilds), kept
-//! in a long-lived registry; and what is read at scrape time (per-CPU BPF counters summed,
-//! the daemon's backend status), put in a fresh registry each scrape. No client address is
-//! ever a label.
+//! in a long-lived registry; and what is read at scrape time, put in a fresh registry each
+//! scrape: per-CPU BPF counters summed (through the daemon's own map handles) and the
+//! backends' status from the snapshot the state task publishes, joined by backend id. No
+//! client address is ever a label.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus::{
     Encoder as _, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    control::{BackendStatus, Request},
-    maps::Maps,
+    control::{BackendState, BackendStatus},
+    maps::{Maps, MapsError},
 };
 
 /// What the state task counts.
@@ -71,23 +73,29 @@ impl DaemonMetrics {
     }
 }
 
-/// Asks the state task for the backends' status.
-pub type StatusSource = Arc<
-    dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Vec<BackendStatus>> + Send>> + Send + Sync,
->;
+/// The backends as the state task last published them.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot(pub Arc<Vec<BackendStatus>>);
+
+impl Snapshot {
+    pub fn new(backends: Vec<BackendStatus>) -> Self {
+        Self(Arc::new(backends))
+    }
+}
 
 #[derive(Clone)]
 struct Scrape {
     daemon: Arc<DaemonMetrics>,
-    pin_path: PathBuf,
-    status: StatusSource,
+    maps: Arc<Maps>,
+    snapshot: watch::Receiver<Snapshot>,
 }
 
+/// Serves `/metrics` on `listen` until `cancel`; `maps` are handles of the daemon's maps.
 pub async fn serve(
     listen: SocketAddr,
     daemon: Arc<DaemonMetrics>,
-    pin_path: PathBuf,
-    status: StatusSource,
+    maps: Maps,
+    snapshot: watch::Receiver<Snapshot>,
     cancel: CancellationToken,
 ) {
     let listener = match tokio::net::TcpListener::bind(listen).await {
@@ -102,8 +110,8 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .with_state(Scrape {
             daemon,
-            pin_path,
-            status,
+            maps: Arc::new(maps),
+            snapshot,
         });
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
@@ -111,15 +119,15 @@ pub async fn serve(
 }
 
 async fn metrics(State(scrape): State<Scrape>) -> impl IntoResponse {
-    let status = (scrape.status)().await;
-    let pin_path = scrape.pin_path.clone();
-    let maps_part = tokio::task::spawn_blocking(move || scrape_maps(&pin_path, &status)).await;
+    let snapshot = scrape.snapshot.borrow().clone();
+    let maps = scrape.maps.clone();
+    let maps_part = tokio::task::spawn_blocking(move || scrape_maps(&maps, &snapshot.0)).await;
     let mut text = match maps_part {
         Ok(Ok(text)) => text,
         Ok(Err(e)) => {
             return (
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("reading the maps: {e:#}\n"),
+                format!("reading the maps: {}\n", crate::datapath::ErrorChain(&e)),
             );
         }
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
@@ -136,19 +144,8 @@ fn encode(registry: &Registry) -> String {
     String::from_utf8(buf).expect("metrics text is UTF-8")
 }
 
-/// The states a backend can be in, each exported as 0 or 1 so dashboards can sum them.
-const STATES: [&str; 6] = [
-    "starting",
-    "ready",
-    "unhealthy",
-    "draining",
-    "ejected",
-    "crash-looping",
-];
-
-/// Builds the scrape-time metrics from the pinned maps and the daemon's status.
-fn scrape_maps(pin_path: &std::path::Path, status: &[BackendStatus]) -> anyhow::Result<String> {
-    let maps = Maps::open_pinned(pin_path)?;
+/// Builds the scrape-time metrics from the maps and the daemon's status.
+fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsError> {
     let r = Registry::new();
     let counter = |name: &str, help: &str, labels: &[&str]| {
         let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -289,16 +286,12 @@ fn scrape_maps(pin_path: &std::path::Path, status: &[BackendStatus]) -> anyhow::
         ],
     );
 
-    for (id, b) in maps.backends()? {
-        let Some((vip_key, _)) = services.iter().find(|(_, s)| s.id == u32::from(b.service)) else {
+    for s in status {
+        let Some(id) = s.id else {
             continue;
         };
-        let vip = vip_key.to_string();
-        let backend = b.addr.to_string();
-        let s = status
-            .iter()
-            .find(|s| s.vip_address == vip && s.backend == backend);
-        let instance = s.and_then(|s| s.instance.clone()).unwrap_or_default();
+        let (vip, backend) = (s.vip_address.to_string(), s.backend.to_string());
+        let instance = s.instance.clone().unwrap_or_default();
         let l = [vip.as_str(), backend.as_str(), instance.as_str()];
         let c = maps.backend_counters(id)?;
         packets.with_label_values(&l).inc_by(c.packets);
@@ -307,18 +300,16 @@ fn scrape_maps(pin_path: &std::path::Path, status: &[BackendStatus]) -> anyhow::
         counted
             .with_label_values(&l)
             .set(maps.live_flows(id)? as i64);
-        max_flows.with_label_values(&l).set(i64::from(b.max_flows));
-        let Some(s) = s else {
-            weight.with_label_values(&l).set(i64::from(b.weight));
-            continue;
-        };
+        max_flows
+            .with_label_values(&l)
+            .set(i64::from(maps.backend(id)?.max_flows));
         weight.with_label_values(&l).set(i64::from(s.weight));
         live.with_label_values(&l).set(s.live_flows as i64);
         in_table.with_label_values(&l).set(i64::from(s.in_table));
         restarts.with_label_values(&l).inc_by(u64::from(s.restarts));
-        for st in STATES {
+        for st in BackendState::ALL {
             state
-                .with_label_values(&[l[0], l[1], l[2], st])
+                .with_label_values(&[l[0], l[1], l[2], st.name()])
                 .set(i64::from(s.state == st));
         }
         if let Some(v) = s.load {
@@ -341,22 +332,4 @@ fn scrape_maps(pin_path: &std::path::Path, status: &[BackendStatus]) -> anyhow::
         }
     }
     Ok(encode(&r))
-}
-
-/// `Request::Status` through the state task's control channel.
-pub fn status_source(control: tokio::sync::mpsc::Sender<crate::daemon::Control>) -> StatusSource {
-    Arc::new(move || {
-        let control = control.clone();
-        Box::pin(async move {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            if control
-                .send(crate::daemon::Control::Request(Request::Status, tx))
-                .await
-                .is_err()
-            {
-                return Vec::new();
-            }
-            rx.await.map(|r| r.backends).unwrap_or_default()
-        })
-    })
 }

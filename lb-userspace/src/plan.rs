@@ -16,7 +16,7 @@ use lb_common::{
 };
 
 use crate::{
-    config::{Cidr, Config, Vip},
+    config::{Affinity, Cidr, Config, Vip},
     maglev::{self, MaglevBackend},
     maps::{BackendEntry, Maps, MapsError, VipAddr},
 };
@@ -186,7 +186,7 @@ pub fn plan(
         let table = maglev::build_table(&members, vip.maglev_table_size);
         let limits = limits(vip, &d.backends);
         let candidates = candidates(&members);
-        if limits.flags & LIMIT_CHECK_LOAD != 0 && candidates.count as usize > MAX_CANDIDATES {
+        if limits.checks_load() && candidates.count as usize > MAX_CANDIDATES {
             return Err(PlanError::TooManyCandidates {
                 vip: vip.name.clone(),
                 count: candidates.count as usize,
@@ -225,7 +225,7 @@ fn limits(vip: &Vip, backends: &[DesiredBackend]) -> ServiceLimits {
     let flag = |on: bool, f: u32| if on { f } else { 0 };
     l.flags = flag(vip.admission.refuse_rst, LIMIT_REFUSE_RST)
         | flag(!vip.admission.allow.is_empty(), LIMIT_ALLOWLIST)
-        | flag(vip.affinity, LIMIT_AFFINITY)
+        | flag(vip.affinity == Affinity::Client, LIMIT_AFFINITY)
         | flag(
             vip.load_bound_pct != 0 || backends.iter().any(|b| b.max_flows != 0),
             LIMIT_CHECK_LOAD,

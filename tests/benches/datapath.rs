@@ -102,7 +102,14 @@ fn main() {
     );
     let pins = PinDir::new("bench");
     let config = Config::parse(Path::new("bench.toml"), CONFIG).expect("bench config");
-    let mut dp = Datapath::load(&pins.path, CONNTRACK, CONNTRACK).expect("load gpulb");
+    let mut dp = Datapath::load(
+        &pins.path,
+        lb_common::maps::ConntrackSizes {
+            v4: CONNTRACK,
+            v6: CONNTRACK,
+        },
+    )
+    .expect("load gpulb");
     let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
     plan::apply(&mut dp.maps, &plan, None).expect("program maps");
 

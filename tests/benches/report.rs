@@ -9,8 +9,7 @@ use std::{
     fmt::Write as _,
     fs,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
-    process::Command,
+    path::PathBuf,
     thread,
     time::{Duration, Instant, SystemTime},
 };
@@ -21,10 +20,17 @@ use gpulb::{
     maps::Maps,
 };
 use gpulb_testbed::{
-    LB_ADDR, Load, MODEL, NetNs, PinDir, Proc, Reply, Stack, chat, percentile, sim_port, vip_url,
+    LB_ADDR, Load, MODEL, NetNs, PinDir, Reply, Stack, chat, percentile, sim_port, vip_url,
 };
 use lb_common::MAGLEV_MAX_SIZE;
-use plotters::prelude::*;
+
+#[path = "report/charts.rs"]
+mod charts;
+#[path = "report/tools.rs"]
+mod tools;
+
+use charts::{bar_chart, line_chart};
+use tools::{memlock, nginx, sh_err, sh_out, wrk};
 
 const NGINX_PORT: u16 = 8080;
 const BACKENDS: usize = 4;
@@ -138,22 +144,6 @@ fn machine() -> String {
     )
 }
 
-fn sh_out(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-fn sh_err(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
-        .unwrap_or_default()
-}
-
 /// The datapath bench's figures, written by `cargo bench --bench datapath` just before.
 fn datapath(report: &mut Report) {
     let path = std::env::var("GPULB_BENCH_DATAPATH").unwrap_or_default();
@@ -214,7 +204,14 @@ fn control_plane(opts: &Opts, report: &mut Report) {
     let pins = PinDir::new("bench-mem");
     let flows = 1u32 << 20;
     let flows6 = lb_common::CONNTRACK6_DEFAULT_SIZE;
-    let dp = Datapath::load(&pins.path, flows, flows6).expect("load the data path");
+    let dp = Datapath::load(
+        &pins.path,
+        lb_common::maps::ConntrackSizes {
+            v4: flows,
+            v6: flows6,
+        },
+    )
+    .expect("load the data path");
     let _ = write!(
         t,
         "\nKernel memory (memlock from /proc/PID/fdinfo) with `conntrack_size = {flows}` and \
@@ -223,7 +220,7 @@ fn control_plane(opts: &Opts, report: &mut Report) {
          | map | memory |\n|---|---:|\n"
     );
     let mut total = 0;
-    for name in lb_common::maps::ALL {
+    for name in lb_common::maps::ALL.map(|m| m.name) {
         let data = aya::maps::MapData::from_pin(pins.path.join(name)).expect("pinned map");
         let bytes = memlock(&data);
         total += bytes;
@@ -232,123 +229,6 @@ fn control_plane(opts: &Opts, report: &mut Report) {
     let _ = writeln!(t, "| all | {:.1} MiB |", total as f64 / 1048576.0);
     drop(dp);
     report.section("control plane", &t);
-}
-
-fn memlock(map: &aya::maps::MapData) -> u64 {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    let fd = map.fd().as_fd().as_raw_fd();
-    fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("memlock:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// nginx in the lb namespace, as in the reference deployment: an upstream of the instances
-/// with keepalive, `proxy_buffering off`, a long read timeout, passive health checks.
-fn nginx(ns: &NetNs, dir: &Path, backends: &[u16]) -> Proc {
-    let servers: String = backends
-        .iter()
-        .map(|p| format!("    server {LB_ADDR}:{p} max_fails=2 fail_timeout=10s;\n"))
-        .collect();
-    let d = dir.display();
-    let conf = format!(
-        "worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log error;\n\
-         events {{ worker_connections 4096; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {d}/nginx-body;\n\
-           proxy_temp_path {d}/nginx-proxy;\n  upstream llm {{\n{servers}    keepalive 64;\n  }}\n\
-           server {{\n    listen {LB_ADDR}:{NGINX_PORT};\n    location / {{\n\
-               proxy_pass http://llm;\n      proxy_http_version 1.1;\n\
-               proxy_set_header Connection \"\";\n      proxy_buffering off;\n\
-               proxy_read_timeout 3600s;\n    }}\n  }}\n}}\n"
-    );
-    let path = dir.join("nginx.conf");
-    fs::write(&path, conf).expect("nginx.conf");
-    let conf_arg = path.display().to_string();
-    let p = Proc::spawn(
-        "nginx",
-        ns,
-        Path::new("/usr/sbin/nginx"),
-        &["-c", &conf_arg, "-g", "daemon off;"],
-        dir,
-    )
-    .expect("start nginx");
-    // Probed from inside the namespace: 198.18.0.0/15 exists only there.
-    let up = gpulb_testbed::wait_until(Duration::from_secs(10), || {
-        ns.run(|| std::net::TcpStream::connect((LB_ADDR, NGINX_PORT)).is_ok())
-            .unwrap_or(false)
-    });
-    assert!(up, "nginx did not start: {}", p.log_text());
-    p
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Wrk {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    errors: u64,
-}
-
-/// wrk from the client namespace: requests/s and latency percentiles.
-fn wrk(ns: &NetNs, url: &str, secs: u64) -> Wrk {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path().display()))
-        .args([
-            "wrk",
-            "-t2",
-            "-c32",
-            &format!("-d{secs}s"),
-            "--latency",
-            url,
-        ])
-        .output()
-        .expect("run wrk");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let ms = |s: &str| -> f64 {
-        let s = s.trim();
-        if let Some(v) = s.strip_suffix("us") {
-            v.parse::<f64>().unwrap_or(f64::NAN) / 1000.0
-        } else if let Some(v) = s.strip_suffix("ms") {
-            v.parse().unwrap_or(f64::NAN)
-        } else if let Some(v) = s.strip_suffix('s') {
-            v.parse::<f64>().unwrap_or(f64::NAN) * 1000.0
-        } else {
-            f64::NAN
-        }
-    };
-    let pct = |p: &str| {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(p).map(&ms))
-            .unwrap_or(f64::NAN)
-    };
-    let rps = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("wrk output without Requests/sec:\n{text}"));
-    let errors = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-        + text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Socket errors:"))
-            .map_or(0, |v| {
-                v.split(',')
-                    .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
-                    .sum()
-            });
-    Wrk {
-        rps,
-        p50_ms: pct("50%"),
-        p99_ms: pct("99%"),
-        errors,
-    }
 }
 
 /// Streaming chats from the client namespace, `concurrency` at a time, cycling `urls`.
@@ -809,77 +689,4 @@ fn nginx_time(line: &str) -> Option<SystemTime> {
     let out = sh_out("date", &["-d", &stamp.replace('/', "-"), "+%s"]);
     let secs: u64 = out.trim().parse().ok()?;
     Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
-}
-
-fn bar_chart(path: &Path, title: &str, bars: &[(String, f64)]) {
-    let root = SVGBackend::new(path, (640, 360)).into_drawing_area();
-    root.fill(&WHITE).expect("draw");
-    let max = bars.iter().map(|b| b.1).fold(0.0, f64::max).max(1e-9) * 1.15;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
-        .build_cartesian_2d((0..bars.len()).into_segmented(), 0.0..max)
-        .expect("chart");
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_label_formatter(&|x| match x {
-            SegmentValue::CenterOf(i) => bars.get(*i).map_or_else(String::new, |b| b.0.clone()),
-            _ => String::new(),
-        })
-        .draw()
-        .expect("mesh");
-    chart
-        .draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
-            let mut bar = Rectangle::new(
-                [
-                    (SegmentValue::Exact(i), 0.0),
-                    (SegmentValue::Exact(i + 1), *v),
-                ],
-                Palette99::pick(i).filled(),
-            );
-            bar.set_margin(0, 0, 20, 20);
-            bar
-        }))
-        .expect("bars");
-    root.present().expect("write chart");
-}
-
-fn line_chart(path: &Path, title: &str, series: &BTreeMap<&str, Vec<(f64, f64)>>) {
-    let root = SVGBackend::new(path, (640, 360)).into_drawing_area();
-    root.fill(&WHITE).expect("draw");
-    let max_x = series.values().flatten().map(|p| p.0).fold(1.0, f64::max);
-    let max_y = series.values().flatten().map(|p| p.1).fold(0.0, f64::max) * 1.15;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(30)
-        .y_label_area_size(50)
-        .build_cartesian_2d((1.0..max_x).log_scale(), 0.0..max_y.max(1e-9))
-        .expect("chart");
-    chart
-        .configure_mesh()
-        .x_desc("concurrent clients")
-        .draw()
-        .expect("mesh");
-    for (i, (name, points)) in series.iter().enumerate() {
-        let color = Palette99::pick(i);
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().copied(),
-                color.stroke_width(2),
-            ))
-            .expect("line")
-            .label(*name)
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .expect("legend");
-    root.present().expect("write chart");
 }

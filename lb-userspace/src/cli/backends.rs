@@ -3,7 +3,6 @@
 
 use std::{collections::HashMap, path::Path, time::Duration};
 
-use lb_common::BACKEND_DRAINING;
 use serde::Serialize;
 
 use super::{TableRow, emit, open, percent};
@@ -137,15 +136,11 @@ pub fn rows(pin_path: &Path, socket: &Path) -> anyhow::Result<Vec<BackendRow>> {
             .iter()
             .find(|(_, s)| s.id == service)
             .map_or_else(|| format!("(service {service})"), |(k, _)| k.to_string());
-        let backend = b.addr.to_string();
         let held = slots.get(&id).copied().unwrap_or(0);
         let c = maps.backend_counters(id)?;
-        let status = daemon
-            .iter()
-            .flatten()
-            .find(|s| s.vip_address == vip && s.backend == backend);
-        let state = match (status, b.flags & BACKEND_DRAINING != 0, b.weight) {
-            (Some(s), _, _) => s.state.clone(),
+        let status = daemon.iter().flatten().find(|s| s.id == Some(id));
+        let state = match (status, b.is_draining(), b.weight) {
+            (Some(s), _, _) => s.state.to_string(),
             (None, true, _) => "draining".into(),
             (None, false, 0) => "standby".into(),
             (None, false, _) if held > 0 => "active".into(),
@@ -154,7 +149,7 @@ pub fn rows(pin_path: &Path, socket: &Path) -> anyhow::Result<Vec<BackendRow>> {
         rows.push(BackendRow {
             id,
             vip,
-            backend,
+            backend: b.addr.to_string(),
             state,
             weight: status.map_or(b.weight, |s| s.weight),
             share: percent(held, table_sizes.get(&service).copied().unwrap_or(0)),

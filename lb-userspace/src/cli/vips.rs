@@ -2,9 +2,7 @@
 
 use std::path::Path;
 
-use lb_common::{
-    LIMIT_AFFINITY, LIMIT_ALLOWLIST, LIMIT_CHECK_LOAD, LIMIT_REFUSE_RST, ServiceLimits,
-};
+use lb_common::ServiceLimits;
 use serde::Serialize;
 
 use super::{TableRow, emit, open, proto_label};
@@ -109,28 +107,21 @@ fn describe(l: &ServiceLimits, allowed: usize) -> String {
             l.burst_ns / l.interval_ns
         ));
     }
-    if l.flags & LIMIT_ALLOWLIST != 0 {
+    if l.has_allowlist() {
         parts.push(format!("allow {allowed}"));
     }
-    if l.flags & LIMIT_AFFINITY != 0 {
+    if l.has_affinity() {
         parts.push("affinity".into());
     }
     if l.bound_pct != 0 {
         parts.push(format!("bound {:.2}", f64::from(l.bound_pct) / 100.0));
-    } else if l.flags & LIMIT_CHECK_LOAD != 0 {
+    } else if l.checks_load() {
         parts.push("caps".into());
     }
     if parts.is_empty() {
         return "-".into();
     }
-    parts.push(
-        if l.flags & LIMIT_REFUSE_RST != 0 {
-            "rst"
-        } else {
-            "drop"
-        }
-        .into(),
-    );
+    parts.push(if l.refuses_with_rst() { "rst" } else { "drop" }.into());
     parts.join(", ")
 }
 

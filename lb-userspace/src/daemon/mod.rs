@@ -4,16 +4,34 @@
 //! Signals: SIGINT/SIGTERM stop everything gracefully (drain, stop the instances, detach,
 //! unpin). SIGHUP reloads the config. SIGUSR2 hands over: the daemon exits and leaves the
 //! data path, its maps and the instances running for the next `gpulb run` to take over.
+//!
+//! | module | concern |
+//! |---|---|
+//! | `state` | the state task: the event handlers and `sync` (backends → maps) |
+//! | `ops` | operators' requests: drain, weight, reload, rolling restarts |
+//! | `backend` | a backend's spec (from the config) and runtime state |
+//! | `reload` | a reload as a pure diff of old and new backends |
+//! | `restart` | a rolling restart as a pure state machine |
+//! | `persist` | `state.json`, and what takeover finds in the maps |
+//! | `reconcile` | live-flow counts checked against the sockets |
+//! | `tasks` | probe, load, supervisor and tick tasks |
+//! | `server` | the control socket |
 
+mod backend;
+mod ops;
+mod persist;
+mod reconcile;
+mod reload;
+mod restart;
 mod server;
-pub mod state;
+mod state;
+mod tasks;
 
-use std::{path::PathBuf, time::Instant};
+use std::{io, path::PathBuf, time::Instant};
 
-use anyhow::Context as _;
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{mpsc, oneshot},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -21,15 +39,54 @@ use tracing::info;
 use crate::{
     config::Config,
     control::{Request, Response},
-    datapath::Datapath,
+    datapath::{Datapath, DatapathError},
     gpu::InstanceSpec,
+    maps::MapsError,
 };
-use state::{Inherited, Persisted, State};
+use persist::{Inherited, Persisted};
+use state::State;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("installing the {0} handler")]
+    Signal(&'static str, #[source] io::Error),
+    #[error(transparent)]
+    Control(#[from] server::ServerError),
+    #[error("loading the data path (pin path {})", path.display())]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error("reading the pinned maps")]
+    Maps(#[from] MapsError),
+    #[error("attaching to {interface}")]
+    Attach {
+        interface: String,
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error("attaching the socket-level programs")]
+    Sockets(#[source] Box<DatapathError>),
+    #[error("removing pins under {}", path.display())]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// An operator's request from a control-socket connection, and where its answer goes.
+pub struct Control {
+    pub request: Request,
+    pub reply: oneshot::Sender<Response>,
+}
 
 /// Installs the SIGINT and SIGTERM handlers now; the future resolves on the first signal.
-pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = &'static str>> {
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+pub fn shutdown_signal() -> Result<impl Future<Output = &'static str>, DaemonError> {
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
     Ok(async move {
         tokio::select! {
             _ = int.recv() => "SIGINT",
@@ -38,77 +95,62 @@ pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = &'static str>> {
     })
 }
 
-/// Requests from control-socket connections to the state task.
-pub enum Control {
-    Request(Request, tokio::sync::oneshot::Sender<Response>),
-    /// The supervisor handle of an instance (rolling restarts).
-    Instance(
-        String,
-        tokio::sync::oneshot::Sender<Option<mpsc::UnboundedSender<crate::supervisor::Command>>>,
-    ),
-}
-
 pub async fn run(
     config: Config,
     config_path: PathBuf,
-    specs: Vec<InstanceSpec>,
-) -> anyhow::Result<()> {
+    instances: Vec<InstanceSpec>,
+) -> Result<(), DaemonError> {
     // Handlers first: a signal during set-up must still lead to a clean tear-down.
     let shutdown = shutdown_signal()?;
     tokio::pin!(shutdown);
-    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let mut usr2 = signal(SignalKind::user_defined2()).context("installing SIGUSR2 handler")?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Signal("SIGHUP", e))?;
+    let mut usr2 =
+        signal(SignalKind::user_defined2()).map_err(|e| DaemonError::Signal("SIGUSR2", e))?;
     let socket = config.control_socket();
     let listener = server::bind(&socket)?;
 
-    let datapath = Datapath::load(
-        &config.pin_path,
-        config.conntrack_size,
-        config.conntrack_size_v6,
-    )
-    .with_context(|| {
-        format!(
-            "loading the data path (pin path {})",
-            config.pin_path.display()
-        )
-    })?;
-    let inherited = Inherited::read(&config, &datapath).context("reading the pinned maps")?;
+    let datapath =
+        Datapath::load(&config.pin_path, config.conntrack).map_err(|e| DaemonError::Load {
+            path: config.pin_path.clone(),
+            source: Box::new(e),
+        })?;
+    let inherited = Inherited::read(&config, &datapath)?;
     let persisted = Persisted::read(&config.state_dir);
     let (msgs, mut inbox) = mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
     let (interface, xdp_mode) = (config.interface.clone(), config.xdp_mode);
     let socket_lb = config.socket_lb.clone();
-    let (mut state, mut supervisor_events) =
+    let (mut state, mut supervisor_events, snapshot) =
         State::new(config, config_path, datapath, msgs, cancel.clone());
-    state.start(specs, &inherited, &persisted);
+    state.start(instances, &inherited, &persisted);
     // Tables before the programs: a taken-over data path keeps its slots meanwhile.
     state.sync();
-    let attached = state
-        .datapath
-        .attach(&interface, xdp_mode)
-        .with_context(|| format!("attaching to {interface}"))?;
+    let attached =
+        state
+            .datapath
+            .attach(&interface, xdp_mode)
+            .map_err(|e| DaemonError::Attach {
+                interface: interface.clone(),
+                source: Box::new(e),
+            })?;
     let cgroup = state
         .datapath
         .attach_sockets(&socket_lb)
-        .context("attaching the socket-level programs")?;
+        .map_err(|e| DaemonError::Sockets(Box::new(e)))?;
     state.persist();
+    state.publish();
 
     let (control, mut requests) = mpsc::channel(64);
     if let Some(listen) = state.config.metrics_listen {
         tokio::spawn(crate::metrics::serve(
             listen,
             state.metrics.clone(),
-            state.config.pin_path.clone(),
-            crate::metrics::status_source(control.clone()),
+            state.datapath.maps.duplicate()?,
+            snapshot,
             cancel.clone(),
         ));
     }
-    tokio::spawn(server::serve(
-        listener,
-        control,
-        state.config.drain_timeout,
-        cancel.clone(),
-    ));
+    tokio::spawn(server::serve(listener, control, cancel.clone()));
     info!(
         interface = %interface,
         xdp_mode = attached.describe(),
@@ -121,6 +163,10 @@ pub async fn run(
         "gpulb ready"
     );
 
+    // Polled only while a rolling restart runs; a tick missed meanwhile fires once, not in a
+    // burst (the drain's "zero twice" must be a tick apart).
+    let mut restart_tick = tokio::time::interval(restart::TICK);
+    restart_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let handover = loop {
         tokio::select! {
             // Exits first (ejection), and a start before any probe of the new process.
@@ -129,23 +175,23 @@ pub async fn run(
                 if state.on_supervisor(event) {
                     state.sync();
                 }
+                state.publish();
             }
             Some(msg) = inbox.recv() => {
                 if state.handle(msg) {
                     state.sync();
+                    state.publish();
                 }
             }
-            Some(control) = requests.recv() => match control {
-                Control::Request(request, reply) => {
-                    let _ = reply.send(answer(&mut state, request));
-                }
-                Control::Instance(name, reply) => {
-                    let _ = reply.send(state.instance_commands(&name));
-                }
-            },
+            Some(Control { request, reply }) = requests.recv() => {
+                state.control(request, reply);
+                state.publish();
+            }
+            _ = restart_tick.tick(), if state.restarting() => state.step_restarts(),
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the config");
                 state.reload();
+                state.publish();
             }
             _ = usr2.recv() => break true,
             signal = &mut shutdown => {
@@ -168,25 +214,11 @@ pub async fn run(
     let State {
         config, datapath, ..
     } = state;
-    datapath
-        .unpin()
-        .with_context(|| format!("removing pins under {}", config.pin_path.display()))?;
-    state::remove_state_file(&config.state_dir);
+    datapath.unpin().map_err(|source| DaemonError::Unpin {
+        path: config.pin_path.clone(),
+        source,
+    })?;
+    Persisted::remove(&config.state_dir);
     info!(pin_path = %config.pin_path.display(), took = ?started.elapsed(), "stopped, detached and unpinned");
     Ok(())
-}
-
-fn answer(state: &mut State, request: Request) -> Response {
-    match request {
-        Request::Status => Response {
-            ok: true,
-            backends: state.status(),
-            ..Response::default()
-        },
-        Request::Drain { backend } => state.drain(&backend, true),
-        Request::Undrain { backend } => state.drain(&backend, false),
-        Request::Weight { backend, weight } => state.set_weight(&backend, weight),
-        Request::Reload => state.reload(),
-        Request::Restart { .. } => Response::error("restarts are run by the connection"),
-    }
 }

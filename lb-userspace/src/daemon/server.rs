@@ -1,48 +1,56 @@
-//! The control socket: root-only, one request per connection line. Rolling restarts run in
-//! the connection's task and talk to the state task like any other client.
+//! The control socket: root-only, one JSON request per connection line, answered by the
+//! state task (a rolling restart's answer comes when it ends).
 
-use std::{
-    os::unix::fs::PermissionsExt as _,
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{io, os::unix::fs::PermissionsExt as _, path::Path, path::PathBuf};
 
-use anyhow::{Context as _, bail};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     sync::{mpsc, oneshot},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::Control;
-use crate::{
-    control::{BackendStatus, Request, Response},
-    supervisor::Command,
-};
+use crate::control::{Request, Response};
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
-/// How long a restarted instance may take to become ready again.
-const READY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(
+        "another gpulb daemon answers on {}; stop it (or hand over with SIGUSR2) first",
+        path.display()
+    )]
+    InUse { path: PathBuf },
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
 
 /// Binds the socket, refusing if another daemon answers on it.
-pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        bail!(
-            "another gpulb daemon answers on {}; stop it (or hand over with SIGUSR2) first",
-            path.display()
-        );
+        return Err(ServerError::InUse {
+            path: path.to_owned(),
+        });
     }
-    let dir = path.parent().context("socket path has a directory")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| ServerError::Io { what, path, source }
+    };
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
     let _ = std::fs::remove_file(path);
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener = UnixListener::bind(path).map_err(io("binding", path))?;
     // Root only: the socket drains and restarts production backends.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 600 {}", path.display()))?;
+        .map_err(io("chmod 600", path))?;
     Ok(listener)
 }
 
@@ -53,7 +61,6 @@ pub fn remove(path: &Path) {
 pub async fn serve(
     listener: UnixListener,
     control: mpsc::Sender<Control>,
-    drain_timeout: Duration,
     cancel: CancellationToken,
 ) {
     loop {
@@ -69,18 +76,14 @@ pub async fn serve(
         };
         let control = control.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, control, drain_timeout).await {
-                warn!(error = %format!("{e:#}"), "control connection");
+            if let Err(e) = connection(stream, control).await {
+                warn!(error = %e, "control connection");
             }
         });
     }
 }
 
-async fn connection(
-    stream: UnixStream,
-    control: mpsc::Sender<Control>,
-    drain_timeout: Duration,
-) -> anyhow::Result<()> {
+async fn connection(stream: UnixStream, control: mpsc::Sender<Control>) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read.take(MAX_REQUEST))
@@ -88,146 +91,19 @@ async fn connection(
         .await?;
     let response = match serde_json::from_str::<Request>(&line) {
         Err(e) => Response::error(format!("bad request {:?}: {e}", line.trim())),
-        Ok(Request::Restart { model }) => {
-            let handle = Handle(control);
-            match rolling_restart(&handle, &model, drain_timeout).await {
-                Ok(message) => Response::ok(message),
-                Err(e) => Response::error(format!("restart of {model:?}: {e}")),
-            }
-        }
-        Ok(request) => Handle(control).request(request).await,
+        Ok(request) => ask(&control, request).await,
     };
-    let mut out = serde_json::to_string(&response)?;
+    let mut out = serde_json::to_string(&response).map_err(io::Error::other)?;
     out.push('\n');
-    write.write_all(out.as_bytes()).await?;
-    Ok(())
+    write.write_all(out.as_bytes()).await
 }
 
-struct Handle(mpsc::Sender<Control>);
-
-impl Handle {
-    async fn request(&self, request: Request) -> Response {
-        let (tx, rx) = oneshot::channel();
-        if self.0.send(Control::Request(request, tx)).await.is_err() {
-            return Response::error("the daemon is shutting down");
-        }
-        rx.await
-            .unwrap_or_else(|_| Response::error("the daemon is shutting down"))
+/// Sends `request` to the state task and waits for its answer.
+async fn ask(control: &mpsc::Sender<Control>, request: Request) -> Response {
+    let gone = || Response::error("the daemon is shutting down");
+    let (reply, answer) = oneshot::channel();
+    if control.send(Control { request, reply }).await.is_err() {
+        return gone();
     }
-
-    async fn status(&self) -> Result<Vec<BackendStatus>, String> {
-        let r = self.request(Request::Status).await;
-        if r.ok {
-            Ok(r.backends)
-        } else {
-            Err(r.error.unwrap_or_default())
-        }
-    }
-
-    async fn instance(&self, name: &str) -> Result<BackendStatus, String> {
-        self.status()
-            .await?
-            .into_iter()
-            .find(|b| b.instance.as_deref() == Some(name))
-            .ok_or_else(|| format!("instance {name} is gone"))
-    }
-
-    async fn ok(&self, request: Request) -> Result<(), String> {
-        let r = self.request(request).await;
-        if r.ok {
-            Ok(())
-        } else {
-            Err(r.error.unwrap_or_default())
-        }
-    }
-}
-
-/// Drains, restarts and re-admits each instance of `model` in turn; the next one starts
-/// only once the previous one is ready again, so the model never loses more than one
-/// instance of capacity. Stops at the first instance that does not come back.
-async fn rolling_restart(
-    handle: &Handle,
-    model: &str,
-    drain_timeout: Duration,
-) -> Result<String, String> {
-    let mut instances: Vec<String> = handle
-        .status()
-        .await?
-        .into_iter()
-        .filter(|b| b.model.as_deref() == Some(model))
-        .filter_map(|b| b.instance)
-        .collect();
-    if instances.is_empty() {
-        return Err(format!("no model named {model:?}"));
-    }
-    instances.sort();
-    let started = Instant::now();
-    for name in &instances {
-        let before = handle.instance(name).await?;
-        handle
-            .ok(Request::Drain {
-                backend: name.clone(),
-            })
-            .await?;
-        info!(instance = %name, live_flows = before.live_flows, "rolling restart: draining");
-        let deadline = Instant::now() + drain_timeout;
-        // Zero twice, 100 ms apart: a SYN NATed just before the table changed has landed.
-        let mut zeros = 0;
-        loop {
-            let live = handle.instance(name).await?.live_flows;
-            zeros = if live == 0 { zeros + 1 } else { 0 };
-            if zeros == 2 {
-                break;
-            }
-            if Instant::now() >= deadline {
-                warn!(instance = %name, live, "rolling restart: drain timeout, restarting anyway");
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let (tx, rx) = oneshot::channel();
-        if handle
-            .0
-            .send(Control::Instance(name.clone(), tx))
-            .await
-            .is_err()
-        {
-            return Err("the daemon is shutting down".into());
-        }
-        let commands = rx
-            .await
-            .ok()
-            .flatten()
-            .ok_or_else(|| format!("instance {name} is gone"))?;
-        let (done, stopped) = oneshot::channel();
-        commands
-            .send(Command::Restart(done))
-            .map_err(|_| format!("instance {name} is not supervised"))?;
-        let _ = stopped.await;
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let now = handle.instance(name).await?;
-            if now.healthy && now.pid.is_some() && now.pid != before.pid {
-                break;
-            }
-            if now.state == "crash-looping" || Instant::now() >= deadline {
-                return Err(format!(
-                    "{name} did not become ready again ({}); left drained, later instances untouched",
-                    now.last_error.unwrap_or(now.state)
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        handle
-            .ok(Request::Undrain {
-                backend: name.clone(),
-            })
-            .await?;
-        info!(instance = %name, "rolling restart: instance back in service");
-    }
-    Ok(format!(
-        "restarted {} instances of {model} in {:.1}s",
-        instances.len(),
-        started.elapsed().as_secs_f64()
-    ))
+    answer.await.unwrap_or_else(|_| gone())
 }

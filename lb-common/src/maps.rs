@@ -1,0 +1,305 @@
+//! The map schema: one spec per map the data path pins, with the kernel name, type, key and
+//! value sizes and entries. The BPF statics (lb-ebpf `maps.rs`) take their entries from
+//! here, userspace checks pinned maps against it, and a test checks it against the compiled
+//! object.
+
+use core::mem::size_of;
+
+use crate::{
+    ALLOW_ENTRIES, Addr6, AdmitCounters, AllowKey, AllowKey6, Backend, CONNTRACK_DEFAULT_SIZE,
+    CONNTRACK6_DEFAULT_SIZE, Candidates, Counters, Flow, FlowKey, FlowKey6, MAGLEV_ENTRIES,
+    MAX_BACKENDS, MAX_SERVICES, RATE_LIMIT_ENTRIES, RateKey, RateKey6, Reason, RevNat, RevNat6,
+    SOCK_REVNAT_ENTRIES, Service, ServiceLimits, SockRevKey, SockRevKey6, VipKey, VipKey6,
+};
+
+/// The BPF map type (`enum bpf_map_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum MapKind {
+    Hash = 1,
+    Array = 2,
+    PerCpuArray = 6,
+    LruHash = 9,
+    LpmTrie = 11,
+}
+
+/// How many entries a map has: fixed by this build, or the conntrack size the config names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entries {
+    Fixed(u32),
+    /// `conntrack_size` (IPv4 flows).
+    Conntrack,
+    /// `conntrack_size_v6` (IPv6 flows).
+    Conntrack6,
+}
+
+/// The conntrack tables' sizes, as the config sets them (entries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackSizes {
+    pub v4: u32,
+    pub v6: u32,
+}
+
+impl Default for ConntrackSizes {
+    fn default() -> Self {
+        Self {
+            v4: CONNTRACK_DEFAULT_SIZE,
+            v6: CONNTRACK6_DEFAULT_SIZE,
+        }
+    }
+}
+
+/// One map as the kernel knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    /// The kernel name and the pinned file's name; ≤ 15 bytes (the kernel truncates).
+    pub name: &'static str,
+    pub kind: MapKind,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub entries: Entries,
+    /// `BPF_F_*` map flags.
+    pub flags: u32,
+}
+
+impl MapSpec {
+    /// Entries this map has under `sizes`.
+    pub const fn max_entries(&self, sizes: &ConntrackSizes) -> u32 {
+        match self.entries {
+            Entries::Fixed(n) => n,
+            Entries::Conntrack => sizes.v4,
+            Entries::Conntrack6 => sizes.v6,
+        }
+    }
+
+    /// Entries when the config names no sizes (what the BPF statics declare).
+    pub const fn default_entries(&self) -> u32 {
+        match self.entries {
+            Entries::Fixed(n) => n,
+            Entries::Conntrack => CONNTRACK_DEFAULT_SIZE,
+            Entries::Conntrack6 => CONNTRACK6_DEFAULT_SIZE,
+        }
+    }
+}
+
+/// `BPF_F_NO_PREALLOC`: LPM tries must be created with it.
+pub const F_NO_PREALLOC: u32 = 1;
+
+const fn spec(
+    name: &'static str,
+    kind: MapKind,
+    key_size: usize,
+    value_size: usize,
+    entries: Entries,
+) -> MapSpec {
+    MapSpec {
+        name,
+        kind,
+        key_size: key_size as u32,
+        value_size: value_size as u32,
+        entries,
+        flags: if matches!(kind, MapKind::LpmTrie) {
+            F_NO_PREALLOC
+        } else {
+            0
+        },
+    }
+}
+
+use Entries::{Conntrack, Conntrack6, Fixed};
+use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
+
+/// The 4-byte prefix length an LPM trie key starts with.
+const LPM_PREFIX: usize = 4;
+
+pub const SERVICES: MapSpec = spec(
+    "SERVICES",
+    Hash,
+    size_of::<VipKey>(),
+    size_of::<Service>(),
+    Fixed(MAX_SERVICES),
+);
+pub const BACKENDS: MapSpec = spec(
+    "BACKENDS",
+    Array,
+    4,
+    size_of::<Backend>(),
+    Fixed(MAX_BACKENDS),
+);
+pub const MAGLEV: MapSpec = spec("MAGLEV", Array, 4, 4, Fixed(MAGLEV_ENTRIES));
+pub const CONNS: MapSpec = spec(
+    "CONNS",
+    LruHash,
+    size_of::<FlowKey>(),
+    size_of::<Flow>(),
+    Conntrack,
+);
+pub const REVNAT: MapSpec = spec(
+    "REVNAT",
+    LruHash,
+    size_of::<FlowKey>(),
+    size_of::<RevNat>(),
+    Conntrack,
+);
+pub const VIP_STATS: MapSpec = spec(
+    "VIP_STATS",
+    PerCpuArray,
+    4,
+    size_of::<Counters>(),
+    Fixed(MAX_SERVICES),
+);
+pub const BACKEND_STATS: MapSpec = spec(
+    "BACKEND_STATS",
+    PerCpuArray,
+    4,
+    size_of::<Counters>(),
+    Fixed(MAX_BACKENDS),
+);
+/// `_V2`: more reasons than the first version had entries for.
+pub const REASONS: MapSpec = spec("REASONS_V2", PerCpuArray, 4, 8, Fixed(Reason::COUNT));
+pub const LIMITS: MapSpec = spec(
+    "LIMITS",
+    Array,
+    4,
+    size_of::<ServiceLimits>(),
+    Fixed(MAX_SERVICES),
+);
+pub const RATE_LIMIT: MapSpec = spec(
+    "RATE_LIMIT",
+    LruHash,
+    size_of::<RateKey>(),
+    8,
+    Fixed(RATE_LIMIT_ENTRIES),
+);
+pub const ALLOW: MapSpec = spec(
+    "ALLOW",
+    LpmTrie,
+    LPM_PREFIX + size_of::<AllowKey>(),
+    4,
+    Fixed(ALLOW_ENTRIES),
+);
+pub const LIVE_FLOWS: MapSpec = spec("LIVE_FLOWS", Array, 4, 8, Fixed(MAX_BACKENDS));
+pub const CANDIDATES: MapSpec = spec(
+    "CANDIDATES",
+    Array,
+    4,
+    size_of::<Candidates>(),
+    Fixed(MAX_SERVICES),
+);
+pub const ADMIT_STATS: MapSpec = spec(
+    "ADMIT_STATS",
+    PerCpuArray,
+    4,
+    size_of::<AdmitCounters>(),
+    Fixed(MAX_SERVICES),
+);
+pub const SOCK_REVNAT: MapSpec = spec(
+    "SOCK_REVNAT",
+    LruHash,
+    size_of::<SockRevKey>(),
+    size_of::<RevNat>(),
+    Fixed(SOCK_REVNAT_ENTRIES),
+);
+pub const SOCK_NETNS: MapSpec = spec("SOCK_NETNS", Array, 4, 8, Fixed(1));
+pub const SERVICES6: MapSpec = spec(
+    "SERVICES6",
+    Hash,
+    size_of::<VipKey6>(),
+    size_of::<Service>(),
+    Fixed(MAX_SERVICES),
+);
+pub const BACKEND_ADDR6: MapSpec = spec(
+    "BACKEND_ADDR6",
+    Array,
+    4,
+    size_of::<Addr6>(),
+    Fixed(MAX_BACKENDS),
+);
+pub const CONNS6: MapSpec = spec(
+    "CONNS6",
+    LruHash,
+    size_of::<FlowKey6>(),
+    size_of::<Flow>(),
+    Conntrack6,
+);
+pub const REVNAT6: MapSpec = spec(
+    "REVNAT6",
+    LruHash,
+    size_of::<FlowKey6>(),
+    size_of::<RevNat6>(),
+    Conntrack6,
+);
+/// Keyed by the source's /64.
+pub const RATE_LIMIT6: MapSpec = spec(
+    "RATE_LIMIT6",
+    LruHash,
+    size_of::<RateKey6>(),
+    8,
+    Fixed(RATE_LIMIT_ENTRIES),
+);
+pub const ALLOW6: MapSpec = spec(
+    "ALLOW6",
+    LpmTrie,
+    LPM_PREFIX + size_of::<AllowKey6>(),
+    4,
+    Fixed(ALLOW_ENTRIES),
+);
+pub const SOCK_REVNAT6: MapSpec = spec(
+    "SOCK_REVNAT6",
+    LruHash,
+    size_of::<SockRevKey6>(),
+    size_of::<RevNat6>(),
+    Fixed(SOCK_REVNAT_ENTRIES),
+);
+
+/// Every map the daemon pins; the layout check, the CLI and the clean-up use this list.
+pub const ALL: [MapSpec; 23] = [
+    SERVICES,
+    BACKENDS,
+    MAGLEV,
+    CONNS,
+    REVNAT,
+    VIP_STATS,
+    BACKEND_STATS,
+    REASONS,
+    LIMITS,
+    RATE_LIMIT,
+    ALLOW,
+    LIVE_FLOWS,
+    CANDIDATES,
+    ADMIT_STATS,
+    SOCK_REVNAT,
+    SOCK_NETNS,
+    SERVICES6,
+    BACKEND_ADDR6,
+    CONNS6,
+    REVNAT6,
+    RATE_LIMIT6,
+    ALLOW6,
+    SOCK_REVNAT6,
+];
+
+/// Pinned by earlier versions, removed at load: `REASONS` had 11 entries.
+pub const RETIRED: [&str; 1] = ["REASONS"];
+
+/// Whether `name` is one of gpulb's pinned maps (current or retired).
+pub fn is_ours(name: &str) -> bool {
+    ALL.iter().any(|m| m.name == name) || RETIRED.contains(&name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_fit_the_kernel() {
+        for (i, a) in ALL.iter().enumerate() {
+            assert!(a.name.len() <= 15, "{} is longer than 15 bytes", a.name);
+            assert!(
+                ALL[i + 1..].iter().all(|b| b.name != a.name),
+                "{} twice",
+                a.name
+            );
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! Map keys and values. Every one is `#[repr(C)]` with explicit padding and no `bool`, so
+//! the kernel and userspace agree on the layout bit for bit; fields ending in `_be` hold
+//! network byte order, exactly as in the packet headers.
+
+use crate::{
+    BACKEND_DRAINING, BACKEND_IPV6, FLOW_COUNTED, LIMIT_AFFINITY, LIMIT_ALLOWLIST,
+    LIMIT_CHECK_LOAD, LIMIT_REFUSE_RST, MAX_CANDIDATES,
+};
+
+/// An IPv6 address as the data path keys it: the header's 16 bytes as four native words.
+pub type Addr6 = [u32; 4];
+
+/// `SERVICES` (`VipKey`) and `SERVICES6` (`VipKey6`) key: what a client connects to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VipKeyOf<A> {
+    pub addr_be: A,
+    pub port_be: u16,
+    pub proto: u8, // PROTO_TCP or PROTO_UDP
+    pub _pad: u8,
+}
+pub type VipKey = VipKeyOf<u32>;
+pub type VipKey6 = VipKeyOf<Addr6>;
+const _: () = assert!(core::mem::size_of::<VipKey>() == 8);
+const _: () = assert!(core::mem::size_of::<VipKey6>() == 20);
+
+/// `SERVICES` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Index into `VIP_STATS`; its Maglev block starts at `id * MAGLEV_MAX_SIZE`.
+    pub id: u32,
+    /// This service's Maglev table size (a prime ≤ `MAGLEV_MAX_SIZE`).
+    pub table_size: u32,
+}
+const _: () = assert!(core::mem::size_of::<Service>() == 8);
+
+/// `BACKENDS` value, indexed by backend id (≥ 1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr_be: u32,
+    /// Maglev weight; the data path does not read it, the CLI does.
+    pub weight: u32,
+    pub port_be: u16,
+    /// Service id this backend belongs to.
+    pub service: u16,
+    pub flags: u16, // BACKEND_DRAINING
+    /// Most concurrent TCP flows it takes (`LIVE_FLOWS`); 0: no cap.
+    pub max_flows: u16,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 16);
+
+impl Backend {
+    /// An all-zero slot: never programmed, or removed.
+    pub const fn is_unset(&self) -> bool {
+        self.addr_be == 0 && self.port_be == 0
+    }
+
+    /// Takes no new flows; its established flows continue.
+    pub const fn is_draining(&self) -> bool {
+        self.flags & BACKEND_DRAINING != 0
+    }
+
+    /// Its address is in `BACKEND_ADDR6` (`addr_be` is 0).
+    pub const fn is_ipv6(&self) -> bool {
+        self.flags & BACKEND_IPV6 != 0
+    }
+}
+
+/// A 5-tuple in the direction of the packet. `CONNS` keys are client → VIP; `REVNAT` keys
+/// are backend → client (the reply as the TC egress program sees it). `FlowKey6` for
+/// `CONNS6` and `REVNAT6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKeyOf<A> {
+    pub src_be: A,
+    pub dst_be: A,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+pub type FlowKey = FlowKeyOf<u32>;
+pub type FlowKey6 = FlowKeyOf<Addr6>;
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
+
+/// `CONNS` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub backend: u32,
+    pub service: u16,
+    /// `FLOW_COUNTED`. Was the upper half of a u32 service id, always 0, in the first layout:
+    /// flows from before an upgrade read as uncounted, which they are.
+    pub flags: u16,
+    /// `bpf_ktime_get_ns()` at the last packet (CLOCK_MONOTONIC, boot time excluded).
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Flow>() == 16);
+
+impl Flow {
+    /// Counted in its backend's `LIVE_FLOWS`.
+    pub const fn is_counted(&self) -> bool {
+        self.flags & FLOW_COUNTED != 0
+    }
+}
+
+/// `REVNAT` (`REVNAT6`) value: what the reply's source is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevNatOf<A> {
+    pub vip_be: A,
+    pub vport_be: u16,
+    pub _pad: u16,
+}
+pub type RevNat = RevNatOf<u32>;
+pub type RevNat6 = RevNatOf<Addr6>;
+const _: () = assert!(core::mem::size_of::<RevNat>() == 8);
+const _: () = assert!(core::mem::size_of::<RevNat6>() == 20);
+
+/// `LIMITS` value, by service id: admission control and backend choice of one VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceLimits {
+    /// Rate limit as GCRA: one new flow per source every `interval_ns`; 0 = no limit.
+    pub interval_ns: u64,
+    /// How far ahead of schedule a source may run: `burst × interval_ns`.
+    pub burst_ns: u64,
+    /// Bounded load in percent of the weighted mean of live flows (125: at most 25% over its
+    /// share); 0 = off.
+    pub bound_pct: u32,
+    pub flags: u32, // LIMIT_*
+}
+const _: () = assert!(core::mem::size_of::<ServiceLimits>() == 24);
+
+impl ServiceLimits {
+    /// Refused new flows get a TCP RST (otherwise they are dropped).
+    pub const fn refuses_with_rst(&self) -> bool {
+        self.flags & LIMIT_REFUSE_RST != 0
+    }
+
+    /// Only sources in the VIP's `ALLOW` prefixes may open flows.
+    pub const fn has_allowlist(&self) -> bool {
+        self.flags & LIMIT_ALLOWLIST != 0
+    }
+
+    /// Flows are hashed by the client address (session affinity).
+    pub const fn has_affinity(&self) -> bool {
+        self.flags & LIMIT_AFFINITY != 0
+    }
+
+    /// New flows consult `LIVE_FLOWS` (caps or bounded load).
+    pub const fn checks_load(&self) -> bool {
+        self.flags & LIMIT_CHECK_LOAD != 0
+    }
+
+    /// Sources are rate limited.
+    pub const fn has_rate_limit(&self) -> bool {
+        self.interval_ns != 0
+    }
+}
+
+/// `CANDIDATES` value, by service id: the backends in its table, for the walk that looks for
+/// one below its cap and bound when the Maglev pick is not.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidates {
+    pub count: u32,
+    pub total_weight: u32,
+    pub ids: [u32; MAX_CANDIDATES],
+    pub weights: [u32; MAX_CANDIDATES],
+}
+const _: () = assert!(core::mem::size_of::<Candidates>() == 8 + 8 * MAX_CANDIDATES);
+
+impl Default for Candidates {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            total_weight: 0,
+            ids: [0; MAX_CANDIDATES],
+            weights: [0; MAX_CANDIDATES],
+        }
+    }
+}
+
+/// `RATE_LIMIT` key: one bucket per source and VIP. `RATE_LIMIT6` keys an IPv6 source by
+/// its /64 (`[u32; 2]`): one host usually holds a whole /64, and would otherwise get a bucket
+/// per address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RateKeyOf<A> {
+    pub src_be: A,
+    pub service: u32,
+}
+pub type RateKey = RateKeyOf<u32>;
+pub type RateKey6 = RateKeyOf<[u32; 2]>;
+const _: () = assert!(core::mem::size_of::<RateKey>() == 8);
+const _: () = assert!(core::mem::size_of::<RateKey6>() == 12);
+
+/// `ALLOW` (`ALLOW6`) key data (after the LPM prefix length): the service id, matched whole,
+/// then the source prefix. Prefix length = 32 + the CIDR's length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AllowKeyOf<A> {
+    pub service: u32,
+    pub addr_be: A,
+}
+pub type AllowKey = AllowKeyOf<u32>;
+pub type AllowKey6 = AllowKeyOf<Addr6>;
+const _: () = assert!(core::mem::size_of::<AllowKey>() == 8);
+const _: () = assert!(core::mem::size_of::<AllowKey6>() == 20);
+
+/// `SOCK_REVNAT` key: a socket (its cookie) and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
+
+/// `SOCK_REVNAT6` key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey6 {
+    pub cookie: u64,
+    pub addr_be: Addr6,
+    pub port_be: u16,
+    pub _pad: [u16; 3],
+}
+const _: () = assert!(core::mem::size_of::<SockRevKey6>() == 32);
+
+/// Per-CPU admission counters of a VIP (`ADMIT_STATS` by service id): why new flows were
+/// refused, and how many went past a full Maglev pick to another backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AdmitCounters {
+    pub rate_limited: u64,
+    pub not_allowed: u64,
+    pub backends_full: u64,
+    pub redirected: u64,
+}
+const _: () = assert!(core::mem::size_of::<AdmitCounters>() == 32);
+
+/// Per-CPU traffic counters (`VIP_STATS` by service id, `BACKEND_STATS` by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counters>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY (all below): repr(C), no implicit padding (sizes asserted above), every bit
+    // pattern is a valid value.
+    // SAFETY: see above.
+    unsafe impl aya::Pod for VipKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Service {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Backend {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Flow {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for RevNat {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Counters {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for ServiceLimits {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Candidates {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for RateKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for AllowKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for AdmitCounters {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for SockRevKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for VipKey6 {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FlowKey6 {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for RevNat6 {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for RateKey6 {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for AllowKey6 {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for SockRevKey6 {}
+}

@@ -1,0 +1,132 @@
+//! Every map of the data path. Each static's name is its kernel name (and pinned file), and
+//! its entries come from the schema in `lb_common::maps`; a userspace test checks the compiled
+//! object against that schema.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Addr6, AdmitCounters, AllowKey, AllowKey6, Backend, Candidates, Counters, Flow, FlowKey,
+    FlowKey6, RateKey, RateKey6, RevNat, RevNat6, Service, ServiceLimits, SockRevKey, SockRevKey6,
+    VipKey, VipKey6, maps as spec,
+};
+
+/// VIP (address, port, protocol) → service id and table size. Written last by the daemon,
+/// so a VIP is only visible once its backends and table are in place.
+#[map]
+pub static SERVICES: HashMap<VipKey, Service> =
+    HashMap::pinned(spec::SERVICES.default_entries(), spec::SERVICES.flags);
+
+/// Backend id → address. Id 0 stays zero: an unprogrammed Maglev slot reads 0.
+#[map]
+pub static BACKENDS: Array<Backend> =
+    Array::pinned(spec::BACKENDS.default_entries(), spec::BACKENDS.flags);
+
+/// Maglev lookup tables, one block of `MAGLEV_MAX_SIZE` slots per service.
+#[map]
+pub static MAGLEV: Array<u32> = Array::pinned(spec::MAGLEV.default_entries(), spec::MAGLEV.flags);
+
+/// Conntrack, client → VIP 5-tuple → backend.
+// LRU: a SYN flood must evict old flows, not fail inserts. Resized by the daemon at load.
+#[map]
+pub static CONNS: LruHashMap<FlowKey, Flow> =
+    LruHashMap::pinned(spec::CONNS.default_entries(), spec::CONNS.flags);
+
+/// Reverse NAT, backend → client 5-tuple → VIP, read by `gpulb_egress`. Same size and
+/// insert pattern as `CONNS`.
+#[map]
+pub static REVNAT: LruHashMap<FlowKey, RevNat> =
+    LruHashMap::pinned(spec::REVNAT.default_entries(), spec::REVNAT.flags);
+
+#[map]
+pub static VIP_STATS: PerCpuArray<Counters> =
+    PerCpuArray::pinned(spec::VIP_STATS.default_entries(), spec::VIP_STATS.flags);
+
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(
+    spec::BACKEND_STATS.default_entries(),
+    spec::BACKEND_STATS.flags,
+);
+
+/// One count per packet, by `Reason`.
+#[map]
+pub static REASONS_V2: PerCpuArray<u64> =
+    PerCpuArray::pinned(spec::REASONS.default_entries(), spec::REASONS.flags);
+
+/// Admission control and backend choice, by service id. All zero: no limits.
+#[map]
+pub static LIMITS: Array<ServiceLimits> =
+    Array::pinned(spec::LIMITS.default_entries(), spec::LIMITS.flags);
+
+/// GCRA state per (source, service): the theoretical arrival time of its next new flow.
+// LRU: a flood from many sources evicts old buckets (a fresh bucket is a full one).
+#[map]
+pub static RATE_LIMIT: LruHashMap<RateKey, u64> =
+    LruHashMap::pinned(spec::RATE_LIMIT.default_entries(), spec::RATE_LIMIT.flags);
+
+/// Allowed source prefixes of the VIPs with `LIMIT_ALLOWLIST`.
+#[map]
+pub static ALLOW: LpmTrie<AllowKey, u32> =
+    LpmTrie::pinned(spec::ALLOW.default_entries(), spec::ALLOW.flags);
+
+/// Live TCP flows per backend id: up at a flow's first packet, down at its first FIN or RST
+/// (either direction). Global, not per-CPU: the choice of a new flow reads the sum.
+#[map]
+pub static LIVE_FLOWS: Array<u64> =
+    Array::pinned(spec::LIVE_FLOWS.default_entries(), spec::LIVE_FLOWS.flags);
+
+/// Backends in each service's table, for caps and bounded load.
+#[map]
+pub static CANDIDATES: Array<Candidates> =
+    Array::pinned(spec::CANDIDATES.default_entries(), spec::CANDIDATES.flags);
+
+#[map]
+pub static ADMIT_STATS: PerCpuArray<AdmitCounters> =
+    PerCpuArray::pinned(spec::ADMIT_STATS.default_entries(), spec::ADMIT_STATS.flags);
+
+/// (socket, backend) → VIP, for the socket programs that show the peer as the VIP again.
+#[map]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, RevNat> =
+    LruHashMap::pinned(spec::SOCK_REVNAT.default_entries(), spec::SOCK_REVNAT.flags);
+
+/// [0]: the daemon's network namespace cookie. The socket programs run for every socket in
+/// the cgroup, whatever its namespace; only sockets in the daemon's are balanced (0: none).
+#[map]
+pub static SOCK_NETNS: Array<u64> =
+    Array::pinned(spec::SOCK_NETNS.default_entries(), spec::SOCK_NETNS.flags);
+
+/// The IPv6 maps: the same roles as their IPv4 namesakes, with 16-byte addresses.
+#[map]
+pub static SERVICES6: HashMap<VipKey6, Service> =
+    HashMap::pinned(spec::SERVICES6.default_entries(), spec::SERVICES6.flags);
+
+/// Backend id → IPv6 address, for the `BACKENDS` entries flagged `BACKEND_IPV6`.
+#[map]
+pub static BACKEND_ADDR6: Array<Addr6> = Array::pinned(
+    spec::BACKEND_ADDR6.default_entries(),
+    spec::BACKEND_ADDR6.flags,
+);
+
+#[map]
+pub static CONNS6: LruHashMap<FlowKey6, Flow> =
+    LruHashMap::pinned(spec::CONNS6.default_entries(), spec::CONNS6.flags);
+
+#[map]
+pub static REVNAT6: LruHashMap<FlowKey6, RevNat6> =
+    LruHashMap::pinned(spec::REVNAT6.default_entries(), spec::REVNAT6.flags);
+
+/// Keyed by the source's /64.
+#[map]
+pub static RATE_LIMIT6: LruHashMap<RateKey6, u64> =
+    LruHashMap::pinned(spec::RATE_LIMIT6.default_entries(), spec::RATE_LIMIT6.flags);
+
+#[map]
+pub static ALLOW6: LpmTrie<AllowKey6, u32> =
+    LpmTrie::pinned(spec::ALLOW6.default_entries(), spec::ALLOW6.flags);
+
+#[map]
+pub static SOCK_REVNAT6: LruHashMap<SockRevKey6, RevNat6> = LruHashMap::pinned(
+    spec::SOCK_REVNAT6.default_entries(),
+    spec::SOCK_REVNAT6.flags,
+);

@@ -1,0 +1,337 @@
+//! `[[vip]]`: an address, port and protocol clients connect to, its static backends, how
+//! new flows are admitted and chosen.
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use lb_common::{MAGLEV_DEFAULT_SIZE, MAGLEV_MAX_SIZE};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    fields::{
+        Cidr, FieldError, check_family, invalid, is_prime, parse_addr, parse_count,
+        parse_max_flows, parse_ms, parse_port, parse_weight,
+    },
+    health::{CheckKind, HealthCheck, RawHealth},
+};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            lb_common::PROTO_TCP => Some(Protocol::Tcp),
+            lb_common::PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// What a new flow is hashed by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Affinity {
+    /// The whole 5-tuple: every connection is placed on its own.
+    #[default]
+    None,
+    /// The client address: every connection of a client goes to the same backend.
+    Client,
+}
+
+/// How a refused new flow is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Refuse {
+    /// A TCP RST, as a closed port would answer (TCP only).
+    Rst,
+    Drop,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vip {
+    pub name: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub maglev_table_size: u32,
+    /// `[[vip.backend]]`: processes gpulb does not start.
+    pub backends: Vec<BackendConfig>,
+    /// How those backends are checked.
+    pub health: HealthCheck,
+    /// New flows steered by load (weights follow the backends' reported load).
+    pub load_aware: bool,
+    pub load_interval: Duration,
+    pub affinity: Affinity,
+    /// Bounded load in percent of a backend's share (125 for 1.25); 0: off.
+    pub load_bound_pct: u32,
+    pub admission: Admission,
+}
+
+impl Vip {
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admission {
+    pub rate: Option<RateLimit>,
+    /// Refused SYNs are answered with a RST (else dropped).
+    pub refuse_rst: bool,
+    /// Allowed source prefixes; empty: all sources.
+    pub allow: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// New flows per second per source.
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub address: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+    /// 0: no cap.
+    pub max_flows: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawVip {
+    name: String,
+    address: String,
+    port: i64,
+    #[serde(default)]
+    protocol: Protocol,
+    maglev_table_size: Option<i64>,
+    /// Steer new flows by the backends' reported load (models with a `load` source).
+    #[serde(default)]
+    load_aware: bool,
+    #[serde(default = "default_load_interval_ms")]
+    load_interval_ms: i64,
+    #[serde(default)]
+    affinity: Affinity,
+    /// Bounded load: a backend takes a new flow only below this multiple of its weighted
+    /// share of the VIP's live flows (0: off).
+    #[serde(default)]
+    load_bound: f64,
+    #[serde(default)]
+    backend: Vec<RawBackend>,
+    #[serde(default)]
+    health: RawHealth,
+    #[serde(default)]
+    admission: RawAdmission,
+}
+
+fn default_load_interval_ms() -> i64 {
+    250
+}
+
+/// `[vip.admission]`: which new flows the data path accepts.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmission {
+    /// New flows per second per source address.
+    rate: Option<i64>,
+    /// New flows a source may open at once (default: `rate`).
+    burst: Option<i64>,
+    refuse: Option<Refuse>,
+    /// Source CIDRs allowed to open flows (absent: all).
+    allow: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: String,
+    port: i64,
+    #[serde(default = "default_weight")]
+    weight: i64,
+    #[serde(default)]
+    max_flows: i64,
+}
+
+pub(super) fn default_weight() -> i64 {
+    1
+}
+
+impl RawVip {
+    pub(super) fn validate(self, i: usize) -> Result<Vip, FieldError> {
+        let f = |name: &str| format!("vip[{i}].{name}");
+        if self.name.trim().is_empty() {
+            return Err(invalid(f("name"), "must not be empty"));
+        }
+        let address = parse_addr(&f("address"), &self.address)?;
+        let port = parse_port(&f("port"), self.port)?;
+        let protocol = self.protocol;
+        // UDP services have no HTTP endpoint to probe.
+        let default_check = match protocol {
+            Protocol::Tcp => CheckKind::Http,
+            Protocol::Udp => CheckKind::None,
+        };
+        let size = self.maglev_table_size.unwrap_or(MAGLEV_DEFAULT_SIZE as i64);
+        let maglev_table_size = match u32::try_from(size) {
+            Ok(n) if n <= MAGLEV_MAX_SIZE && is_prime(n) => n,
+            _ => {
+                return Err(invalid(
+                    f("maglev_table_size"),
+                    format!("{size} must be a prime no larger than {MAGLEV_MAX_SIZE}"),
+                ));
+            }
+        };
+        if self.backend.len() > maglev_table_size as usize {
+            return Err(invalid(
+                f("maglev_table_size"),
+                format!(
+                    "{maglev_table_size} is smaller than the number of backends ({})",
+                    self.backend.len()
+                ),
+            ));
+        }
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(self.backend.len());
+        for (j, raw) in self.backend.into_iter().enumerate() {
+            let b = raw.validate(&format!("vip[{i}].backend[{j}]"), address, protocol)?;
+            if let Some(prev) = backends
+                .iter()
+                .position(|o| o.address == b.address && o.port == b.port)
+            {
+                return Err(invalid(
+                    format!("vip[{i}].backend[{j}]"),
+                    format!(
+                        "duplicate backend {} (also vip[{i}].backend[{prev}])",
+                        SocketAddr::new(b.address, b.port)
+                    ),
+                ));
+            }
+            backends.push(b);
+        }
+        let load_bound_pct = match self.load_bound {
+            0.0 => 0,
+            _ if protocol == Protocol::Udp => {
+                return Err(invalid(f("load_bound"), "needs a TCP VIP"));
+            }
+            b if (1.0..=10.0).contains(&b) => (b * 100.0).round() as u32,
+            b => {
+                return Err(invalid(
+                    f("load_bound"),
+                    format!("{b} is not 0 (off) or 1.0-10.0"),
+                ));
+            }
+        };
+        Ok(Vip {
+            name: self.name,
+            address,
+            port,
+            protocol,
+            maglev_table_size,
+            backends,
+            health: self.health.validate(&f("health"), default_check, None)?,
+            load_aware: self.load_aware,
+            load_interval: parse_ms(&f("load_interval_ms"), self.load_interval_ms, 50, 60_000)?,
+            affinity: self.affinity,
+            load_bound_pct,
+            admission: self
+                .admission
+                .validate(&f("admission"), protocol, address)?,
+        })
+    }
+}
+
+impl RawBackend {
+    fn validate(
+        self,
+        field: &str,
+        vip: IpAddr,
+        protocol: Protocol,
+    ) -> Result<BackendConfig, FieldError> {
+        let bf = |name: &str| format!("{field}.{name}");
+        let address = parse_addr(&bf("address"), &self.address)?;
+        check_family(&bf("address"), address, vip)?;
+        let port = parse_port(&bf("port"), self.port)?;
+        let weight = parse_weight(&bf("weight"), self.weight)?;
+        let max_flows = parse_max_flows(&bf("max_flows"), self.max_flows)?;
+        // Only TCP flows are counted (a FIN or RST ends them); UDP has no end to count.
+        if max_flows != 0 && protocol == Protocol::Udp {
+            return Err(invalid(bf("max_flows"), "needs a TCP VIP"));
+        }
+        Ok(BackendConfig {
+            address,
+            port,
+            weight,
+            max_flows,
+        })
+    }
+}
+
+impl RawAdmission {
+    fn validate(
+        self,
+        field: &str,
+        protocol: Protocol,
+        vip: IpAddr,
+    ) -> Result<Admission, FieldError> {
+        let f = |name: &str| format!("{field}.{name}");
+        let rate = match (self.rate, self.burst) {
+            (None, None) => None,
+            (None, Some(_)) => return Err(invalid(f("burst"), "needs a rate")),
+            (Some(rate), burst) => {
+                let per_second = parse_count(&f("rate"), rate, 1_000_000)?;
+                let burst = parse_count(&f("burst"), burst.unwrap_or(rate), 1_000_000)?;
+                Some(RateLimit { per_second, burst })
+            }
+        };
+        let refuse_rst = match self.refuse {
+            None => protocol == Protocol::Tcp,
+            Some(Refuse::Rst) if protocol == Protocol::Tcp => true,
+            Some(Refuse::Rst) => return Err(invalid(f("refuse"), "\"rst\" needs a TCP VIP")),
+            Some(Refuse::Drop) => false,
+        };
+        let mut allow: Vec<Cidr> = Vec::new();
+        for (k, text) in self.allow.iter().flatten().enumerate() {
+            let cidr = Cidr::parse(&format!("{field}.allow[{k}]"), text)?;
+            check_family(&format!("{field}.allow[{k}]"), cidr.addr, vip)?;
+            if !allow.contains(&cidr) {
+                allow.push(cidr);
+            }
+        }
+        if self.allow.is_some_and(|a| a.is_empty()) {
+            return Err(invalid(
+                f("allow"),
+                "is empty, which would refuse every client; leave it out to allow all",
+            ));
+        }
+        Ok(Admission {
+            rate,
+            refuse_rst,
+            allow,
+        })
+    }
+}

@@ -1,0 +1,332 @@
+//! What operators ask of the state task: drain, weight, reload (the diff from `reload.rs`
+//! carried out) and rolling restarts (the machine from `restart.rs` driven on its ticks).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
+
+use super::{
+    backend::{self, Backend, Process},
+    reload::{self, Change, ReloadPlan},
+    restart::{self, Action, RollingRestart},
+    state::{Restart, State},
+    tasks::port_free,
+};
+use crate::{
+    config::{Config, Vip},
+    control::{BackendKey, Request, Response},
+    datapath::ErrorChain,
+    gpu::{self, Inventory},
+    health::Health,
+    plan::{self, DesiredBackend, DesiredService, Plan},
+    sockets::TcpSockets,
+    supervisor::Command,
+};
+
+impl State {
+    /// An operator's request; the answer goes to `reply` (a rolling restart's when it ends).
+    pub fn control(&mut self, request: Request, reply: oneshot::Sender<Response>) {
+        let response = match request {
+            Request::Status => Response {
+                ok: true,
+                backends: self.status(),
+                ..Response::default()
+            },
+            Request::Drain { backend } => self.drain(&backend, true),
+            Request::Undrain { backend } => self.drain(&backend, false),
+            Request::Weight { backend, weight } => self.set_weight(&backend, weight),
+            Request::Reload => self.reload(),
+            Request::Restart { model } => return self.start_restart(&model, reply),
+        };
+        let _ = reply.send(response);
+    }
+
+    fn select(&mut self, selector: &str) -> Result<&mut Backend, String> {
+        let matching: Vec<usize> = (0..self.backends.len())
+            .filter(|&i| self.backends[i].matches(selector))
+            .collect();
+        match matching[..] {
+            [i] => Ok(&mut self.backends[i]),
+            [] => Err(format!(
+                "no backend {selector:?} (give an instance name, address:port or vip/address:port)"
+            )),
+            _ => Err(format!(
+                "{selector:?} names {} backends; say which VIP: {}",
+                matching.len(),
+                matching
+                    .iter()
+                    .map(|&i| self.backends[i].key().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+
+    pub(super) fn drain(&mut self, selector: &str, on: bool) -> Response {
+        let b = match self.select(selector) {
+            Ok(b) => b,
+            Err(e) => return Response::error(e),
+        };
+        let key = b.key().clone();
+        let changed = b.draining != on;
+        b.draining = on;
+        if changed {
+            info!(backend = %key, "{}", if on { "draining" } else { "drain ended" });
+            self.sync();
+            self.persist();
+        }
+        Response {
+            drain_timeout_ms: Some(self.config.drain_timeout.as_millis() as u64),
+            // Which backend the selector named, for the CLI to follow.
+            backends: self
+                .status()
+                .into_iter()
+                .filter(|s| s.key() == key)
+                .collect(),
+            ..Response::ok(format!(
+                "{key}: {}",
+                if on { "draining" } else { "taking new flows" }
+            ))
+        }
+    }
+
+    pub(super) fn set_weight(&mut self, selector: &str, weight: u32) -> Response {
+        if i64::from(weight) > crate::config::WEIGHT_MAX {
+            return Response::error(format!(
+                "weight {weight} is out of range 0-{}",
+                crate::config::WEIGHT_MAX
+            ));
+        }
+        let b = match self.select(selector) {
+            Ok(b) => b,
+            Err(e) => return Response::error(e),
+        };
+        let key = b.key().clone();
+        b.weight_override = (weight != b.spec.weight).then_some(weight);
+        info!(backend = %key, weight, "weight set");
+        self.sync();
+        self.persist();
+        Response::ok(format!("{key}: weight {weight}"))
+    }
+
+    pub(super) fn start_restart(&mut self, model: &str, reply: oneshot::Sender<Response>) {
+        let instances = self
+            .backends
+            .iter()
+            .filter(|b| b.spec.instance.as_ref().is_some_and(|i| i.model == model))
+            .filter_map(|b| b.instance_name().map(str::to_owned))
+            .collect();
+        let (machine, first) = match RollingRestart::start(
+            model,
+            instances,
+            self.config.drain_timeout,
+            Instant::now(),
+        ) {
+            Ok(started) => started,
+            Err(e) => {
+                let _ = reply.send(Response::error(format!("restart of {model:?}: {e}")));
+                return;
+            }
+        };
+        info!(model, "rolling restart: one instance at a time");
+        let mut restart = Restart { machine, reply };
+        if let Some(done) = self.carry_out(&mut restart, vec![first]) {
+            let _ = restart.reply.send(done);
+            return;
+        }
+        self.restarts.push(restart);
+    }
+
+    /// Whether a rolling restart runs (and `step_restarts` is due every `restart::TICK`).
+    pub fn restarting(&self) -> bool {
+        !self.restarts.is_empty()
+    }
+
+    /// One tick of every rolling restart.
+    pub fn step_restarts(&mut self) {
+        let sockets = TcpSockets::read();
+        let now = Instant::now();
+        for mut r in std::mem::take(&mut self.restarts) {
+            let name = r.machine.instance().to_owned();
+            let view = self
+                .backends
+                .iter()
+                .find(|b| b.instance_name() == Some(&name))
+                .map(|b| {
+                    let addr = b.addr();
+                    restart::View {
+                        live_flows: sockets.connections(addr.ip(), addr.port()),
+                        healthy: b.running() && b.health.up,
+                        pid: b.process.as_ref().and_then(|p| p.pid),
+                        state: b.state(),
+                        last_error: b.health.last_error.clone(),
+                    }
+                });
+            if let Some(v) = &view
+                && r.machine.drain_timed_out(v, now)
+            {
+                warn!(instance = %name, live = v.live_flows, "rolling restart: drain timeout, restarting anyway");
+            }
+            let actions = r.machine.step(view.as_ref(), now);
+            match self.carry_out(&mut r, actions) {
+                Some(done) => {
+                    let _ = r.reply.send(done);
+                }
+                None => self.restarts.push(r),
+            }
+        }
+    }
+
+    /// Carries out a restart's actions; `Some` with the operator's answer once it is over.
+    fn carry_out(&mut self, r: &mut Restart, actions: Vec<Action>) -> Option<Response> {
+        for action in actions {
+            match action {
+                Action::Drain(name) => {
+                    if let Err(e) = self.drain(&name, true).error.map_or(Ok(()), Err) {
+                        return Some(Response::error(format!(
+                            "restart of {:?}: {e}",
+                            r.machine.model
+                        )));
+                    }
+                    info!(instance = %name, "rolling restart: draining");
+                }
+                Action::Restart(name) => {
+                    let sent = self
+                        .instance_mut(&name)
+                        .and_then(|b| b.process.as_ref())
+                        .is_some_and(|p| {
+                            let (done, _) = oneshot::channel();
+                            p.commands.send(Command::Restart(done)).is_ok()
+                        });
+                    if !sent {
+                        return Some(Response::error(format!(
+                            "restart of {:?}: instance {name} is not supervised",
+                            r.machine.model
+                        )));
+                    }
+                }
+                Action::Undrain(name) => {
+                    self.drain(&name, false);
+                    info!(instance = %name, "rolling restart: instance back in service");
+                }
+                Action::Finish(Ok(message)) => return Some(Response::ok(message)),
+                Action::Finish(Err(e)) => {
+                    return Some(Response::error(format!(
+                        "restart of {:?}: {e}",
+                        r.machine.model
+                    )));
+                }
+            }
+        }
+        None
+    }
+
+    /// SIGHUP: a valid config is applied as a diff; an invalid one changes nothing.
+    pub fn reload(&mut self) -> Response {
+        let new = match Config::load(&self.config_path) {
+            Ok(c) => c,
+            Err(e) => return reload_rejected(ErrorChain(&e).to_string()),
+        };
+        let instances = match Inventory::discover(&new).and_then(|inv| gpu::instances(&new, &inv)) {
+            Ok(s) => s,
+            Err(e) => return reload_rejected(ErrorChain(&e).to_string()),
+        };
+        let current: Vec<_> = self.backends.iter().map(|b| &b.spec).collect();
+        let incoming = backend::specs(&new, instances);
+        let plan = match reload::diff(&self.config, &new, &current, incoming) {
+            Ok(p) => p,
+            Err(e) => return reload_rejected(format!("{}: {e}", self.config_path.display())),
+        };
+        // Dry run: ids must be allocatable before anything changes.
+        let (services, backends) = self.applied.as_ref().map(Plan::current).unwrap_or_default();
+        if let Err(e) = plan::plan(&dry_run(&new.vips, &plan), &services, &backends) {
+            return reload_rejected(e.to_string());
+        }
+        self.apply_reload(new, plan)
+    }
+
+    fn apply_reload(&mut self, new: Config, plan: ReloadPlan) -> Response {
+        let mut old: HashMap<BackendKey, Backend> = std::mem::take(&mut self.backends)
+            .into_iter()
+            .map(|b| (b.key().clone(), b))
+            .collect();
+        for key in &plan.removed {
+            let Some(b) = old.remove(key) else { continue };
+            info!(backend = %key, "backend removed by reload");
+            b.probe.stop();
+            stop(b.process.as_ref());
+        }
+        self.config = new;
+        let (added, replaced) = (plan.count(Change::Added), plan.count(Change::Replaced));
+        for (spec, change) in plan.backends {
+            let Some(mut b) = old.remove(&spec.key) else {
+                info!(backend = %spec.key, "backend added by reload");
+                self.add(Backend::new(spec), &[]);
+                continue;
+            };
+            if change == Change::Replaced {
+                stop(b.process.take().as_ref());
+                b.process = Backend::new(spec.clone()).process;
+                if let (Some(instance), Some(process)) = (&spec.instance, &mut b.process) {
+                    // The old process is stopped first: it holds the port.
+                    let addr = SocketAddr::new(instance.address, instance.port);
+                    let limit = self.config.kill_timeout + Duration::from_secs(1);
+                    process.commands =
+                        self.supervise(instance.clone(), None, port_free(addr, limit));
+                }
+                b.health = Health::default();
+            }
+            b.spec = spec;
+            self.tasks.start_probe(&mut b);
+            self.backends.push(b);
+        }
+        self.sync();
+        self.persist();
+        let removed = plan.removed.len();
+        info!(added, removed, replaced, "config reloaded");
+        Response::ok(format!(
+            "config reloaded: {added} backends added, {removed} removed, {replaced} restarted with a new command"
+        ))
+    }
+}
+
+/// Stops a process for good, without waiting.
+fn stop(process: Option<&Process>) {
+    if let Some(p) = process {
+        let (done, _) = oneshot::channel();
+        let _ = p.commands.send(Command::Stop(done));
+    }
+}
+
+fn reload_rejected(error: String) -> Response {
+    error!(error = %error, "config reload rejected; nothing changed");
+    Response::error(format!("reload rejected, nothing changed: {error}"))
+}
+
+/// The tables a reload would need, with none of its backends in them yet: whether their
+/// ids can be allocated.
+fn dry_run<'a>(vips: &'a [Vip], plan: &ReloadPlan) -> Vec<DesiredService<'a>> {
+    vips.iter()
+        .map(|vip| DesiredService {
+            vip,
+            backends: plan
+                .backends
+                .iter()
+                .filter(|(s, _)| s.key.vip == vip.name)
+                .map(|(s, _)| DesiredBackend {
+                    address: s.key.addr.ip(),
+                    port: s.key.addr.port(),
+                    weight: s.weight,
+                    max_flows: s.max_flows,
+                    flags: 0,
+                    in_table: false,
+                })
+                .collect(),
+        })
+        .collect()
+}

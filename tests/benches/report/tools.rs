@@ -1,0 +1,141 @@
+//! The comparators and tools of the report: nginx as the reference deployment, wrk, and
+//! small readers of command output and map memory.
+
+use std::{fs, path::Path, process::Command, time::Duration};
+
+use gpulb_testbed::{LB_ADDR, NetNs, Proc};
+
+use super::NGINX_PORT;
+
+pub fn sh_out(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+pub fn sh_err(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .unwrap_or_default()
+}
+
+pub fn memlock(map: &aya::maps::MapData) -> u64 {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = map.fd().as_fd().as_raw_fd();
+    fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// nginx in the lb namespace, as in the reference deployment: an upstream of the instances
+/// with keepalive, `proxy_buffering off`, a long read timeout, passive health checks.
+pub fn nginx(ns: &NetNs, dir: &Path, backends: &[u16]) -> Proc {
+    let servers: String = backends
+        .iter()
+        .map(|p| format!("    server {LB_ADDR}:{p} max_fails=2 fail_timeout=10s;\n"))
+        .collect();
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log error;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/nginx-body;\n\
+           proxy_temp_path {d}/nginx-proxy;\n  upstream llm {{\n{servers}    keepalive 64;\n  }}\n\
+           server {{\n    listen {LB_ADDR}:{NGINX_PORT};\n    location / {{\n\
+               proxy_pass http://llm;\n      proxy_http_version 1.1;\n\
+               proxy_set_header Connection \"\";\n      proxy_buffering off;\n\
+               proxy_read_timeout 3600s;\n    }}\n  }}\n}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    fs::write(&path, conf).expect("nginx.conf");
+    let conf_arg = path.display().to_string();
+    let p = Proc::spawn(
+        "nginx",
+        ns,
+        Path::new("/usr/sbin/nginx"),
+        &["-c", &conf_arg, "-g", "daemon off;"],
+        dir,
+    )
+    .expect("start nginx");
+    // Probed from inside the namespace: 198.18.0.0/15 exists only there.
+    let up = gpulb_testbed::wait_until(Duration::from_secs(10), || {
+        ns.run(|| std::net::TcpStream::connect((LB_ADDR, NGINX_PORT)).is_ok())
+            .unwrap_or(false)
+    });
+    assert!(up, "nginx did not start: {}", p.log_text());
+    p
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Wrk {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+}
+
+/// wrk from the client namespace: requests/s and latency percentiles.
+pub fn wrk(ns: &NetNs, url: &str, secs: u64) -> Wrk {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .args([
+            "wrk",
+            "-t2",
+            "-c32",
+            &format!("-d{secs}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .expect("run wrk");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ms = |s: &str| -> f64 {
+        let s = s.trim();
+        if let Some(v) = s.strip_suffix("us") {
+            v.parse::<f64>().unwrap_or(f64::NAN) / 1000.0
+        } else if let Some(v) = s.strip_suffix("ms") {
+            v.parse().unwrap_or(f64::NAN)
+        } else if let Some(v) = s.strip_suffix('s') {
+            v.parse::<f64>().unwrap_or(f64::NAN) * 1000.0
+        } else {
+            f64::NAN
+        }
+    };
+    let pct = |p: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p).map(&ms))
+            .unwrap_or(f64::NAN)
+    };
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("wrk output without Requests/sec:\n{text}"));
+    let errors = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+        + text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Socket errors:"))
+            .map_or(0, |v| {
+                v.split(',')
+                    .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                    .sum()
+            });
+    Wrk {
+        rps,
+        p50_ms: pct("50%"),
+        p99_ms: pct("99%"),
+        errors,
+    }
+}
