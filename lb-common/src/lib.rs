@@ -53,15 +53,22 @@ pub const PROTO_UDP: u8 = 17;
 pub const BACKEND_DRAINING: u16 = 1;
 /// `Backend::flags`: an IPv6 backend; `addr_be` is 0 and the address is in `BACKEND_ADDR6`.
 pub const BACKEND_IPV6: u16 = 2;
+/// `Backend::flags`: takes no new flows (draining, not ready, exited, weight 0); its
+/// established flows continue. Set before the tables change, so an ejection is one write.
+pub const BACKEND_OUT: u16 = 4;
 
 /// Sources tracked by the per-VIP rate limit at once (LRU: a flood from many addresses
 /// evicts the oldest buckets rather than failing).
 pub const RATE_LIMIT_ENTRIES: u32 = 65536;
 /// Allowed CIDRs, all VIPs together.
 pub const ALLOW_ENTRIES: u32 = 1024;
-/// Backends of one VIP that caps and bounded load can choose among when the Maglev pick is
-/// full (`Candidates`).
-pub const MAX_CANDIDATES: usize = 32;
+/// Backends one VIP can hold in its member list (`Members`): every backend id.
+pub const MAX_MEMBERS: usize = MAX_BACKENDS as usize;
+/// Backends a decision looks at: the first `Sched::choices` are weighed, the rest only when
+/// those are all at their caps.
+pub const MAX_CHOICES: u32 = 8;
+/// Default `Sched::choices`: with four or fewer backends, every one of them.
+pub const DEFAULT_CHOICES: u32 = 4;
 
 /// Sockets balanced at connect/sendmsg whose peer is shown as the VIP again.
 pub const SOCK_REVNAT_ENTRIES: u32 = 65536;
@@ -72,8 +79,6 @@ pub const LIMIT_REFUSE_RST: u32 = 1;
 pub const LIMIT_ALLOWLIST: u32 = 2;
 /// Hash the client address only (session affinity), not the whole 5-tuple.
 pub const LIMIT_AFFINITY: u32 = 4;
-/// Some backend has a flow cap, or the VIP bounds load: new flows consult `LIVE_FLOWS`.
-pub const LIMIT_CHECK_LOAD: u32 = 8;
 
 /// `Flow::flags`: the flow is counted in its backend's `LIVE_FLOWS` (TCP, not closed yet).
 pub const FLOW_COUNTED: u16 = 1;

@@ -7,9 +7,10 @@ use core::mem::size_of;
 
 use crate::{
     ALLOW_ENTRIES, Addr6, AdmitCounters, AllowKey, AllowKey6, Backend, CONNTRACK_DEFAULT_SIZE,
-    CONNTRACK6_DEFAULT_SIZE, Candidates, Counters, Flow, FlowKey, FlowKey6, MAGLEV_ENTRIES,
-    MAX_BACKENDS, MAX_SERVICES, RATE_LIMIT_ENTRIES, RateKey, RateKey6, Reason, RevNat, RevNat6,
-    SOCK_REVNAT_ENTRIES, Service, ServiceLimits, SockRevKey, SockRevKey6, VipKey, VipKey6,
+    CONNTRACK6_DEFAULT_SIZE, Counters, EngineLoad, Flow, FlowKey, FlowKey6, MAGLEV_ENTRIES,
+    MAX_BACKENDS, MAX_SERVICES, Members, RATE_LIMIT_ENTRIES, RateKey, RateKey6, Reason, RevNat,
+    RevNat6, SOCK_REVNAT_ENTRIES, Sched, Service, ServiceLimits, SockRevKey, SockRevKey6, VipKey,
+    VipKey6,
 };
 
 /// The BPF map type (`enum bpf_map_type`).
@@ -179,12 +180,20 @@ pub const ALLOW: MapSpec = spec(
     Fixed(ALLOW_ENTRIES),
 );
 pub const LIVE_FLOWS: MapSpec = spec("LIVE_FLOWS", Array, 4, 8, Fixed(MAX_BACKENDS));
-pub const CANDIDATES: MapSpec = spec(
-    "CANDIDATES",
+pub const MEMBERS: MapSpec = spec(
+    "MEMBERS",
     Array,
     4,
-    size_of::<Candidates>(),
+    size_of::<Members>(),
     Fixed(MAX_SERVICES),
+);
+pub const SCHED: MapSpec = spec("SCHED", Array, 4, size_of::<Sched>(), Fixed(MAX_SERVICES));
+pub const BACKEND_LOAD: MapSpec = spec(
+    "BACKEND_LOAD",
+    Array,
+    4,
+    size_of::<EngineLoad>(),
+    Fixed(MAX_BACKENDS),
 );
 pub const ADMIT_STATS: MapSpec = spec(
     "ADMIT_STATS",
@@ -253,7 +262,7 @@ pub const SOCK_REVNAT6: MapSpec = spec(
 );
 
 /// Every map the daemon pins; the layout check, the CLI and the clean-up use this list.
-pub const ALL: [MapSpec; 23] = [
+pub const ALL: [MapSpec; 25] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -266,7 +275,9 @@ pub const ALL: [MapSpec; 23] = [
     RATE_LIMIT,
     ALLOW,
     LIVE_FLOWS,
-    CANDIDATES,
+    MEMBERS,
+    SCHED,
+    BACKEND_LOAD,
     ADMIT_STATS,
     SOCK_REVNAT,
     SOCK_NETNS,
@@ -279,8 +290,9 @@ pub const ALL: [MapSpec; 23] = [
     SOCK_REVNAT6,
 ];
 
-/// Pinned by earlier versions, removed at load: `REASONS` had 11 entries.
-pub const RETIRED: [&str; 1] = ["REASONS"];
+/// Pinned by earlier versions, removed at load: `REASONS` had 11 entries; `CANDIDATES` held
+/// the backends that caps and bounded load chose among before the scheduler.
+pub const RETIRED: [&str; 2] = ["REASONS", "CANDIDATES"];
 
 /// Whether `name` is one of gpulb's pinned maps (current or retired).
 pub fn is_ours(name: &str) -> bool {

@@ -3,8 +3,8 @@
 //! network byte order, exactly as in the packet headers.
 
 use crate::{
-    BACKEND_DRAINING, BACKEND_IPV6, FLOW_COUNTED, LIMIT_AFFINITY, LIMIT_ALLOWLIST,
-    LIMIT_CHECK_LOAD, LIMIT_REFUSE_RST, MAX_CANDIDATES,
+    BACKEND_DRAINING, BACKEND_IPV6, BACKEND_OUT, FLOW_COUNTED, LIMIT_AFFINITY, LIMIT_ALLOWLIST,
+    LIMIT_REFUSE_RST, MAX_MEMBERS,
 };
 
 /// An IPv6 address as the data path keys it: the header's 16 bytes as four native words.
@@ -40,12 +40,12 @@ const _: () = assert!(core::mem::size_of::<Service>() == 8);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Backend {
     pub addr_be: u32,
-    /// Maglev weight; the data path does not read it, the CLI does.
+    /// Weight: its share of the consistent hash, and a multiplier of its capacity.
     pub weight: u32,
     pub port_be: u16,
     /// Service id this backend belongs to.
     pub service: u16,
-    pub flags: u16, // BACKEND_DRAINING
+    pub flags: u16, // BACKEND_DRAINING, BACKEND_IPV6, BACKEND_OUT
     /// Most concurrent TCP flows it takes (`LIVE_FLOWS`); 0: no cap.
     pub max_flows: u16,
 }
@@ -65,6 +65,11 @@ impl Backend {
     /// Its address is in `BACKEND_ADDR6` (`addr_be` is 0).
     pub const fn is_ipv6(&self) -> bool {
         self.flags & BACKEND_IPV6 != 0
+    }
+
+    /// Takes new flows: in its VIP's table (ready, not draining, weight above 0).
+    pub const fn takes_new_flows(&self) -> bool {
+        self.flags & BACKEND_OUT == 0 && self.weight != 0
     }
 }
 
@@ -128,9 +133,8 @@ pub struct ServiceLimits {
     pub interval_ns: u64,
     /// How far ahead of schedule a source may run: `burst × interval_ns`.
     pub burst_ns: u64,
-    /// Bounded load in percent of the weighted mean of live flows (125: at most 25% over its
-    /// share); 0 = off.
-    pub bound_pct: u32,
+    /// Was the bounded-load percentage before the scheduler; always 0.
+    pub _reserved: u32,
     pub flags: u32, // LIMIT_*
 }
 const _: () = assert!(core::mem::size_of::<ServiceLimits>() == 24);
@@ -151,39 +155,61 @@ impl ServiceLimits {
         self.flags & LIMIT_AFFINITY != 0
     }
 
-    /// New flows consult `LIVE_FLOWS` (caps or bounded load).
-    pub const fn checks_load(&self) -> bool {
-        self.flags & LIMIT_CHECK_LOAD != 0
-    }
-
     /// Sources are rate limited.
     pub const fn has_rate_limit(&self) -> bool {
         self.interval_ns != 0
     }
 }
 
-/// `CANDIDATES` value, by service id: the backends in its table, for the walk that looks for
-/// one below its cap and bound when the Maglev pick is not.
+/// `MEMBERS` value, by service id: the backends in the service's table, in id order. A
+/// decision weighs the hash's own pick and the members that follow a place the hash picks.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Candidates {
+pub struct Members {
     pub count: u32,
-    pub total_weight: u32,
-    pub ids: [u32; MAX_CANDIDATES],
-    pub weights: [u32; MAX_CANDIDATES],
+    pub _pad: u32,
+    pub ids: [u32; MAX_MEMBERS],
 }
-const _: () = assert!(core::mem::size_of::<Candidates>() == 8 + 8 * MAX_CANDIDATES);
+const _: () = assert!(core::mem::size_of::<Members>() == 8 + 4 * MAX_MEMBERS);
 
-impl Default for Candidates {
+impl Default for Members {
     fn default() -> Self {
         Self {
             count: 0,
-            total_weight: 0,
-            ids: [0; MAX_CANDIDATES],
-            weights: [0; MAX_CANDIDATES],
+            _pad: 0,
+            ids: [0; MAX_MEMBERS],
         }
     }
 }
+
+/// `SCHED` value, by service id: how a new flow's backend is chosen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Sched {
+    /// Engine numbers older than this are ignored: live flows alone count.
+    pub max_age_ns: u64,
+    /// Backends weighed per decision (1 to `MAX_CHOICES`; 0 reads as `DEFAULT_CHOICES`).
+    pub choices: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Sched>() == 16);
+
+/// `BACKEND_LOAD` value, by backend id: what its engine last reported, and its capacity.
+/// Written by the daemon; read by every decision.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EngineLoad {
+    /// `CLOCK_MONOTONIC` (what `bpf_ktime_get_ns` reads) when the engine answered; 0: never.
+    pub updated_ns: u64,
+    /// Requests the engine runs and holds waiting.
+    pub running: u32,
+    pub waiting: u32,
+    /// Batch slots, from the config or learned from the engine; 0: unknown.
+    pub slots: u32,
+    /// KV-cache use in thousandths.
+    pub kv_permille: u32,
+}
+const _: () = assert!(core::mem::size_of::<EngineLoad>() == 24);
 
 /// `RATE_LIMIT` key: one bucket per source and VIP. `RATE_LIMIT6` keys an IPv6 source by
 /// its /64 (`[u32; 2]`): one host usually holds a whole /64, and would otherwise get a bucket
@@ -235,7 +261,7 @@ pub struct SockRevKey6 {
 const _: () = assert!(core::mem::size_of::<SockRevKey6>() == 32);
 
 /// Per-CPU admission counters of a VIP (`ADMIT_STATS` by service id): why new flows were
-/// refused, and how many went past a full Maglev pick to another backend.
+/// refused, and how many the scheduler sent elsewhere than the consistent hash's own pick.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct AdmitCounters {
@@ -278,7 +304,11 @@ mod pod {
     // SAFETY: see above.
     unsafe impl aya::Pod for ServiceLimits {}
     // SAFETY: see above.
-    unsafe impl aya::Pod for Candidates {}
+    unsafe impl aya::Pod for Members {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Sched {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for EngineLoad {}
     // SAFETY: see above.
     unsafe impl aya::Pod for RateKey {}
     // SAFETY: see above.

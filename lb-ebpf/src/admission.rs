@@ -57,8 +57,9 @@ pub enum Refusal {
 }
 
 /// Lets a packet without a conntrack entry through the VIP's allow-list and, if it opens a
-/// flow, its rate limit; the `Err` is the refusal's verdict.
-#[inline(always)]
+/// flow, its rate limit; the `Err` is the refusal's verdict. A subprogram: its keys take
+/// stack the scheduler's call must not carry.
+#[inline(never)]
 pub fn admit<F: Family>(
     ctx: &XdpContext,
     pkt: &L4Packet<F::Addr>,
@@ -103,20 +104,22 @@ pub fn refuse<F: Family>(
 }
 
 /// Turns a SYN into the RST+ACK that answers it, addressed back to the sender: MACs swapped,
-/// IP and TCP headers rewritten, anything after the TCP header cut off.
-#[inline(always)]
+/// IP and TCP headers rewritten field by field, anything after the TCP header cut off. The
+/// bytes are those of `lb_common::reset_headers` (tests compare them). A subprogram that
+/// builds nothing on the stack: the forwarding path's frame and the scheduler's leave little.
+#[inline(never)]
 fn write_reset<F: Family>(ctx: &XdpContext, pkt: &L4Packet<F::Addr>) -> Option<()> {
     if pkt.flow.proto != PROTO_TCP || pkt.is_syn == 0 {
         return None;
     }
     let tcp: *const network_types::tcp::TcpHdr = ptr_at(ctx, pkt.l4)?;
     // SAFETY: bounds checked by `ptr_at`.
-    let seq = u32::from_be_bytes(unsafe { (*tcp).seq });
-    let headers = F::reset_headers(&pkt.flow, seq);
+    let ack = u32::from_be_bytes(unsafe { (*tcp).seq }).wrapping_add(1);
     // The answer has no IPv4 options or IPv6 extension headers: its TCP header follows the
     // fixed IP header, over whatever the SYN had there, and the rest is cut off.
+    let ip_len = F::DST_OFF + 4 * F::WORDS;
     let len = ctx.data_end() - ctx.data();
-    let want = pkt.l3 + core::mem::size_of::<F::Reset>();
+    let want = pkt.l3 + ip_len + TCP_LEN;
     if len > want {
         // SAFETY: the helper only moves data_end; every pointer is re-derived below.
         if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - want) as i32)) } != 0 {
@@ -124,14 +127,86 @@ fn write_reset<F: Family>(ctx: &XdpContext, pkt: &L4Packet<F::Addr>) -> Option<(
         }
     }
     let eth: *mut [u8; 12] = ptr_at(ctx, 0)?;
-    let out: *mut F::Reset = ptr_at(ctx, pkt.l3)?;
     // SAFETY: bounds checked by `ptr_at` after the tail moved.
     unsafe {
         let macs = *eth;
         let e = &mut *eth;
         e[..6].copy_from_slice(&macs[6..]);
         e[6..].copy_from_slice(&macs[..6]);
-        *out = headers;
+    }
+    // From the VIP (the SYN's destination) back to the client (its source).
+    let (server, client) = (
+        F::host_words(&pkt.flow.dst_be),
+        F::host_words(&pkt.flow.src_be),
+    );
+    let mut addr_sum = 0u32;
+    for i in 0..4 {
+        if i >= F::WORDS {
+            break;
+        }
+        addr_sum +=
+            (server[i] >> 16) + (server[i] & 0xffff) + (client[i] >> 16) + (client[i] & 0xffff);
+    }
+    let fixed: *mut [u8; 8] = ptr_at(ctx, pkt.l3)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe {
+        if F::WORDS == 1 {
+            // IPv4: version 4, IHL 5, length 40, DF; then TTL 64, TCP and the checksum.
+            *fixed = [0x45, 0, 0, 40, 0, 0, 0x40, 0];
+            let check = !fold(0x4500 + 40 + 0x4000 + (64 << 8 | PROTO_TCP as u32) + addr_sum);
+            let rest: *mut [u8; 4] = ptr_at(ctx, pkt.l3 + 8)?;
+            let [hi, lo] = check.to_be_bytes();
+            *rest = [64, PROTO_TCP, hi, lo];
+        } else {
+            // IPv6: version 6, payload 20 bytes of TCP, hop limit 64.
+            *fixed = [0x60, 0, 0, 0, 0, TCP_LEN as u8, PROTO_TCP, 64];
+        }
+    }
+    let (server_be, client_be) = (F::words(&pkt.flow.dst_be), F::words(&pkt.flow.src_be));
+    for i in 0..4 {
+        if i >= F::WORDS {
+            break;
+        }
+        let src: *mut [u8; 4] = ptr_at(ctx, pkt.l3 + F::SRC_OFF + 4 * i)?;
+        let dst: *mut [u8; 4] = ptr_at(ctx, pkt.l3 + F::DST_OFF + 4 * i)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            *src = server_be[i].to_ne_bytes();
+            *dst = client_be[i].to_ne_bytes();
+        }
+    }
+    // TCP: the VIP's port back to the client's, seq 0, acking the SYN, RST|ACK, window 0.
+    let (sport, dport) = (pkt.flow.dport_be, pkt.flow.sport_be);
+    let pseudo = addr_sum + PROTO_TCP as u32 + TCP_LEN as u32;
+    let words = u16::from_be(sport) as u32
+        + u16::from_be(dport) as u32
+        + (ack >> 16)
+        + (ack & 0xffff)
+        + 0x5014;
+    let check = !fold(pseudo + words);
+    let t: *mut [u8; TCP_LEN] = ptr_at(ctx, pkt.l3 + ip_len)?;
+    let (s, d, a, c) = (
+        sport.to_ne_bytes(),
+        dport.to_ne_bytes(),
+        ack.to_be_bytes(),
+        check.to_be_bytes(),
+    );
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe {
+        *t = [
+            s[0], s[1], d[0], d[1], 0, 0, 0, 0, a[0], a[1], a[2], a[3], 0x50, 0x14, 0, 0, c[0],
+            c[1], 0, 0,
+        ];
     }
     Some(())
+}
+
+const TCP_LEN: usize = 20;
+
+/// One's-complement fold of a 32-bit sum to 16 bits.
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
 }

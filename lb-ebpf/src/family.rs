@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr6, Address, AllowKey, AllowKey6, Backend, Flow, FlowKeyOf, RateKey, RateKey6, RevNatOf,
-    Service, ServiceLimits, SockRevKey, SockRevKey6, VipKeyOf, reset_headers, reset_headers6,
+    Service, ServiceLimits, SockRevKey, SockRevKey6, VipKeyOf,
 };
 
 use crate::{
@@ -23,8 +23,6 @@ use crate::{
 pub trait Family {
     /// `u32` or `Addr6`: the header's address bytes as native words.
     type Addr: Address + Copy + 'static;
-    /// The IP and TCP headers of a refusing RST.
-    type Reset: Copy;
     /// 32-bit words in an address.
     const WORDS: usize;
     /// Offsets of the source and destination addresses in the IP header.
@@ -43,7 +41,6 @@ pub trait Family {
         limits: &ServiceLimits,
         now: u64,
     ) -> bool;
-    fn reset_headers(syn: &FlowKeyOf<Self::Addr>, seq: u32) -> Self::Reset;
     /// The address as the header's 32-bit words in memory order; words past `WORDS` are 0.
     fn words(addr: &Self::Addr) -> [u32; 4];
     /// The same words in host order, for checksum arithmetic.
@@ -65,7 +62,6 @@ pub enum V6 {}
 
 impl Family for V4 {
     type Addr = u32;
-    type Reset = [u8; 40];
     const WORDS: usize = 1;
     const SRC_OFF: usize = 12;
     const DST_OFF: usize = 16;
@@ -108,10 +104,6 @@ impl Family for V4 {
         is_over_rate_in(&RATE_LIMIT, &key, limits, now)
     }
     #[inline(always)]
-    fn reset_headers(syn: &FlowKeyOf<u32>, seq: u32) -> [u8; 40] {
-        reset_headers(syn.src_be, syn.dst_be, syn.sport_be, syn.dport_be, seq)
-    }
-    #[inline(always)]
     fn words(addr: &u32) -> [u32; 4] {
         [*addr, 0, 0, 0]
     }
@@ -150,7 +142,6 @@ impl Family for V4 {
 
 impl Family for V6 {
     type Addr = Addr6;
-    type Reset = [u8; 60];
     const WORDS: usize = 4;
     const SRC_OFF: usize = 8;
     const DST_OFF: usize = 24;
@@ -194,10 +185,6 @@ impl Family for V6 {
             service: service_id,
         };
         is_over_rate_in(&RATE_LIMIT6, &key, limits, now)
-    }
-    #[inline(always)]
-    fn reset_headers(syn: &FlowKeyOf<Addr6>, seq: u32) -> [u8; 60] {
-        reset_headers6(&syn.src_be, &syn.dst_be, syn.sport_be, syn.dport_be, seq)
     }
     #[inline(always)]
     fn words(addr: &Addr6) -> [u32; 4] {

@@ -10,12 +10,12 @@ use lb_common::{
 
 use crate::{
     admission::{Refusal, admit, refuse},
-    choose::{Target, lookup_backend, maglev_pick, pick_with_room},
     family::{Family, V4, V6},
     flows::{add_live, track_live},
     maps::{BACKEND_STATS, LIMITS, VIP_STATS},
     nat::rewrite_destination,
-    parse::{L4Packet, Parsed, parse_l4},
+    parse::{L3, L4Packet, parse_ipv4, parse_ipv6, parse_l2},
+    sched::{Decision, Target, decide, lookup_backend, maglev_pick},
     stats::{count_admission, count_traffic},
 };
 
@@ -23,10 +23,24 @@ use crate::{
 /// `Err`: passed untouched or dropped, and why.
 #[inline(always)]
 pub fn try_ingress(ctx: &XdpContext) -> Result<Reason, Reason> {
-    match parse_l4(ctx)? {
-        Parsed::V4(pkt) => ingress::<V4>(ctx, &pkt),
-        Parsed::V6(pkt) => ingress::<V6>(ctx, &pkt),
+    match parse_l2(ctx)? {
+        L3::V4(l3) => ingress_v4(ctx, l3),
+        L3::V6(l3) => ingress_v6(ctx, l3),
     }
+}
+
+// Each family's path (parse included) is a BPF subprogram of its own: one stack frame holds
+// one family's values, so a frame plus the scheduler's stays within the verifier's 512
+// bytes.
+
+#[inline(never)]
+fn ingress_v4(ctx: &XdpContext, l3: usize) -> Result<Reason, Reason> {
+    ingress::<V4>(ctx, &parse_ipv4(ctx, l3)?)
+}
+
+#[inline(never)]
+fn ingress_v6(ctx: &XdpContext, l3: usize) -> Result<Reason, Reason> {
+    ingress::<V6>(ctx, &parse_ipv6(ctx, l3)?)
 }
 
 #[inline(always)]
@@ -66,7 +80,7 @@ fn select_backend<F: Family>(
     // Limits of a service the daemon never configured read as all zero: none.
     let limits = LIMITS.get(service.id).copied().unwrap_or_default();
     admit::<F>(ctx, pkt, service, &limits, now)?;
-    let (id, backend) = choose::<F>(ctx, pkt, service, &limits)?;
+    let (id, backend) = choose::<F>(ctx, pkt, service, &limits, now)?;
     record::<F>(pkt, service, id, &backend, now);
     let reason = if pkt.opens_flow() {
         Reason::FwdNewFlow
@@ -91,45 +105,46 @@ fn lookup_flow<F: Family>(pkt: &L4Packet<F::Addr>, now: u64) -> Option<(u32, Tar
     Some((backend_id, backend))
 }
 
-/// The backend for a flow without an entry: the Maglev slot of its hash (the client
-/// address's under affinity), or, where caps or bounded load apply to a flow being opened,
-/// the first backend with room.
+/// The backend for a flow without an entry: the scheduler's choice for a flow being opened;
+/// for a mid-flow packet (its entry was evicted) the consistent hash alone, so that an
+/// unchanged table keeps it on its backend.
 #[inline(always)]
 fn choose<F: Family>(
     ctx: &XdpContext,
     pkt: &L4Packet<F::Addr>,
     service: &Service,
     limits: &ServiceLimits,
+    now: u64,
 ) -> Result<(u32, Target<F::Addr>), Reason> {
     let hash = if limits.has_affinity() {
         affinity_hash(&pkt.flow)
     } else {
         flow_hash(&pkt.flow)
     };
-    let (id, backend) = maglev_pick::<F>(service, hash).ok_or(Reason::DropNoBackend)?;
-    if !pkt.opens_flow() || !limits.checks_load() {
-        return Ok((id, backend));
+    if !pkt.opens_flow() {
+        return maglev_pick::<F>(service, hash).ok_or(Reason::DropNoBackend);
     }
-    match pick_with_room::<F>(service, limits, hash, id, backend) {
-        Some((id, backend, redirected)) => {
-            if redirected {
+    match decide::<F>(service, hash, now) {
+        Decision::Chosen { id, target, moved } => {
+            if moved {
                 count_admission(service.id, |c| &mut c.redirected);
             }
-            Ok((id, backend))
+            Ok((id, target))
         }
-        None => Err(refuse::<F>(
+        Decision::Full => Err(refuse::<F>(
             ctx,
             pkt,
             service,
             limits,
             Refusal::BackendsFull,
         )),
+        Decision::Empty => Err(Reason::DropNoBackend),
     }
 }
 
 /// Records the flow in conntrack and its reply in reverse NAT; a TCP flow being opened is
-/// counted live.
-#[inline(always)]
+/// counted live. A subprogram: its keys take stack the scheduler's call must not carry.
+#[inline(never)]
 fn record<F: Family>(
     pkt: &L4Packet<F::Addr>,
     service: &Service,

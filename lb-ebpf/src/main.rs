@@ -12,7 +12,6 @@
 #![expect(internal_features, reason = "core_intrinsics, for atomic_xadd")]
 
 mod admission;
-mod choose;
 mod egress;
 mod family;
 mod flows;
@@ -20,6 +19,7 @@ mod ingress;
 mod maps;
 mod nat;
 mod parse;
+mod sched;
 mod sock;
 mod stats;
 

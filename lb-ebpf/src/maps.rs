@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Addr6, AdmitCounters, AllowKey, AllowKey6, Backend, Candidates, Counters, Flow, FlowKey,
-    FlowKey6, RateKey, RateKey6, RevNat, RevNat6, Service, ServiceLimits, SockRevKey, SockRevKey6,
-    VipKey, VipKey6, maps as spec,
+    Addr6, AdmitCounters, AllowKey, AllowKey6, Backend, Counters, EngineLoad, Flow, FlowKey,
+    FlowKey6, Members, RateKey, RateKey6, RevNat, RevNat6, Sched, Service, ServiceLimits,
+    SockRevKey, SockRevKey6, VipKey, VipKey6, maps as spec,
 };
 
 /// VIP (address, port, protocol) → service id and table size. Written last by the daemon,
@@ -76,10 +76,22 @@ pub static ALLOW: LpmTrie<AllowKey, u32> =
 pub static LIVE_FLOWS: Array<u64> =
     Array::pinned(spec::LIVE_FLOWS.default_entries(), spec::LIVE_FLOWS.flags);
 
-/// Backends in each service's table, for caps and bounded load.
+/// The backends in each service's table, in id order: where a decision finds candidates
+/// beside the consistent hash's own pick.
 #[map]
-pub static CANDIDATES: Array<Candidates> =
-    Array::pinned(spec::CANDIDATES.default_entries(), spec::CANDIDATES.flags);
+pub static MEMBERS: Array<Members> =
+    Array::pinned(spec::MEMBERS.default_entries(), spec::MEMBERS.flags);
+
+/// How each service chooses (candidates per decision, engine signal age).
+#[map]
+pub static SCHED: Array<Sched> = Array::pinned(spec::SCHED.default_entries(), spec::SCHED.flags);
+
+/// What each backend's engine last reported, and its capacity.
+#[map]
+pub static BACKEND_LOAD: Array<EngineLoad> = Array::pinned(
+    spec::BACKEND_LOAD.default_entries(),
+    spec::BACKEND_LOAD.flags,
+);
 
 #[map]
 pub static ADMIT_STATS: PerCpuArray<AdmitCounters> =

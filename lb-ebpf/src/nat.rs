@@ -4,14 +4,14 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{PROTO_TCP, Reason};
 
 use crate::{
-    choose::Target,
     family::Family,
     parse::{IP_CHECK_OFF, L4Packet, csum_update, ptr_at},
+    sched::Target,
 };
 
 /// Rewrites the destination address and port to the backend's, updating the IPv4 header
-/// checksum and the TCP/UDP checksum.
-#[inline(always)]
+/// checksum and the TCP/UDP checksum. A subprogram, for the same stack reason as `record`.
+#[inline(never)]
 pub fn rewrite_destination<F: Family>(
     ctx: &XdpContext,
     pkt: &L4Packet<F::Addr>,

@@ -104,6 +104,21 @@ pub enum Parsed {
 /// not one the load balancer handles.
 #[inline(always)]
 pub fn parse_l4<C: PacketCtx>(ctx: &C) -> Result<Parsed, Reason> {
+    match parse_l2(ctx)? {
+        L3::V4(l3) => parse_ipv4(ctx, l3).map(Parsed::V4),
+        L3::V6(l3) => parse_ipv6(ctx, l3).map(Parsed::V6),
+    }
+}
+
+/// The network layer a frame carries, and its offset.
+pub enum L3 {
+    V4(usize),
+    V6(usize),
+}
+
+/// Ethernet and one optional 802.1Q tag: which IP version follows, and where.
+#[inline(always)]
+pub fn parse_l2<C: PacketCtx>(ctx: &C) -> Result<L3, Reason> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassMalformed)?;
     let mut l3 = EthHdr::LEN;
     // SAFETY: `ptr_at` checked that the header lies inside the packet.
@@ -115,16 +130,16 @@ pub fn parse_l4<C: PacketCtx>(ctx: &C) -> Result<Parsed, Reason> {
         l3 += VlanHdr::LEN;
     }
     if ether_type == ETH_P_IP {
-        parse_ipv4(ctx, l3).map(Parsed::V4)
+        Ok(L3::V4(l3))
     } else if ether_type == ETH_P_IPV6 {
-        parse_ipv6(ctx, l3).map(Parsed::V6)
+        Ok(L3::V6(l3))
     } else {
         Err(Reason::PassNotIp)
     }
 }
 
 #[inline(always)]
-fn parse_ipv4<C: PacketCtx>(ctx: &C, l3: usize) -> Result<L4Packet<u32>, Reason> {
+pub fn parse_ipv4<C: PacketCtx>(ctx: &C, l3: usize) -> Result<L4Packet<u32>, Reason> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Reason::PassMalformed)?;
     // SAFETY: bounds checked by `ptr_at`.
     let (vihl, frags, proto, src, dst) = unsafe {
@@ -162,13 +177,10 @@ const IPV6_AUTH: u8 = 51;
 const IPV6_DEST_OPTS: u8 = 60;
 
 #[inline(always)]
-fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<L4Packet<Addr6>, Reason> {
+pub fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<L4Packet<Addr6>, Reason> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Reason::PassMalformed)?;
     // SAFETY: bounds checked by `ptr_at`.
-    let (vcf, mut next, src, dst) = unsafe {
-        let h = &*ip;
-        (h.vcf[0], h.next_hdr, h.src_addr, h.dst_addr)
-    };
+    let (vcf, mut next) = unsafe { ((*ip).vcf[0], (*ip).next_hdr) };
     if vcf >> 4 != 6 {
         return Err(Reason::PassMalformed);
     }
@@ -190,15 +202,38 @@ fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<L4Packet<Addr6>, Reaso
         l4 += (len as usize + extra) * unit;
         next = following;
     }
-    let words = |a: [u8; 16]| -> Addr6 {
-        [
-            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-        ]
+    // The addresses are read last, each word assembled at once into the parsed packet:
+    // loaded before the walk and the transport header (as the compiler would otherwise
+    // schedule them), their 32 bytes would each be spilled to the stack, which the
+    // scheduler's call cannot spare.
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Reason::PassMalformed)?;
+    let word = |p: *const u8| -> u32 {
+        // SAFETY: `p` lies inside the header bounds-checked by `ptr_at`; volatile keeps the
+        // loads here.
+        unsafe {
+            u32::from_ne_bytes([
+                core::ptr::read_volatile(p),
+                core::ptr::read_volatile(p.add(1)),
+                core::ptr::read_volatile(p.add(2)),
+                core::ptr::read_volatile(p.add(3)),
+            ])
+        }
     };
-    parse_transport(ctx, l3, l4, next, words(src), words(dst))
+    // SAFETY: in bounds (above); only the addresses of the fields are taken.
+    let (src, dst) = unsafe {
+        (
+            (&raw const (*ip).src_addr).cast::<u8>(),
+            (&raw const (*ip).dst_addr).cast::<u8>(),
+        )
+    };
+    let addr = |p: *const u8| -> Addr6 {
+        // SAFETY: the 16 bytes of an address field.
+        unsafe { [word(p), word(p.add(4)), word(p.add(8)), word(p.add(12))] }
+    };
+    let mut pkt = parse_transport(ctx, l3, l4, next, [0; 4], [0; 4])?;
+    pkt.flow.src_be = addr(src);
+    pkt.flow.dst_be = addr(dst);
+    Ok(pkt)
 }
 
 /// The TCP or UDP header at `l4`: ports and the flags that open or end a flow.

@@ -4,15 +4,15 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::SockAddrContext,
 };
 use lb_common::{Reason, RevNatOf, VipKeyOf, fmix64};
 
 use crate::{
-    choose::maglev_pick,
     family::Family,
     maps::{BACKEND_STATS, SOCK_NETNS, VIP_STATS},
+    sched::{Decision, decide},
     stats::{count_reason, count_traffic},
 };
 
@@ -31,8 +31,9 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
-/// Maglev by the socket's cookie: a socket keeps its backend, sockets spread by weight.
-/// Admission control and caps are for clients from the network; local sockets skip them.
+/// The scheduler's choice for the socket (its cookie is the flow's hash): the same decision
+/// as XDP's for a client from the network. Admission control is for those clients; local
+/// sockets skip it.
 #[inline(always)]
 pub fn sock_forward<F: Family>(ctx: &SockAddrContext) {
     if !is_daemon_netns(ctx) {
@@ -54,8 +55,15 @@ pub fn sock_forward<F: Family>(ctx: &SockAddrContext) {
     };
     let cookie = socket_cookie(ctx);
     let hash = fmix64(cookie) as u32;
-    let Some((backend_id, backend)) = maglev_pick::<F>(&service, hash) else {
-        return; // no backend: the connect goes to the VIP, as without gpulb
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Decision::Chosen {
+        id: backend_id,
+        target: backend,
+        ..
+    } = decide::<F>(&service, hash, now)
+    else {
+        return; // no backend with room: the connect goes to the VIP, as without gpulb
     };
     let revnat = RevNatOf {
         vip_be: ip,

@@ -184,15 +184,31 @@ pub struct BackendStatus {
     pub restarts: u32,
     pub last_probe_ms: Option<f64>,
     pub last_error: Option<String>,
-    /// Established TCP connections to the backend right now.
+    /// Live flows through the VIP, as the data path counts them (what drains wait for; not
+    /// probes, scrapes or direct connections).
     pub live_flows: usize,
-    /// Maglev weight in the table (scaled by load when its VIP is load-aware).
+    /// Weight: its share of the consistent hash, and a multiplier of its capacity.
     pub weight: u32,
-    /// Smoothed load (1 ≈ full batch, more = queueing), when its VIP is load-aware.
-    pub load: Option<f64>,
+    /// Batch slots the scheduler counts with (configured, or learned from the engine); 0:
+    /// unknown.
+    pub slots: u32,
+    /// What its engine last reported, and how long ago.
+    pub engine: Option<EngineStatus>,
+    /// Why the last reading of its engine failed.
     pub load_error: Option<String>,
     /// CPUs the instance is pinned to (empty: not pinned).
     pub cpus: Vec<usize>,
+}
+
+/// A backend's engine as the scheduler last saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EngineStatus {
+    pub running: u32,
+    pub waiting: u32,
+    /// KV-cache use, 0-1.
+    pub kv_usage: f64,
+    /// Age of the reading; past the VIP's `signal_max_age_ms` the scheduler ignores it.
+    pub age_ms: f64,
 }
 
 impl BackendStatus {

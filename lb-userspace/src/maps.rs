@@ -17,9 +17,9 @@ use aya::{
     },
 };
 use lb_common::{
-    Addr6, AdmitCounters, AllowKey, AllowKey6, AllowKeyOf, BACKEND_IPV6, Backend, Candidates,
-    Counters, Flow, FlowKey, FlowKey6, MAGLEV_MAX_SIZE, Reason, RevNat, RevNat6, Service,
-    ServiceLimits, VipKey, VipKey6, VipKeyOf, addr6_of, ipv6_of, maps,
+    Addr6, AdmitCounters, AllowKey, AllowKey6, AllowKeyOf, BACKEND_IPV6, Backend, Counters,
+    EngineLoad, Flow, FlowKey, FlowKey6, MAGLEV_MAX_SIZE, MAX_MEMBERS, Members, Reason, RevNat,
+    RevNat6, Sched, Service, ServiceLimits, VipKey, VipKey6, VipKeyOf, addr6_of, ipv6_of, maps,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +107,11 @@ impl BackendEntry {
     pub fn is_draining(&self) -> bool {
         self.flags & lb_common::BACKEND_DRAINING != 0
     }
+
+    /// In its VIP's table: takes new flows.
+    pub fn takes_new_flows(&self) -> bool {
+        self.flags & lb_common::BACKEND_OUT == 0 && self.weight != 0
+    }
 }
 
 /// A conntrack entry's key, either family: client → VIP.
@@ -134,7 +139,9 @@ pub struct Maps {
     pub allow: LpmTrie<MapData, AllowKey, u32>,
     pub allow6: LpmTrie<MapData, AllowKey6, u32>,
     pub live_flows: Array<MapData, u64>,
-    pub candidates: Array<MapData, Candidates>,
+    pub members: Array<MapData, Members>,
+    pub sched: Array<MapData, Sched>,
+    pub backend_load: Array<MapData, EngineLoad>,
     pub admit_stats: PerCpuArray<MapData, AdmitCounters>,
     pub sock_netns: Array<MapData, u64>,
 }
@@ -203,7 +210,9 @@ impl Maps {
             (maps::ALLOW.name, self.allow.map()),
             (maps::ALLOW6.name, self.allow6.map()),
             (maps::LIVE_FLOWS.name, self.live_flows.map()),
-            (maps::CANDIDATES.name, self.candidates.map()),
+            (maps::MEMBERS.name, self.members.map()),
+            (maps::SCHED.name, self.sched.map()),
+            (maps::BACKEND_LOAD.name, self.backend_load.map()),
             (maps::ADMIT_STATS.name, self.admit_stats.map()),
             (maps::SOCK_NETNS.name, self.sock_netns.map()),
         ]
@@ -252,7 +261,9 @@ impl Maps {
             allow: typed(maps::ALLOW.name, get(maps::ALLOW.name)?)?,
             allow6: typed(maps::ALLOW6.name, get(maps::ALLOW6.name)?)?,
             live_flows: typed(maps::LIVE_FLOWS.name, get(maps::LIVE_FLOWS.name)?)?,
-            candidates: typed(maps::CANDIDATES.name, get(maps::CANDIDATES.name)?)?,
+            members: typed(maps::MEMBERS.name, get(maps::MEMBERS.name)?)?,
+            sched: typed(maps::SCHED.name, get(maps::SCHED.name)?)?,
+            backend_load: typed(maps::BACKEND_LOAD.name, get(maps::BACKEND_LOAD.name)?)?,
             admit_stats: typed(maps::ADMIT_STATS.name, get(maps::ADMIT_STATS.name)?)?,
             sock_netns: typed(maps::SOCK_NETNS.name, get(maps::SOCK_NETNS.name)?)?,
         })
@@ -448,10 +459,41 @@ impl Maps {
             .map_err(op("writing", maps::LIMITS.name))
     }
 
-    pub fn set_candidates(&mut self, service_id: u32, c: Candidates) -> Result<(), MapsError> {
-        self.candidates
-            .set(service_id, c, 0)
-            .map_err(op("writing", maps::CANDIDATES.name))
+    /// The backends a service's decisions weigh beside the hash's pick (at most
+    /// `MAX_MEMBERS`; more are not written).
+    pub fn set_members(&mut self, service_id: u32, ids: &[u32]) -> Result<(), MapsError> {
+        let mut m = Members::default();
+        let n = ids.len().min(MAX_MEMBERS);
+        m.ids[..n].copy_from_slice(&ids[..n]);
+        m.count = n as u32;
+        self.members
+            .set(service_id, m, 0)
+            .map_err(op("writing", maps::MEMBERS.name))
+    }
+
+    pub fn sched(&self, service_id: u32) -> Result<Sched, MapsError> {
+        self.sched
+            .get(&service_id, 0)
+            .map_err(op("reading", maps::SCHED.name))
+    }
+
+    pub fn set_sched(&mut self, service_id: u32, sched: Sched) -> Result<(), MapsError> {
+        self.sched
+            .set(service_id, sched, 0)
+            .map_err(op("writing", maps::SCHED.name))
+    }
+
+    /// What a backend's engine last reported, and its capacity.
+    pub fn engine(&self, backend_id: u32) -> Result<EngineLoad, MapsError> {
+        self.backend_load
+            .get(&backend_id, 0)
+            .map_err(op("reading", maps::BACKEND_LOAD.name))
+    }
+
+    pub fn set_engine(&mut self, backend_id: u32, load: EngineLoad) -> Result<(), MapsError> {
+        self.backend_load
+            .set(backend_id, load, 0)
+            .map_err(op("writing", maps::BACKEND_LOAD.name))
     }
 
     /// Every allowed prefix, both families: (service id, address, prefix length).

@@ -225,7 +225,7 @@ fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsErro
     );
     let live = gauge(
         "gpulb_backend_live_flows",
-        "Established TCP connections to the backend now.",
+        "Live flows through the VIP to the backend (the data path's count; what drains wait for).",
         &labels,
     );
     let counted = gauge(
@@ -263,15 +263,34 @@ fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsErro
     )
     .expect("valid metric");
     r.register(Box::new(probe.clone())).expect("unique metric");
-    let load = GaugeVec::new(
-        Opts::new(
-            "gpulb_backend_load",
-            "Smoothed load the backend reports (1 = full batch, more = queueing); load-aware VIPs.",
-        ),
+    let running = gauge(
+        "gpulb_backend_engine_running",
+        "Requests the backend's engine last reported running (a scheduler input).",
         &labels,
-    )
-    .expect("valid metric");
-    r.register(Box::new(load.clone())).expect("unique metric");
+    );
+    let waiting = gauge(
+        "gpulb_backend_engine_waiting",
+        "Requests the backend's engine last reported waiting (a scheduler input).",
+        &labels,
+    );
+    let slots = gauge(
+        "gpulb_backend_slots",
+        "Batch slots the scheduler counts with: configured, or learned from the engine (0: unknown).",
+        &labels,
+    );
+    let float = |name: &str, help: &str| {
+        let g = GaugeVec::new(Opts::new(name, help), &labels).expect("valid metric");
+        r.register(Box::new(g.clone())).expect("unique metric");
+        g
+    };
+    let kv = float(
+        "gpulb_backend_engine_kv_usage",
+        "KV-cache use the backend's engine last reported, 0-1.",
+    );
+    let age = float(
+        "gpulb_backend_signal_age_seconds",
+        "Age of the engine's last reading; past the VIP's signal_max_age_ms it is ignored.",
+    );
     let info = gauge(
         "gpulb_backend_info",
         "The backend's model and GPUs (always 1).",
@@ -312,8 +331,12 @@ fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsErro
                 .with_label_values(&[l[0], l[1], l[2], st.name()])
                 .set(i64::from(s.state == st));
         }
-        if let Some(v) = s.load {
-            load.with_label_values(&l).set(v);
+        slots.with_label_values(&l).set(i64::from(s.slots));
+        if let Some(e) = s.engine {
+            running.with_label_values(&l).set(i64::from(e.running));
+            waiting.with_label_values(&l).set(i64::from(e.waiting));
+            kv.with_label_values(&l).set(e.kv_usage);
+            age.with_label_values(&l).set(e.age_ms / 1000.0);
         }
         if let Some(ms) = s.last_probe_ms {
             probe.with_label_values(&l).set(ms / 1000.0);

@@ -11,8 +11,8 @@ use std::{
 };
 
 use lb_common::{
-    Candidates, LIMIT_AFFINITY, LIMIT_ALLOWLIST, LIMIT_CHECK_LOAD, LIMIT_REFUSE_RST, MAX_BACKENDS,
-    MAX_CANDIDATES, MAX_SERVICES, Service, ServiceLimits,
+    BACKEND_OUT, LIMIT_AFFINITY, LIMIT_ALLOWLIST, LIMIT_REFUSE_RST, MAX_BACKENDS, MAX_SERVICES,
+    Sched, Service, ServiceLimits,
 };
 
 use crate::{
@@ -50,7 +50,9 @@ pub struct PlannedService {
     pub backends: Vec<(u32, BackendEntry)>,
     pub table: Vec<u32>,
     pub limits: ServiceLimits,
-    pub candidates: Candidates,
+    /// The backends in the table (taking new flows), in id order: `MEMBERS`.
+    pub members: Vec<u32>,
+    pub sched: Sched,
     pub allow: Vec<Cidr>,
 }
 
@@ -58,8 +60,6 @@ pub struct PlannedService {
 pub enum PlanError {
     #[error("no free {what} id (all {max} in use)")]
     NoFreeId { what: &'static str, max: u32 },
-    #[error("vip {vip:?}: {count} backends with max_flows or load_bound, at most {MAX_CANDIDATES}")]
-    TooManyCandidates { vip: String, count: usize },
 }
 
 /// The lowest id in `lo..hi` not in `used`, marked used.
@@ -97,10 +97,10 @@ pub struct DesiredBackend {
     pub weight: u32,
     /// Concurrent TCP flow cap; 0: none.
     pub max_flows: u16,
-    /// `BACKEND_DRAINING` etc., for the CLI.
+    /// `BACKEND_DRAINING`, for the CLI; the plan adds `BACKEND_OUT`.
     pub flags: u16,
-    /// In the Maglev table (ready, not draining); otherwise only its established flows
-    /// reach it.
+    /// Takes new flows (ready, not draining); otherwise only its established flows reach
+    /// it: out of the Maglev table and the members, flagged `BACKEND_OUT`.
     pub in_table: bool,
 }
 
@@ -167,13 +167,14 @@ pub fn plan(
                 Some(&id) => id,
                 None => allocate(&mut used_backends, 1, MAX_BACKENDS, "backend")?,
             };
+            let out = if b.in_table { 0 } else { BACKEND_OUT };
             backends.push((
                 id,
                 BackendEntry {
                     addr: k.1,
                     weight: b.weight,
                     service: sid as u16,
-                    flags: b.flags,
+                    flags: b.flags | out,
                     max_flows: b.max_flows,
                 },
             ));
@@ -184,14 +185,12 @@ pub fn plan(
             });
         }
         let table = maglev::build_table(&members, vip.maglev_table_size);
-        let limits = limits(vip, &d.backends);
-        let candidates = candidates(&members);
-        if limits.checks_load() && candidates.count as usize > MAX_CANDIDATES {
-            return Err(PlanError::TooManyCandidates {
-                vip: vip.name.clone(),
-                count: candidates.count as usize,
-            });
-        }
+        let mut in_table: Vec<u32> = members
+            .iter()
+            .filter(|m| m.weight > 0)
+            .map(|m| m.id)
+            .collect();
+        in_table.sort_unstable();
         services.push(PlannedService {
             name: vip.name.clone(),
             key,
@@ -201,10 +200,12 @@ pub fn plan(
             },
             backends,
             table,
-            limits,
-            candidates: Candidates {
-                count: candidates.count.min(MAX_CANDIDATES as u32),
-                ..candidates
+            limits: limits(vip),
+            members: in_table,
+            sched: Sched {
+                max_age_ns: vip.scheduler.signal_max_age.as_nanos() as u64,
+                choices: vip.scheduler.choices,
+                _pad: 0,
             },
             allow: vip.admission.allow.clone(),
         });
@@ -212,12 +213,9 @@ pub fn plan(
     Ok(Plan { services })
 }
 
-/// The data path's admission and choice settings of a VIP.
-fn limits(vip: &Vip, backends: &[DesiredBackend]) -> ServiceLimits {
-    let mut l = ServiceLimits {
-        bound_pct: vip.load_bound_pct,
-        ..ServiceLimits::default()
-    };
+/// The data path's admission settings of a VIP, and its hash key.
+fn limits(vip: &Vip) -> ServiceLimits {
+    let mut l = ServiceLimits::default();
     if let Some(rate) = vip.admission.rate {
         l.interval_ns = 1_000_000_000 / u64::from(rate.per_second);
         l.burst_ns = l.interval_ns * u64::from(rate.burst);
@@ -225,28 +223,8 @@ fn limits(vip: &Vip, backends: &[DesiredBackend]) -> ServiceLimits {
     let flag = |on: bool, f: u32| if on { f } else { 0 };
     l.flags = flag(vip.admission.refuse_rst, LIMIT_REFUSE_RST)
         | flag(!vip.admission.allow.is_empty(), LIMIT_ALLOWLIST)
-        | flag(vip.affinity == Affinity::Client, LIMIT_AFFINITY)
-        | flag(
-            vip.load_bound_pct != 0 || backends.iter().any(|b| b.max_flows != 0),
-            LIMIT_CHECK_LOAD,
-        );
+        | flag(vip.affinity == Affinity::Client, LIMIT_AFFINITY);
     l
-}
-
-/// The backends in the table with their weights; `count` may exceed `MAX_CANDIDATES` (the
-/// caller decides whether that matters).
-fn candidates(members: &[MaglevBackend]) -> Candidates {
-    let mut c = Candidates::default();
-    for m in members.iter().filter(|m| m.weight > 0) {
-        let i = c.count as usize;
-        if i < MAX_CANDIDATES {
-            c.ids[i] = m.id;
-            c.weights[i] = m.weight;
-            c.total_weight += m.weight;
-        }
-        c.count += 1;
-    }
-    c
 }
 
 /// What `apply` wrote.
@@ -314,8 +292,11 @@ pub fn apply(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<Ap
         applied.slots_written += changed.len();
         let before =
             previous.and_then(|p| p.services.iter().find(|c| c.service.id == s.service.id));
-        if before.is_none_or(|b| b.candidates != s.candidates) {
-            maps.set_candidates(s.service.id, s.candidates)?;
+        if before.is_none_or(|b| b.members != s.members) {
+            maps.set_members(s.service.id, &s.members)?;
+        }
+        if before.is_none_or(|b| b.sched != s.sched) {
+            maps.set_sched(s.service.id, s.sched)?;
         }
         // Prefixes before limits: a VIP that turns its allow-list on has it filled first.
         write_allow(maps, s.service.id, &s.allow, &allowed)?;
@@ -334,7 +315,8 @@ pub fn apply(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<Ap
         maps.remove_service(key)?;
         // Its id may be handed out again: no limits or prefixes may linger for the next VIP.
         maps.set_limits(service.id, ServiceLimits::default())?;
-        maps.set_candidates(service.id, Candidates::default())?;
+        maps.set_members(service.id, &[])?;
+        maps.set_sched(service.id, Sched::default())?;
         write_allow(maps, service.id, &[], &allowed)?;
         applied.services_removed += 1;
     }
@@ -402,6 +384,9 @@ mod tests {
         let p = plan_of(&config(&[8001, 8002]), &Current::default());
         let ids: Vec<u32> = p.services[0].backends.iter().map(|(id, _)| *id).collect();
         assert_eq!(ids, vec![1, 2]);
+        assert_eq!(p.services[0].members, vec![1, 2]);
+        assert_eq!(p.services[0].sched.choices, lb_common::DEFAULT_CHOICES);
+        assert_eq!(p.services[0].sched.max_age_ns, 500_000_000);
         assert_eq!(p.services[0].service.id, 0);
         assert!(p.services[0].table.iter().all(|id| ids.contains(id)));
     }
@@ -433,7 +418,17 @@ mod tests {
         desired[0].backends[1].flags = lb_common::BACKEND_DRAINING;
         let p = plan(&desired, &[], &[]).expect("plan");
         let (out_id, out) = p.services[0].backends[1];
-        assert_eq!(out.flags, lb_common::BACKEND_DRAINING);
+        assert_eq!(
+            out.flags,
+            lb_common::BACKEND_DRAINING | BACKEND_OUT,
+            "flagged out: the data path sends it no new flow even before the table changes"
+        );
+        assert!(!out.takes_new_flows());
+        assert_eq!(
+            p.services[0].members,
+            vec![p.services[0].backends[0].0],
+            "only what takes new flows is a member"
+        );
         assert_eq!(out.weight, 1, "the configured weight is kept for the CLI");
         assert!(!p.services[0].table.contains(&out_id));
         assert!(

@@ -1,13 +1,25 @@
 //! The simulated GPU instance: an OpenAI-compatible server whose latency behaves like one
-//! batched model process on one GPU. It has `slots` sequences in flight at most (the batch);
-//! further requests wait in a queue. A request spends `ttft_ms` in prefill, then produces
-//! tokens at `tokens_per_second`, slowed by `batch_slowdown` for each other running sequence
-//! (decode steps get longer as the batch grows). `/metrics` reports what vLLM reports.
+//! batched model process on one GPU, where it matters to a load balancer.
+//!
+//! - It runs `slots` sequences at most (the batch); further requests wait in a queue.
+//! - Each running sequence holds its prompt and its tokens in the KV cache (`kv_tokens`); a
+//!   request is admitted only when its prompt plus `max_tokens` fit, so long prompts run
+//!   fewer at once than the slots allow.
+//! - Prefill takes `ttft_ms` plus `prefill_ms_per_ktok` per thousand prompt tokens (about
+//!   four characters a token). A chat whose earlier messages (all but the last) this
+//!   instance served recently finds them in its prefix cache (an LRU of `prefix_cache`
+//!   conversations) and pays `prefix_hit_factor` of their prefill.
+//! - Tokens follow at `tokens_per_second`, slowed by `batch_slowdown` for each other
+//!   running sequence (decode steps get longer as the batch grows).
+//!
+//! `/metrics` reports what vLLM reports: running and waiting requests, KV-cache use, and
+//! the prefix cache's queried and hit tokens.
 
 use std::{
+    collections::VecDeque,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -25,7 +37,7 @@ use axum::{
 };
 use prometheus::{Encoder as _, IntCounter, IntGauge, Opts, Registry, TextEncoder};
 use serde_json::{Value, json};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::info;
 
@@ -65,6 +77,18 @@ pub struct SimConfig {
     /// completions are served only after this.
     #[arg(long, default_value_t = 0)]
     pub load_delay_ms: u64,
+    /// Prefill time per thousand prompt tokens not found in the prefix cache.
+    #[arg(long, default_value_t = 40.0)]
+    pub prefill_ms_per_ktok: f64,
+    /// KV-cache capacity in tokens: running sequences hold their prompt and `max_tokens`.
+    #[arg(long, default_value_t = 65536)]
+    pub kv_tokens: usize,
+    /// Conversations whose prefix the cache remembers (LRU); 0: no prefix cache.
+    #[arg(long, default_value_t = 256)]
+    pub prefix_cache: usize,
+    /// Share of the prefill time that cached prefix tokens still cost (0-1).
+    #[arg(long, default_value_t = 0.1)]
+    pub prefix_hit_factor: f64,
 }
 
 struct Metrics {
@@ -74,6 +98,8 @@ struct Metrics {
     cache_usage: prometheus::Gauge,
     generated: IntCounter,
     succeeded: IntCounter,
+    prefix_queries: IntCounter,
+    prefix_hits: IntCounter,
 }
 
 impl Metrics {
@@ -87,9 +113,19 @@ impl Metrics {
         let waiting = IntGauge::new("vllm:num_requests_waiting", "Requests waiting for a slot.")
             .expect("valid metric");
         let cache_usage = prometheus::Gauge::with_opts(Opts::new(
-            "vllm:gpu_cache_usage_perc",
-            "KV-cache usage, 1 = full (here: running / slots).",
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage, 1 = full (tokens held by running sequences / kv_tokens).",
         ))
+        .expect("valid metric");
+        let prefix_queries = IntCounter::new(
+            "vllm:prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache.",
+        )
+        .expect("valid metric");
+        let prefix_hits = IntCounter::new(
+            "vllm:prefix_cache_hits_total",
+            "Prompt tokens found in the prefix cache.",
+        )
         .expect("valid metric");
         let generated = IntCounter::new("vllm:generation_tokens_total", "Tokens generated.")
             .expect("valid metric");
@@ -101,6 +137,8 @@ impl Metrics {
             Box::new(cache_usage.clone()),
             Box::new(generated.clone()),
             Box::new(succeeded.clone()),
+            Box::new(prefix_queries.clone()),
+            Box::new(prefix_hits.clone()),
         ] {
             registry.register(m).expect("unique metric");
         }
@@ -111,6 +149,8 @@ impl Metrics {
             cache_usage,
             generated,
             succeeded,
+            prefix_queries,
+            prefix_hits,
         }
     }
 }
@@ -118,10 +158,16 @@ impl Metrics {
 struct Sim {
     cfg: SimConfig,
     slots: Arc<Semaphore>,
+    /// KV-cache tokens held by admitted sequences.
+    kv_used: Mutex<usize>,
+    kv_freed: Notify,
     running: AtomicUsize,
     waiting: AtomicUsize,
     ready_at: Instant,
     next_id: AtomicU64,
+    /// Conversations (hashes of their messages) whose KV blocks the cache still holds,
+    /// least recently used first.
+    prefixes: Mutex<VecDeque<u64>>,
     metrics: Metrics,
 }
 
@@ -141,11 +187,100 @@ impl Drop for Counted<'_> {
     }
 }
 
+/// A sequence in the batch: its slot and its KV-cache tokens, given back on drop.
+struct Admitted {
+    sim: Arc<Sim>,
+    _slot: OwnedSemaphorePermit,
+    kv: usize,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        *self.sim.kv_used.lock().expect("kv lock") -= self.kv;
+        self.sim.kv_freed.notify_waiters();
+    }
+}
+
 /// What a completion request asks for.
 struct Request {
     chat: bool,
     stream: bool,
     max_tokens: u32,
+    /// Tokens of the prompt (about four characters each).
+    prompt_tokens: usize,
+    /// Tokens of the messages before the last (the conversation so far), and its hash.
+    prefix: Option<(u64, usize)>,
+    /// The hash of the whole conversation, once this request's reply is added to it.
+    after: u64,
+}
+
+/// Tokens of a text, about four characters each (at least one).
+fn tokens(text: &str) -> usize {
+    text.len().div_ceil(4).max(1)
+}
+
+fn hash_messages<'a>(messages: impl Iterator<Item = (&'a str, &'a str)>) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (role, content) in messages {
+        role.hash(&mut h);
+        content.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// The reply the simulator generates for `max_tokens` (what a client that concatenates the
+/// stream's deltas ends up with).
+pub fn reply_text(max_tokens: u32) -> String {
+    (0..max_tokens).map(|i| format!("tok{i} ")).collect()
+}
+
+impl Request {
+    fn parse(body: &Value, chat: bool, default_max_tokens: u32) -> Self {
+        let max_tokens = body
+            .get("max_tokens")
+            .and_then(Value::as_u64)
+            .map_or(default_max_tokens, |n| n.clamp(1, 4096) as u32);
+        let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let messages: Vec<(&str, &str)> = body
+            .get("messages")
+            .and_then(Value::as_array)
+            .map(|m| {
+                m.iter()
+                    .map(|m| {
+                        (
+                            m["role"].as_str().unwrap_or(""),
+                            m["content"].as_str().unwrap_or(""),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let prompt = body.get("prompt").and_then(Value::as_str).unwrap_or("");
+        let prompt_tokens = tokens(prompt).max(messages.iter().map(|(_, c)| tokens(c)).sum());
+        let prefix = (messages.len() > 1).then(|| {
+            let before = &messages[..messages.len() - 1];
+            (
+                hash_messages(before.iter().copied()),
+                before.iter().map(|(_, c)| tokens(c)).sum(),
+            )
+        });
+        let reply = reply_text(max_tokens);
+        let after = hash_messages(
+            messages
+                .iter()
+                .copied()
+                .chain(std::iter::once(("assistant", reply.as_str()))),
+        );
+        Self {
+            chat,
+            stream,
+            max_tokens,
+            prompt_tokens,
+            prefix,
+            after,
+        }
+    }
 }
 
 impl Sim {
@@ -153,21 +288,76 @@ impl Sim {
         Instant::now() >= self.ready_at
     }
 
-    /// Waits for a batch slot, then for prefill. The permit is the slot.
-    async fn admit(self: &Arc<Self>) -> Result<OwnedSemaphorePermit, Response> {
+    /// Waits for a batch slot and for room in the KV cache, then for prefill.
+    async fn admit(self: &Arc<Self>, req: &Request) -> Result<Admitted, Response> {
         if self.waiting.load(Ordering::Relaxed) >= self.cfg.max_waiting {
             return Err(error(StatusCode::SERVICE_UNAVAILABLE, "queue full"));
         }
-        let permit = {
+        let need = (req.prompt_tokens + req.max_tokens as usize).min(self.cfg.kv_tokens);
+        let admitted = {
             let _waiting = Counted::new(&self.waiting);
-            self.slots
+            let slot = self
+                .slots
                 .clone()
                 .acquire_owned()
                 .await
-                .expect("semaphore never closed")
+                .expect("semaphore never closed");
+            loop {
+                let freed = self.kv_freed.notified();
+                {
+                    let mut used = self.kv_used.lock().expect("kv lock");
+                    if *used + need <= self.cfg.kv_tokens {
+                        *used += need;
+                        break Admitted {
+                            sim: self.clone(),
+                            _slot: slot,
+                            kv: need,
+                        };
+                    }
+                }
+                freed.await;
+            }
         };
-        tokio::time::sleep(Duration::from_millis(self.cfg.ttft_ms)).await;
-        Ok(permit)
+        tokio::time::sleep(self.prefill(req)).await;
+        Ok(admitted)
+    }
+
+    /// Prefill time: the fixed part, then each prompt token, a cached one at the hit factor.
+    fn prefill(&self, req: &Request) -> Duration {
+        let cached = req
+            .prefix
+            .filter(|(hash, _)| self.cached(*hash))
+            .map_or(0, |(_, n)| n);
+        self.metrics.prefix_queries.inc_by(req.prompt_tokens as u64);
+        self.metrics.prefix_hits.inc_by(cached as u64);
+        let fresh = req.prompt_tokens.saturating_sub(cached) as f64;
+        let weighted = fresh + self.cfg.prefix_hit_factor * cached as f64;
+        Duration::from_millis(self.cfg.ttft_ms)
+            + Duration::from_secs_f64(weighted * self.cfg.prefill_ms_per_ktok / 1e6)
+    }
+
+    /// Whether the cache holds this conversation (and marks it used).
+    fn cached(&self, hash: u64) -> bool {
+        let mut lru = self.prefixes.lock().expect("prefix lock");
+        let Some(i) = lru.iter().position(|h| *h == hash) else {
+            return false;
+        };
+        lru.remove(i);
+        lru.push_back(hash);
+        true
+    }
+
+    /// Keeps a finished conversation's blocks in the prefix cache, evicting the oldest.
+    fn remember(&self, hash: u64) {
+        if self.cfg.prefix_cache == 0 {
+            return;
+        }
+        let mut lru = self.prefixes.lock().expect("prefix lock");
+        lru.retain(|h| *h != hash);
+        if lru.len() >= self.cfg.prefix_cache {
+            lru.pop_front();
+        }
+        lru.push_back(hash);
     }
 
     /// Time to decode one token with the batch as it is now.
@@ -238,7 +428,9 @@ async fn metrics(State(sim): State<Arc<Sim>>) -> Response {
     let running = sim.running.load(Ordering::Relaxed);
     m.running.set(running as i64);
     m.waiting.set(sim.waiting.load(Ordering::Relaxed) as i64);
-    m.cache_usage.set(running as f64 / sim.cfg.slots as f64);
+    let kv = *sim.kv_used.lock().expect("kv lock");
+    m.cache_usage
+        .set(kv as f64 / sim.cfg.kv_tokens.max(1) as f64);
     let mut out = Vec::new();
     TextEncoder::new()
         .encode(&m.registry.gather(), &mut out)
@@ -271,15 +463,7 @@ async fn generate(sim: Arc<Sim>, body: Value, chat: bool) -> Response {
             &format!("The model `{model}` does not exist."),
         );
     }
-    let max_tokens = body
-        .get("max_tokens")
-        .and_then(Value::as_u64)
-        .map_or(sim.cfg.default_max_tokens, |n| n.clamp(1, 4096) as u32);
-    let req = Request {
-        chat,
-        stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
-        max_tokens,
-    };
+    let req = Request::parse(&body, chat, sim.cfg.default_max_tokens);
     let id = format!(
         "{}-{}-{}",
         if chat { "chatcmpl" } else { "cmpl" },
@@ -288,23 +472,24 @@ async fn generate(sim: Arc<Sim>, body: Value, chat: bool) -> Response {
     );
 
     if !req.stream {
-        let _slot = match sim.admit().await {
-            Ok(p) => p,
+        let _admitted = match sim.admit(&req).await {
+            Ok(a) => a,
             Err(r) => return r,
         };
         let _running = Counted::new(&sim.running);
-        let mut text = String::new();
-        for i in 0..req.max_tokens {
+        for _ in 0..req.max_tokens {
             tokio::time::sleep(sim.token_interval()).await;
-            text.push_str(&format!("tok{i} "));
             sim.metrics.generated.inc();
         }
+        let text = reply_text(req.max_tokens);
+        sim.remember(req.after);
         sim.metrics.succeeded.inc();
         let choice = if chat {
             json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
         } else {
             json!({"index": 0, "text": text, "finish_reason": "length"})
         };
+        let prompt = req.prompt_tokens as u32;
         return Json(json!({
             "id": id,
             "object": if chat { "chat.completion" } else { "text_completion" },
@@ -312,7 +497,7 @@ async fn generate(sim: Arc<Sim>, body: Value, chat: bool) -> Response {
             "model": sim.cfg.model,
             "system_fingerprint": sim.cfg.name,
             "choices": [choice],
-            "usage": {"prompt_tokens": 8, "completion_tokens": req.max_tokens, "total_tokens": 8 + req.max_tokens},
+            "usage": {"prompt_tokens": prompt, "completion_tokens": req.max_tokens, "total_tokens": prompt + req.max_tokens},
         }))
         .into_response();
     }
@@ -321,8 +506,8 @@ async fn generate(sim: Arc<Sim>, body: Value, chat: bool) -> Response {
     // When the client goes away the channel closes and the task frees its slot.
     let (tx, rx) = mpsc::channel::<Result<Event, std::convert::Infallible>>(4);
     tokio::spawn(async move {
-        let _slot = match sim.admit().await {
-            Ok(p) => p,
+        let _admitted = match sim.admit(&req).await {
+            Ok(a) => a,
             Err(_) => {
                 let _ = tx
                     .send(Ok(Event::default().data(r#"{"error":"queue full"}"#)))
@@ -345,6 +530,7 @@ async fn generate(sim: Arc<Sim>, body: Value, chat: bool) -> Response {
             }
             sim.metrics.generated.inc();
         }
+        sim.remember(req.after);
         if tx.send(Ok(Event::default().data("[DONE]"))).await.is_ok() {
             sim.metrics.succeeded.inc();
         }
@@ -361,6 +547,9 @@ pub async fn serve(
     info!(listen = %cfg.listen, name = %cfg.name, slots = cfg.slots, "simulated GPU instance serving");
     let sim = Arc::new(Sim {
         slots: Arc::new(Semaphore::new(cfg.slots.max(1))),
+        kv_used: Mutex::new(0),
+        kv_freed: Notify::new(),
+        prefixes: Mutex::new(VecDeque::new()),
         running: AtomicUsize::new(0),
         waiting: AtomicUsize::new(0),
         ready_at: Instant::now() + Duration::from_millis(cfg.load_delay_ms),
@@ -378,4 +567,102 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Args {
+        #[command(flatten)]
+        sim: SimConfig,
+    }
+
+    fn sim(args: &[&str]) -> Arc<Sim> {
+        let cfg = Args::parse_from(std::iter::once("sim").chain(args.iter().copied())).sim;
+        Arc::new(Sim {
+            slots: Arc::new(Semaphore::new(cfg.slots)),
+            kv_used: Mutex::new(0),
+            kv_freed: Notify::new(),
+            prefixes: Mutex::new(VecDeque::new()),
+            running: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            ready_at: Instant::now(),
+            next_id: AtomicU64::new(0),
+            metrics: Metrics::new(),
+            cfg,
+        })
+    }
+
+    fn chat(messages: &[(&str, &str)], max_tokens: u32) -> Request {
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|(r, c)| json!({"role": r, "content": c}))
+            .collect();
+        Request::parse(
+            &json!({"messages": messages, "max_tokens": max_tokens}),
+            true,
+            16,
+        )
+    }
+
+    #[test]
+    fn a_conversation_served_here_before_prefills_faster_and_counts_as_a_hit() {
+        let s = sim(&["--ttft-ms", "10", "--prefill-ms-per-ktok", "100"]);
+        let question = "x".repeat(4000); // 1000 tokens
+        let first = chat(&[("user", &question)], 4);
+        assert_eq!(s.prefill(&first), Duration::from_millis(110));
+        s.remember(first.after);
+        // The next turn: the first exchange, then a new question.
+        let reply = reply_text(4);
+        let second = chat(
+            &[("user", &question), ("assistant", &reply), ("user", "and?")],
+            4,
+        );
+        let cached = second.prefix.expect("a prefix").1;
+        assert_eq!(cached, 1000 + tokens(&reply));
+        let got = s.prefill(&second).as_secs_f64() * 1000.0;
+        let want = 10.0 + (1.0 + 0.1 * cached as f64) * 100.0 / 1000.0;
+        assert!((got - want).abs() < 0.01, "{got} ms, want {want}");
+        assert_eq!(s.metrics.prefix_hits.get(), cached as u64);
+        assert_eq!(
+            s.metrics.prefix_queries.get(),
+            (1000 + second.prompt_tokens) as u64
+        );
+        // Another instance, or one that forgot it, pays the whole prefill.
+        let other = sim(&[
+            "--ttft-ms",
+            "10",
+            "--prefill-ms-per-ktok",
+            "100",
+            "--prefix-cache",
+            "0",
+        ]);
+        other.remember(first.after);
+        assert!(other.prefill(&second) > Duration::from_millis(110));
+    }
+
+    #[tokio::test]
+    async fn a_full_kv_cache_holds_a_request_back_while_slots_are_free() {
+        let s = sim(&["--slots", "4", "--kv-tokens", "1000", "--ttft-ms", "0"]);
+        let long = chat(&[("user", &"x".repeat(2400))], 100); // 600 + 100 tokens
+        let first = s.admit(&long).await.expect("fits");
+        let second = tokio::spawn({
+            let s = s.clone();
+            async move { s.admit(&long).await.map(|a| a.kv) }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!second.is_finished(), "700 + 700 tokens exceed the cache");
+        assert_eq!(s.waiting.load(Ordering::Relaxed), 1);
+        drop(first);
+        let kv = tokio::time::timeout(Duration::from_secs(1), second)
+            .await
+            .expect("admitted once the first left")
+            .expect("task")
+            .expect("admitted");
+        assert_eq!(kv, 700);
+    }
 }

@@ -98,7 +98,7 @@ impl Drop for Load {
 }
 
 /// What one run of the slow-instance scenario measured.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SlowScenario {
     pub ttft_p50_ms: f64,
     pub ttft_p95_ms: f64,
@@ -106,6 +106,8 @@ pub struct SlowScenario {
     pub failed: usize,
     /// Requests the fourth (slow) instance served.
     pub to_slow: usize,
+    /// Requests each instance served, by name.
+    pub per_instance: std::collections::BTreeMap<String, usize>,
     /// Mean of the fourth instance's `vllm:num_requests_waiting`, sampled every 100 ms.
     pub slow_queue_mean: f64,
 }
@@ -186,6 +188,10 @@ pub fn four_instance_scenario(
         requests,
         failed: requests - ok.len(),
         to_slow: ok.iter().filter(|r| r.instance == "slow-0").count(),
+        per_instance: ok.iter().fold(Default::default(), |mut m, r| {
+            *m.entry(r.instance.clone()).or_insert(0) += 1;
+            m
+        }),
         slow_queue_mean: samples.iter().sum::<f64>() / samples.len().max(1) as f64,
     })
 }

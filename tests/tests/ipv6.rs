@@ -39,6 +39,7 @@ impl Lo6 {
              conntrack_size = 4096\nconntrack_size_v6 = 4096\n\
              drain_timeout_ms = 1000\nkill_timeout_ms = 2000\n\n\
              [[vip]]\nname = \"chat6\"\naddress = \"::1\"\nport = 80\nmaglev_table_size = 251\n\
+             affinity = \"none\"\n\
              [vip.health]\ninterval_ms = 200\n\n\
              [[model]]\nname = \"sim-llm\"\nvip = \"chat6\"\ngpus = \"simulated:2\"\n\
              address = \"::1\"\nbase_port = 8001\n\

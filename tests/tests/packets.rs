@@ -25,6 +25,7 @@ name = "chat"
 address = "198.18.100.1"
 port = 80
 maglev_table_size = 1021
+affinity = "none"
 
 [[vip.backend]]
 address = "198.18.0.1"
@@ -43,6 +44,7 @@ address = "198.18.100.1"
 port = 53
 protocol = "udp"
 maglev_table_size = 251
+affinity = "none"
 
 [[vip.backend]]
 address = "198.18.0.1"
@@ -63,6 +65,7 @@ name = "chat6"
 address = "2001:db8:1::1"
 port = 80
 maglev_table_size = 1021
+affinity = "none"
 
 [[vip.backend]]
 address = "2001:db8::1"
@@ -81,6 +84,7 @@ address = "2001:db8:1::1"
 port = 53
 protocol = "udp"
 maglev_table_size = 251
+affinity = "none"
 
 [[vip.backend]]
 address = "2001:db8::1"
@@ -98,12 +102,18 @@ fn xdp_fixture_table() {
     let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
     let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
     plan::apply(&mut dp.maps, &plan, None).expect("program maps");
-    // The "empty" VIP keeps its service but loses its table: a VIP with no backend.
+    // The "empty" VIP keeps its service but loses its table and members: a VIP with no
+    // backend.
     let empty = &plan.services[2];
     let cleared: Vec<(u32, u32)> = (0..empty.service.table_size).map(|s| (s, 0)).collect();
     dp.maps
         .write_slots(empty.service.id, &cleared)
         .expect("clear table");
+    dp.maps
+        .set_members(empty.service.id, &[])
+        .expect("clear members");
+    // Room for every flow on its hash's own pick: these fixtures are about parsing and NAT.
+    with_slots(&mut dp, &plan, 1000);
 
     let fixtures = fixtures::table();
     let mut outputs: Vec<(&str, Vec<u8>)> = Vec::new();
@@ -316,6 +326,17 @@ fn run(dp: &mut Datapath, name: &str, packet: &[u8]) -> (u32, Vec<u8>, Reason) {
     (result.return_value, out, counted[0])
 }
 
+/// Gives every planned backend `slots` batch slots (what the daemon writes from the config).
+fn with_slots(dp: &mut Datapath, plan: &plan::Plan, slots: u32) {
+    for (id, _) in plan.services.iter().flat_map(|s| &s.backends) {
+        let load = lb_common::EngineLoad {
+            slots,
+            ..lb_common::EngineLoad::default()
+        };
+        dp.maps.set_engine(*id, load).expect("engine load");
+    }
+}
+
 /// The backend port a NATed packet went to.
 fn nat_port(out: &[u8]) -> u16 {
     u16::from_be(flow_of(out).dport_be)
@@ -493,7 +514,9 @@ fn xdp_admission_control() {
         .expect("admission counters");
     assert_eq!(c.backends_full, 1, "{c:?}");
 
-    // Affinity: every port of one client lands on one backend, the one the address hash picks.
+    // Affinity: every port of one client lands on one backend, the one the address hash
+    // picks, while it has room.
+    with_slots(&mut dp, &plan, 100);
     let svc = plan
         .services
         .iter()
@@ -578,6 +601,144 @@ fn xdp_admission_control() {
         .admit_counters(id("limited6"))
         .expect("admission counters");
     assert_eq!((c.rate_limited, c.not_allowed), (1, 1), "{c:?}");
+    drop(dp);
+    drop(pins);
+}
+
+const SCHEDULER_CONFIG: &str = r#"
+interface = "lo"
+conntrack_size = 4096
+
+[[vip]]
+name = "sched"
+address = "198.18.100.6"
+port = 80
+maglev_table_size = 251
+[[vip.backend]]
+address = "198.18.0.1"
+port = 8301
+[[vip.backend]]
+address = "198.18.0.1"
+port = 8302
+[[vip.backend]]
+address = "198.18.0.1"
+port = 8303
+[[vip.backend]]
+address = "198.18.0.1"
+port = 8304
+"#;
+
+/// The scheduler's choices, one SYN at a time: the hash's own pick while it has a free slot,
+/// elsewhere when it has none (by its live flows, or by what its engine reports when that is
+/// fresh), live flows alone when the engine's numbers are stale, and never a backend out of
+/// the table.
+#[test]
+fn xdp_scheduler() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test loads BPF programs: run it as root (cargo xtask test)"
+    );
+    let pins = PinDir::new("sched");
+    let config = Config::parse(Path::new("sched.toml"), SCHEDULER_CONFIG).expect("config");
+    let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
+    let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
+    plan::apply(&mut dp.maps, &plan, None).expect("program maps");
+    let svc = &plan.services[0];
+    let vip = [198, 18, 100, 6];
+    let port_of_id = |id: u32| {
+        svc.backends
+            .iter()
+            .find(|(i, _)| *i == id)
+            .expect("backend")
+            .1
+            .addr
+            .port()
+    };
+    let id_of_port = |port: u16| {
+        svc.backends
+            .iter()
+            .find(|(_, b)| b.addr.port() == port)
+            .expect("backend")
+            .0
+    };
+    // The backend the client address's consistent hash picks (affinity is the default).
+    let primary = |client: [u8; 4]| {
+        let key = flow_of(&tcp_flags(client, vip, 1, true, false));
+        port_of_id(svc.table[(lb_common::affinity_hash(&key) % svc.service.table_size) as usize])
+    };
+    let syn = |dp: &mut Datapath, client: [u8; 4], port: u16| {
+        let (_, out, reason) = run(
+            dp,
+            "scheduled SYN",
+            &tcp_flags(client, vip, port, true, false),
+        );
+        assert_eq!(reason, Reason::FwdNewFlow);
+        nat_port(&out)
+    };
+    let moved = |dp: &Datapath| {
+        dp.maps
+            .admit_counters(svc.service.id)
+            .expect("counters")
+            .redirected
+    };
+
+    // Two slots each: a client's first two flows stay on its hash's pick, the third moves.
+    with_slots(&mut dp, &plan, 2);
+    let a = [198, 18, 1, 1];
+    let home = primary(a);
+    assert_eq!(syn(&mut dp, a, 50000), home, "the hash's own pick first");
+    assert_eq!(syn(&mut dp, a, 50001), home, "it still has a free slot");
+    let third = syn(&mut dp, a, 50002);
+    assert_ne!(third, home, "no free slot left: moved");
+    assert_eq!(moved(&dp), 1, "counted as moved");
+
+    // A fresh engine reading that says the pick is busy moves a new client's flow away...
+    let b = (2..=250u8)
+        .map(|x| [198, 18, 2, x])
+        .find(|c| primary(*c) != home && primary(*c) != third)
+        .expect("a client whose pick is idle");
+    let busy = primary(b);
+    let now = gpulb::load::monotonic_ns();
+    let engine = |updated_ns| lb_common::EngineLoad {
+        updated_ns,
+        running: 2,
+        waiting: 3,
+        slots: 2,
+        kv_permille: 0,
+    };
+    dp.maps
+        .set_engine(id_of_port(busy), engine(now))
+        .expect("engine load");
+    let away = syn(&mut dp, b, 51000);
+    assert_ne!(away, busy, "its engine reports a full batch and a queue");
+    // ...and once that reading is stale (older than signal_max_age_ms, 500 ms by default),
+    // live flows alone count: the pick has none, so it takes the flow.
+    dp.maps
+        .set_engine(id_of_port(busy), engine(now - 10_000_000_000))
+        .expect("engine load");
+    assert_eq!(syn(&mut dp, b, 51001), busy, "a stale reading is ignored");
+
+    // A backend flagged out of the table takes no new flow, even as the hash's pick (before
+    // the daemon has rewritten the table).
+    let c = (2..=250u8)
+        .map(|x| [198, 18, 3, x])
+        .find(|c| primary(*c) != home && primary(*c) != busy)
+        .expect("a client whose pick has room");
+    let out = primary(c);
+    let (out_id, mut entry) = *svc
+        .backends
+        .iter()
+        .find(|(_, b)| b.addr.port() == out)
+        .expect("backend");
+    entry.flags |= lb_common::BACKEND_OUT;
+    dp.maps.set_backend(out_id, &entry).expect("flag out");
+    for port in 52000..52004 {
+        assert_ne!(
+            syn(&mut dp, c, port),
+            out,
+            "never to a backend out of the table"
+        );
+    }
     drop(dp);
     drop(pins);
 }

@@ -32,6 +32,16 @@ pub struct BackendRow {
     pub live_flows: u64,
     /// Concurrent TCP flow cap; 0: none.
     pub max_flows: u16,
+    /// The scheduler's inputs beside the live flows: what the engine last reported
+    /// (running and waiting requests, KV-cache use), the batch slots it counts with (0:
+    /// unknown), and how old the reading is (`None`: never; past `signal_max_age_ms` the
+    /// scheduler ignores it: `signal_fresh` false).
+    pub running: u32,
+    pub waiting: u32,
+    pub kv_usage: f64,
+    pub batch_slots: u32,
+    pub signal_age_ms: Option<f64>,
+    pub signal_fresh: bool,
     /// What the daemon says of it (model, GPUs, pid, probes, live flows); `None` if the
     /// daemon did not answer.
     pub daemon: Option<BackendStatus>,
@@ -53,7 +63,9 @@ impl TableRow for BackendRow {
         "RESTARTS",
         "PROBE",
         "FLOWS",
-        "LOAD",
+        "ENGINE",
+        "SLOTS",
+        "SIGNAL",
         "WEIGHT",
         "SHARE",
         "NEW_FLOWS",
@@ -89,7 +101,24 @@ impl TableRow for BackendRow {
                 0 => self.live_flows.to_string(),
                 cap => format!("{}/{cap}", self.live_flows),
             },
-            dash(d.and_then(|d| d.load).map(|l| format!("{l:.2}"))),
+            match self.signal_age_ms {
+                Some(_) => format!(
+                    "{}+{} kv {:.0}%",
+                    self.running,
+                    self.waiting,
+                    self.kv_usage * 100.0
+                ),
+                None => "-".into(),
+            },
+            match self.batch_slots {
+                0 => "-".into(),
+                n => n.to_string(),
+            },
+            match self.signal_age_ms {
+                None => "-".into(),
+                Some(ms) if self.signal_fresh => super::millis(ms),
+                Some(ms) => format!("stale {}", super::millis(ms)),
+            },
             self.weight.to_string(),
             self.share.clone(),
             self.new_flows.to_string(),
@@ -129,6 +158,7 @@ pub fn rows(pin_path: &Path, socket: &Path) -> anyhow::Result<Vec<BackendRow>> {
         *tracked.entry(flow.backend).or_insert(0) += 1;
     }
     let daemon = daemon_status(socket);
+    let now = crate::load::monotonic_ns();
     let mut rows = Vec::new();
     for (id, b) in maps.backends()? {
         let service = u32::from(b.service);
@@ -138,6 +168,9 @@ pub fn rows(pin_path: &Path, socket: &Path) -> anyhow::Result<Vec<BackendRow>> {
             .map_or_else(|| format!("(service {service})"), |(k, _)| k.to_string());
         let held = slots.get(&id).copied().unwrap_or(0);
         let c = maps.backend_counters(id)?;
+        let engine = maps.engine(id)?;
+        let max_age = maps.sched(service)?.max_age_ns;
+        let age_ns = now.saturating_sub(engine.updated_ns);
         let status = daemon.iter().flatten().find(|s| s.id == Some(id));
         let state = match (status, b.is_draining(), b.weight) {
             (Some(s), _, _) => s.state.to_string(),
@@ -160,6 +193,12 @@ pub fn rows(pin_path: &Path, socket: &Path) -> anyhow::Result<Vec<BackendRow>> {
             tracked_flows: tracked.get(&id).copied().unwrap_or(0),
             live_flows: maps.live_flows(id)?,
             max_flows: b.max_flows,
+            running: engine.running,
+            waiting: engine.waiting,
+            kv_usage: f64::from(engine.kv_permille) / 1000.0,
+            batch_slots: engine.slots,
+            signal_age_ms: (engine.updated_ns != 0).then(|| age_ns as f64 / 1e6),
+            signal_fresh: engine.updated_ns != 0 && age_ns <= max_age,
             daemon: status.cloned(),
         });
     }

@@ -62,3 +62,12 @@ pub fn percent(part: usize, whole: usize) -> String {
     }
     format!("{:.2}%", part as f64 * 100.0 / whole as f64)
 }
+
+/// A duration in milliseconds as people read it: `42.5ms`, `3.2s`.
+pub fn millis(ms: f64) -> String {
+    if ms >= 1000.0 {
+        format!("{:.1}s", ms / 1000.0)
+    } else {
+        format!("{ms:.1}ms")
+    }
+}

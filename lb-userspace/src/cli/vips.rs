@@ -25,8 +25,10 @@ pub struct VipRow {
     pub rate_limited: u64,
     pub not_allowed: u64,
     pub backends_full: u64,
-    /// New flows sent past a full Maglev pick.
+    /// New flows the scheduler sent elsewhere than the consistent hash's own pick.
     pub redirected: u64,
+    /// How new flows are chosen, e.g. "client, 4 choices, signals ≤ 500ms".
+    pub scheduler: String,
 }
 
 impl TableRow for VipRow {
@@ -40,6 +42,8 @@ impl TableRow for VipRow {
         "BYTES",
         "NEW_FLOWS",
         "REFUSED",
+        "MOVED",
+        "SCHEDULER",
         "LIMITS",
     ];
     fn cells(&self) -> Vec<String> {
@@ -53,6 +57,8 @@ impl TableRow for VipRow {
             self.bytes.to_string(),
             self.new_flows.to_string(),
             (self.rate_limited + self.not_allowed + self.backends_full).to_string(),
+            self.redirected.to_string(),
+            self.scheduler.clone(),
             self.limits.clone(),
         ]
     }
@@ -68,6 +74,7 @@ pub fn rows(pin_path: &Path) -> anyhow::Result<Vec<VipRow>> {
         let c = maps.vip_counters(service.id)?;
         let a = maps.admit_counters(service.id)?;
         let limits = maps.limits(service.id)?;
+        let sched = maps.sched(service.id)?;
         let allow: Vec<String> = prefixes
             .iter()
             .filter(|(id, _, _)| *id == service.id)
@@ -91,6 +98,16 @@ pub fn rows(pin_path: &Path) -> anyhow::Result<Vec<VipRow>> {
             not_allowed: a.not_allowed,
             backends_full: a.backends_full,
             redirected: a.redirected,
+            scheduler: format!(
+                "{}, {} choices, signals ≤ {}ms",
+                if limits.has_affinity() {
+                    "client"
+                } else {
+                    "5-tuple"
+                },
+                sched.choices,
+                sched.max_age_ns / 1_000_000
+            ),
         });
     }
     rows.sort_by_key(|r| r.id);
@@ -109,14 +126,6 @@ fn describe(l: &ServiceLimits, allowed: usize) -> String {
     }
     if l.has_allowlist() {
         parts.push(format!("allow {allowed}"));
-    }
-    if l.has_affinity() {
-        parts.push("affinity".into());
-    }
-    if l.bound_pct != 0 {
-        parts.push(format!("bound {:.2}", f64::from(l.bound_pct) / 100.0));
-    } else if l.checks_load() {
-        parts.push("caps".into());
     }
     if parts.is_empty() {
         return "-".into();

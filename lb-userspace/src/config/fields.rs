@@ -70,6 +70,17 @@ pub fn parse_max_flows(field: &str, n: i64) -> Result<u16, FieldError> {
     u16::try_from(n).map_err(|_| invalid(field, format!("{n} is out of range 0 (no cap)-65535")))
 }
 
+/// Batch slots: 0 (learned from the engine) to 65535.
+pub fn parse_slots(field: &str, n: i64) -> Result<u32, FieldError> {
+    match u16::try_from(n) {
+        Ok(n) => Ok(u32::from(n)),
+        Err(_) => Err(invalid(
+            field,
+            format!("{n} is out of range 0 (learned from the engine)-65535"),
+        )),
+    }
+}
+
 pub fn parse_weight(field: &str, weight: i64) -> Result<u32, FieldError> {
     match u32::try_from(weight) {
         Ok(w) if i64::from(w) <= WEIGHT_MAX => Ok(w),

@@ -1,10 +1,32 @@
-//! `health` of a model or a VIP (for its `[[vip.backend]]`s): how a backend is probed.
+//! How a backend is watched: `health` of a model or a VIP (for its `[[vip.backend]]`s), how
+//! it is probed; and `load`, where its engine's numbers are read.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::fields::{FieldError, invalid, parse_count, parse_ms};
+
+/// Where a backend's load comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadSource {
+    /// Prometheus `/metrics` with vLLM's names (also gpulb-sim):
+    /// `vllm:num_requests_running`, `vllm:num_requests_waiting`, KV-cache usage.
+    #[default]
+    Vllm,
+    /// SGLang's Prometheus `/metrics` (`--enable-metrics`): `sglang:num_running_reqs`,
+    /// `sglang:num_queue_reqs`, `sglang:token_usage`.
+    Sglang,
+    /// Text Generation Inference's `/metrics`: `tgi_batch_current_size`, `tgi_queue_size`.
+    Tgi,
+    /// llama.cpp server `/slots`: the share of slots processing.
+    Llamacpp,
+    /// NVML: the instance's GPUs' utilisation and memory, for servers that export no load
+    /// of their own (real GPUs only).
+    Nvml,
+    None,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -19,13 +19,13 @@ use std::{
 
 pub use fields::{Cidr, WEIGHT_MAX};
 use fields::{FieldError, invalid, parse_ms};
-pub use health::{CheckKind, HealthCheck};
-use lb_common::{ALLOW_ENTRIES, MAX_BACKENDS, MAX_CANDIDATES, MAX_SERVICES, maps::ConntrackSizes};
-pub use model::{GpuRef, GpuSelection, LoadSource, Model, SIM_COMMAND};
+pub use health::{CheckKind, HealthCheck, LoadSource};
+use lb_common::{ALLOW_ENTRIES, MAX_BACKENDS, MAX_SERVICES, maps::ConntrackSizes};
+pub use model::{GpuRef, GpuSelection, Model, SIM_COMMAND};
 use model::{RawModel, validate_models};
 use serde::{Deserialize, Serialize};
 use vip::RawVip;
-pub use vip::{Admission, Affinity, BackendConfig, Protocol, RateLimit, Vip};
+pub use vip::{Admission, Affinity, BackendConfig, Protocol, RateLimit, Scheduler, Vip};
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/gpulb";
 pub const DEFAULT_STATE_DIR: &str = "/run/gpulb";
@@ -309,8 +309,7 @@ fn validate_vips(raw: Vec<RawVip>) -> Result<Vec<Vip>, FieldError> {
     Ok(vips)
 }
 
-/// What the data path can hold: a serving backend per VIP, backend ids, allowed prefixes,
-/// and candidates for caps and bounded load.
+/// What the data path can hold: a serving backend per VIP, backend ids, allowed prefixes.
 fn check_capacity(vips: &[Vip], models: &[Model]) -> Result<(), FieldError> {
     let instances_of = |vip: &Vip| -> usize {
         models
@@ -344,21 +343,6 @@ fn check_capacity(vips: &[Vip], models: &[Model]) -> Result<(), FieldError> {
                 "{allowed} admission.allow prefixes in all, at most {ALLOW_ENTRIES} are supported"
             ),
         ));
-    }
-    // Caps and bounded load choose among at most MAX_CANDIDATES backends per VIP.
-    for (i, vip) in vips.iter().enumerate() {
-        let n = vip.backends.len() + instances_of(vip);
-        let checks_load = vip.load_bound_pct != 0
-            || vip.backends.iter().any(|b| b.max_flows != 0)
-            || models.iter().any(|m| m.vip == vip.name && m.max_flows != 0);
-        if checks_load && n > MAX_CANDIDATES {
-            return Err(invalid(
-                format!("vip[{i}]"),
-                format!(
-                    "{n} backends with max_flows or load_bound; at most {MAX_CANDIDATES} are supported"
-                ),
-            ));
-        }
     }
     Ok(())
 }

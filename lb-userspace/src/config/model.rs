@@ -3,14 +3,14 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, net::SocketAddr, time::Duration};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::{
     fields::{
         FieldError, check_family, invalid, parse_addr, parse_count, parse_max_flows, parse_ms,
-        parse_port, parse_weight,
+        parse_port, parse_slots, parse_weight,
     },
-    health::{CheckKind, HealthCheck, RawHealth},
+    health::{CheckKind, HealthCheck, LoadSource, RawHealth},
     vip::{Protocol, Vip, default_weight},
 };
 
@@ -24,27 +24,6 @@ pub const SIM_COMMAND: [&str; 7] = [
     "--model",
     "{model}",
 ];
-
-/// Where a backend's load comes from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LoadSource {
-    /// Prometheus `/metrics` with vLLM's names (also gpulb-sim):
-    /// `vllm:num_requests_running`, `vllm:num_requests_waiting`, KV-cache usage.
-    #[default]
-    Vllm,
-    /// SGLang's Prometheus `/metrics` (`--enable-metrics`): `sglang:num_running_reqs`,
-    /// `sglang:num_queue_reqs`, `sglang:token_usage`.
-    Sglang,
-    /// Text Generation Inference's `/metrics`: `tgi_batch_current_size`, `tgi_queue_size`.
-    Tgi,
-    /// llama.cpp server `/slots`: the share of slots processing.
-    Llamacpp,
-    /// NVML: the instance's GPUs' utilisation and memory, for servers that export no load
-    /// of their own (real GPUs only).
-    Nvml,
-    None,
-}
 
 /// A model server: its instances are the backends of `vip`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +42,8 @@ pub struct Model {
     pub weight: u32,
     /// Per instance; 0: no cap.
     pub max_flows: u16,
+    /// Batch slots of an instance (the engine's `max_num_seqs`); 0: learned from the engine.
+    pub slots: u32,
     pub env: BTreeMap<String, String>,
     pub load: LoadSource,
     pub restart_delay: Duration,
@@ -115,6 +96,8 @@ pub(super) struct RawModel {
     /// Most concurrent TCP flows one instance takes (0: no cap).
     #[serde(default)]
     max_flows: i64,
+    #[serde(default)]
+    slots: i64,
     #[serde(default)]
     env: BTreeMap<String, String>,
     #[serde(default)]
@@ -401,6 +384,7 @@ impl RawModel {
             load,
             weight: parse_weight(&f("weight"), self.weight)?,
             max_flows: parse_max_flows(&f("max_flows"), self.max_flows)?,
+            slots: parse_slots(&f("slots"), self.slots)?,
             health: self.health.validate(
                 &f("health"),
                 CheckKind::Http,

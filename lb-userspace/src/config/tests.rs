@@ -41,14 +41,14 @@ const VIP_LINE: &str = "port = 80\n";
 fn admission_and_affinity_parse() {
     let c = parse(&GOOD.replacen(
         VIP_LINE,
-        "port = 80\naffinity = \"client\"\nload_bound = 1.25\n\
+        "port = 80\naffinity = \"none\"\n[vip.scheduler]\nchoices = 2\n\
          [vip.admission]\nrate = 10\nallow = [\"198.18.0.0/15\", \"10.1.2.3\"]\n",
         1,
     ))
     .expect("valid config");
     let v = &c.vips[0];
-    assert_eq!(v.affinity, Affinity::Client);
-    assert_eq!(v.load_bound_pct, 125);
+    assert_eq!(v.affinity, Affinity::None);
+    assert_eq!(v.scheduler.choices, 2);
     let rate = v.admission.rate.expect("rate");
     assert_eq!(
         (rate.per_second, rate.burst),
@@ -171,8 +171,28 @@ fn admission_errors_name_field_and_value() {
             "vip[0].affinity: unknown variant `cookie`, expected `none` or `client`",
         ),
         (
-            "load_bound = 0.5\n",
-            "vip[0].load_bound: 0.5 is not 0 (off) or 1.0-10.0",
+            "load_bound = 1.25\n",
+            "vip[0].load_bound: no longer exists: the scheduler keeps a client on its instance",
+        ),
+        (
+            "load_aware = true\n",
+            "vip[0].load_aware: no longer exists: every VIP now schedules by live flows and the engines' load; delete this line",
+        ),
+        (
+            "load_interval_ms = 100\n",
+            "vip[0].load_interval_ms: no longer exists: write [vip.scheduler] signal_interval_ms instead",
+        ),
+        (
+            "[vip.scheduler]\nchoices = 9\n",
+            "vip[0].scheduler.choices: 9 is out of range 1-8",
+        ),
+        (
+            "[vip.scheduler]\nsignal_interval_ms = 100\nsignal_max_age_ms = 150\n",
+            "vip[0].scheduler.signal_max_age_ms: 150 is below twice signal_interval_ms (100)",
+        ),
+        (
+            "[vip.scheduler]\nchoise = 2\n",
+            "vip[0].scheduler.choise: unknown field `choise`, expected one of `choices`",
         ),
         (
             "[vip.admission]\nburst = 5\n",
@@ -203,11 +223,13 @@ fn admission_errors_name_field_and_value() {
         let got = error_for(VIP_LINE, &format!("port = 80\n{extra}"));
         assert!(got.contains(want), "{extra:?}: {got}");
     }
-    let udp = error_for(
-        VIP_LINE,
-        "port = 80\nprotocol = \"udp\"\nload_bound = 1.5\n",
+    let got = error_for("port = 8002\n", "port = 8002\nslots = -1\n");
+    assert!(
+        got.contains(
+            "vip[0].backend[1].slots: -1 is out of range 0 (learned from the engine)-65535"
+        ),
+        "{got}"
     );
-    assert!(udp.contains("vip[0].load_bound: needs a TCP VIP"), "{udp}");
     let got = error_for("port = 8002\n", "port = 8002\nmax_flows = 70000\n");
     assert!(
         got.contains("vip[0].backend[1].max_flows: 70000 is out of range"),
@@ -223,6 +245,24 @@ fn good_config_parses_with_defaults() {
     assert_eq!(c.conntrack.v4, 65536);
     let vip = &c.vips[0];
     assert_eq!(vip.protocol, Protocol::Tcp);
+    assert_eq!(
+        vip.affinity,
+        Affinity::Client,
+        "a client keeps its instance by default"
+    );
+    assert_eq!(
+        vip.scheduler,
+        Scheduler {
+            choices: lb_common::DEFAULT_CHOICES,
+            signal_interval: Duration::from_millis(50),
+            signal_max_age: Duration::from_millis(500),
+        }
+    );
+    assert_eq!(
+        vip.backends[0].load,
+        LoadSource::None,
+        "static backends report no load"
+    );
     assert_eq!(vip.maglev_table_size, 65537);
     assert_eq!(vip.backends[0].weight, 2);
     assert_eq!(vip.backends[1].weight, 1);

@@ -7,15 +7,15 @@ use std::{
     time::Duration,
 };
 
-use lb_common::{MAGLEV_DEFAULT_SIZE, MAGLEV_MAX_SIZE};
-use serde::{Deserialize, Serialize};
+use lb_common::{DEFAULT_CHOICES, MAGLEV_DEFAULT_SIZE, MAGLEV_MAX_SIZE, MAX_CHOICES};
+use serde::{Deserialize, Serialize, de::IgnoredAny};
 
 use super::{
     fields::{
         Cidr, FieldError, check_family, invalid, is_prime, parse_addr, parse_count,
-        parse_max_flows, parse_ms, parse_port, parse_weight,
+        parse_max_flows, parse_ms, parse_port, parse_slots, parse_weight,
     },
-    health::{CheckKind, HealthCheck, RawHealth},
+    health::{CheckKind, HealthCheck, LoadSource, RawHealth},
 };
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -52,15 +52,28 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// What a new flow is hashed by.
+/// What a new flow's consistent hash is of: the scheduler keeps a flow on the hash's own
+/// pick while that backend has a free slot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Affinity {
     /// The whole 5-tuple: every connection is placed on its own.
-    #[default]
     None,
-    /// The client address: every connection of a client goes to the same backend.
+    /// The client address: a client's connections go to the same backend (and find its
+    /// prefix cache) while that backend has room.
+    #[default]
     Client,
+}
+
+/// How new flows are chosen (`[vip.scheduler]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scheduler {
+    /// Backends weighed per new flow: the hash's pick and the members after it.
+    pub choices: u32,
+    /// How often each engine is asked for its load.
+    pub signal_interval: Duration,
+    /// Engine numbers older than this are ignored: live flows alone count.
+    pub signal_max_age: Duration,
 }
 
 /// How a refused new flow is answered.
@@ -83,12 +96,8 @@ pub struct Vip {
     pub backends: Vec<BackendConfig>,
     /// How those backends are checked.
     pub health: HealthCheck,
-    /// New flows steered by load (weights follow the backends' reported load).
-    pub load_aware: bool,
-    pub load_interval: Duration,
     pub affinity: Affinity,
-    /// Bounded load in percent of a backend's share (125 for 1.25); 0: off.
-    pub load_bound_pct: u32,
+    pub scheduler: Scheduler,
     pub admission: Admission,
 }
 
@@ -121,6 +130,10 @@ pub struct BackendConfig {
     pub weight: u32,
     /// 0: no cap.
     pub max_flows: u16,
+    /// Batch slots; 0: learned from its engine (if `load` names one).
+    pub slots: u32,
+    /// Where its engine reports its load; `None` by default (a server gpulb does not know).
+    pub load: LoadSource,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,17 +145,14 @@ pub(super) struct RawVip {
     #[serde(default)]
     protocol: Protocol,
     maglev_table_size: Option<i64>,
-    /// Steer new flows by the backends' reported load (models with a `load` source).
-    #[serde(default)]
-    load_aware: bool,
-    #[serde(default = "default_load_interval_ms")]
-    load_interval_ms: i64,
     #[serde(default)]
     affinity: Affinity,
-    /// Bounded load: a backend takes a new flow only below this multiple of its weighted
-    /// share of the VIP's live flows (0: off).
     #[serde(default)]
-    load_bound: f64,
+    scheduler: RawScheduler,
+    /// Retired by the scheduler: each is refused with what to write instead.
+    load_aware: Option<IgnoredAny>,
+    load_bound: Option<IgnoredAny>,
+    load_interval_ms: Option<IgnoredAny>,
     #[serde(default)]
     backend: Vec<RawBackend>,
     #[serde(default)]
@@ -151,8 +161,50 @@ pub(super) struct RawVip {
     admission: RawAdmission,
 }
 
-fn default_load_interval_ms() -> i64 {
-    250
+/// `[vip.scheduler]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScheduler {
+    choices: Option<i64>,
+    signal_interval_ms: Option<i64>,
+    signal_max_age_ms: Option<i64>,
+}
+
+/// How often engines are asked, by default: the llm-d endpoint picker's 50 ms.
+const DEFAULT_SIGNAL_INTERVAL_MS: i64 = 50;
+/// Engine numbers this old are ignored, by default (ten missed answers).
+const DEFAULT_SIGNAL_MAX_AGE_MS: i64 = 500;
+
+impl RawScheduler {
+    fn validate(self, field: &str) -> Result<Scheduler, FieldError> {
+        let f = |name: &str| format!("{field}.{name}");
+        let choices = match self.choices {
+            None => DEFAULT_CHOICES,
+            Some(n) => parse_count(&f("choices"), n, i64::from(MAX_CHOICES))?,
+        };
+        let interval_ms = self
+            .signal_interval_ms
+            .unwrap_or(DEFAULT_SIGNAL_INTERVAL_MS);
+        let signal_interval = parse_ms(&f("signal_interval_ms"), interval_ms, 10, 60_000)?;
+        let max_age_ms = self
+            .signal_max_age_ms
+            .unwrap_or(DEFAULT_SIGNAL_MAX_AGE_MS.max(10 * interval_ms));
+        let signal_max_age = parse_ms(&f("signal_max_age_ms"), max_age_ms, 20, 600_000)?;
+        if signal_max_age < 2 * signal_interval {
+            return Err(invalid(
+                f("signal_max_age_ms"),
+                format!(
+                    "{max_age_ms} is below twice signal_interval_ms ({interval_ms}): every \
+                     signal would be stale before the next"
+                ),
+            ));
+        }
+        Ok(Scheduler {
+            choices,
+            signal_interval,
+            signal_max_age,
+        })
+    }
 }
 
 /// `[vip.admission]`: which new flows the data path accepts.
@@ -177,6 +229,14 @@ struct RawBackend {
     weight: i64,
     #[serde(default)]
     max_flows: i64,
+    #[serde(default)]
+    slots: i64,
+    #[serde(default = "default_backend_load")]
+    load: LoadSource,
+}
+
+fn default_backend_load() -> LoadSource {
+    LoadSource::None
 }
 
 pub(super) fn default_weight() -> i64 {
@@ -188,6 +248,28 @@ impl RawVip {
         let f = |name: &str| format!("vip[{i}].{name}");
         if self.name.trim().is_empty() {
             return Err(invalid(f("name"), "must not be empty"));
+        }
+        let retired = [
+            (
+                "load_aware",
+                self.load_aware.is_some(),
+                "every VIP now schedules by live flows and the engines' load; delete this line",
+            ),
+            (
+                "load_bound",
+                self.load_bound.is_some(),
+                "the scheduler keeps a client on its instance while it has a free slot and \
+                 otherwise picks the least loaded; delete this line ([vip.scheduler] choices \
+                 sets how many backends it weighs)",
+            ),
+            (
+                "load_interval_ms",
+                self.load_interval_ms.is_some(),
+                "write [vip.scheduler] signal_interval_ms instead",
+            ),
+        ];
+        if let Some((name, _, why)) = retired.iter().find(|(_, set, _)| *set) {
+            return Err(invalid(f(name), format!("no longer exists: {why}")));
         }
         let address = parse_addr(&f("address"), &self.address)?;
         let port = parse_port(&f("port"), self.port)?;
@@ -233,19 +315,6 @@ impl RawVip {
             }
             backends.push(b);
         }
-        let load_bound_pct = match self.load_bound {
-            0.0 => 0,
-            _ if protocol == Protocol::Udp => {
-                return Err(invalid(f("load_bound"), "needs a TCP VIP"));
-            }
-            b if (1.0..=10.0).contains(&b) => (b * 100.0).round() as u32,
-            b => {
-                return Err(invalid(
-                    f("load_bound"),
-                    format!("{b} is not 0 (off) or 1.0-10.0"),
-                ));
-            }
-        };
         Ok(Vip {
             name: self.name,
             address,
@@ -254,10 +323,8 @@ impl RawVip {
             maglev_table_size,
             backends,
             health: self.health.validate(&f("health"), default_check, None)?,
-            load_aware: self.load_aware,
-            load_interval: parse_ms(&f("load_interval_ms"), self.load_interval_ms, 50, 60_000)?,
             affinity: self.affinity,
-            load_bound_pct,
+            scheduler: self.scheduler.validate(&f("scheduler"))?,
             admission: self
                 .admission
                 .validate(&f("admission"), protocol, address)?,
@@ -287,6 +354,8 @@ impl RawBackend {
             port,
             weight,
             max_flows,
+            slots: parse_slots(&bf("slots"), self.slots)?,
+            load: self.load,
         })
     }
 }

@@ -8,20 +8,23 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{Config, HealthCheck, LoadSource, Vip},
-    control::{BackendKey, BackendState, BackendStatus, GpuStatus},
+    control::{BackendKey, BackendState, BackendStatus, EngineStatus, GpuStatus},
     gpu::InstanceSpec,
     health::Health,
-    load::{self, Load},
+    load::Engine,
     supervisor::Command,
 };
 
-/// How a backend's load is read and used.
+/// How a backend's engine is read.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LoadSettings {
+pub struct EngineSettings {
     pub source: LoadSource,
-    /// Its VIP steers new flows by load.
-    pub aware: bool,
+    /// How often (the VIP's `signal_interval_ms`).
     pub interval: Duration,
+    /// How long one reading may take (the VIP's `signal_max_age_ms`: older is stale anyway).
+    pub timeout: Duration,
+    /// Batch slots from the config; 0: learned from the engine.
+    pub slots: u32,
 }
 
 /// A backend as the config declares it.
@@ -35,13 +38,20 @@ pub struct BackendSpec {
     /// Concurrent TCP flow cap, enforced by the data path; 0: none.
     pub max_flows: u16,
     pub check: HealthCheck,
-    pub load: LoadSettings,
+    pub engine: EngineSettings,
     /// The process that serves it, for a model instance; `None` for a `[[vip.backend]]`.
     pub instance: Option<InstanceSpec>,
 }
 
 impl BackendSpec {
-    fn new(vip: &Vip, addr: SocketAddr, weight: u32, max_flows: u16, check: &HealthCheck) -> Self {
+    fn new(
+        vip: &Vip,
+        addr: SocketAddr,
+        weight: u32,
+        max_flows: u16,
+        check: &HealthCheck,
+        engine: (LoadSource, u32),
+    ) -> Self {
         Self {
             key: BackendKey {
                 vip: vip.name.clone(),
@@ -51,10 +61,11 @@ impl BackendSpec {
             weight,
             max_flows,
             check: check.clone(),
-            load: LoadSettings {
-                source: LoadSource::None,
-                aware: vip.load_aware,
-                interval: vip.load_interval,
+            engine: EngineSettings {
+                source: engine.0,
+                interval: vip.scheduler.signal_interval,
+                timeout: vip.scheduler.signal_max_age,
+                slots: engine.1,
             },
             instance: None,
         }
@@ -73,6 +84,7 @@ pub fn specs(config: &Config, instances: Vec<InstanceSpec>) -> Vec<BackendSpec> 
                 b.weight,
                 b.max_flows,
                 &vip.health,
+                (b.load, b.slots),
             ));
         }
     }
@@ -88,8 +100,14 @@ pub fn specs(config: &Config, instances: Vec<InstanceSpec>) -> Vec<BackendSpec> 
             .find(|v| v.name == instance.vip)
             .expect("a model's VIP is checked by the config");
         let addr = SocketAddr::new(instance.address, instance.port);
-        let mut spec = BackendSpec::new(vip, addr, model.weight, model.max_flows, &model.health);
-        spec.load.source = model.load;
+        let mut spec = BackendSpec::new(
+            vip,
+            addr,
+            model.weight,
+            model.max_flows,
+            &model.health,
+            (model.load, model.slots),
+        );
         spec.instance = Some(instance);
         out.push(spec);
     }
@@ -135,8 +153,7 @@ pub struct Backend {
     pub health: Health,
     /// `Some` for a model instance.
     pub process: Option<Process>,
-    pub load: Load,
-    pub load_error: Option<String>,
+    pub engine: Engine,
     /// Its probe (and load) task; results of older tasks are dropped.
     pub probe: ProbeTask,
 }
@@ -160,8 +177,7 @@ impl Backend {
             draining: false,
             health: Health::default(),
             process,
-            load: Load::default(),
-            load_error: None,
+            engine: Engine::default(),
             probe: ProbeTask::default(),
         }
     }
@@ -180,19 +196,14 @@ impl Backend {
         self.spec.instance.as_ref().map(|i| i.name.as_str())
     }
 
-    /// The Maglev weight: the configured (or operator's) weight, scaled by load in
-    /// load-aware mode.
+    /// The configured (or operator's) weight.
     pub fn weight(&self) -> u32 {
-        let base = self.weight_override.unwrap_or(self.spec.weight);
-        if self.steers_by_load() {
-            load::weight(base, self.load.factor)
-        } else {
-            base
-        }
+        self.weight_override.unwrap_or(self.spec.weight)
     }
 
-    pub fn steers_by_load(&self) -> bool {
-        self.spec.load.aware && self.spec.load.source != LoadSource::None
+    /// Its engine is read (it has a load source).
+    pub fn reports_load(&self) -> bool {
+        self.spec.engine.source != LoadSource::None
     }
 
     pub fn running(&self) -> bool {
@@ -225,8 +236,8 @@ impl Backend {
     }
 
     /// What `gpulb backends` and the metrics show of it; `id` is its id in the maps, `live`
-    /// its established connections.
-    pub fn status(&self, id: Option<u32>, live: usize) -> BackendStatus {
+    /// its live flows as the data path counts them, `now_ns` `CLOCK_MONOTONIC`.
+    pub fn status(&self, id: Option<u32>, live: usize, now_ns: u64) -> BackendStatus {
         let instance = self.spec.instance.as_ref();
         let process = self.process.as_ref();
         BackendStatus {
@@ -255,8 +266,14 @@ impl Backend {
             last_error: self.health.last_error.clone(),
             live_flows: live,
             weight: self.weight(),
-            load: self.steers_by_load().then_some(self.load.smoothed),
-            load_error: self.load_error.clone(),
+            slots: self.engine.slots(self.spec.engine.slots),
+            engine: self.engine.last.map(|s| EngineStatus {
+                running: s.running,
+                waiting: s.waiting,
+                kv_usage: s.kv,
+                age_ms: now_ns.saturating_sub(self.engine.at_ns) as f64 / 1e6,
+            }),
+            load_error: self.engine.error.clone(),
             cpus: instance.map_or_else(Vec::new, |i| i.cpus.clone()),
         }
     }

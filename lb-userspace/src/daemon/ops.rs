@@ -24,7 +24,6 @@ use crate::{
     gpu::{self, Inventory},
     health::Health,
     plan::{self, DesiredBackend, DesiredService, Plan},
-    sockets::TcpSockets,
     supervisor::Command,
 };
 
@@ -149,7 +148,6 @@ impl State {
 
     /// One tick of every rolling restart.
     pub fn step_restarts(&mut self) {
-        let sockets = TcpSockets::read();
         let now = Instant::now();
         for mut r in std::mem::take(&mut self.restarts) {
             let name = r.machine.instance().to_owned();
@@ -157,15 +155,12 @@ impl State {
                 .backends
                 .iter()
                 .find(|b| b.instance_name() == Some(&name))
-                .map(|b| {
-                    let addr = b.addr();
-                    restart::View {
-                        live_flows: sockets.connections(addr.ip(), addr.port()),
-                        healthy: b.running() && b.health.up,
-                        pid: b.process.as_ref().and_then(|p| p.pid),
-                        state: b.state(),
-                        last_error: b.health.last_error.clone(),
-                    }
+                .map(|b| restart::View {
+                    live_flows: self.live_flows(b.key()),
+                    healthy: b.running() && b.health.up,
+                    pid: b.process.as_ref().and_then(|p| p.pid),
+                    state: b.state(),
+                    last_error: b.health.last_error.clone(),
                 });
             if let Some(v) = &view
                 && r.machine.drain_timed_out(v, now)

@@ -28,9 +28,9 @@ use crate::{
     datapath::{Datapath, ErrorChain},
     gpu::InstanceSpec,
     health::Health,
+    load,
     metrics::{DaemonMetrics, Snapshot},
     plan::{self, DesiredBackend, DesiredService, Plan},
-    sockets::TcpSockets,
     supervisor::{self, Command, InstanceRecord},
 };
 
@@ -173,21 +173,28 @@ impl State {
                 key,
                 generation,
                 result,
+                at_ns,
             } => {
-                let Some(b) = current(&mut self.backends, &key, generation) else {
+                let Some(i) = self
+                    .backends
+                    .iter()
+                    .position(|b| b.key() == &key && b.probe.generation == generation)
+                else {
                     return false;
                 };
+                let b = &mut self.backends[i];
                 match result {
-                    Ok(sample) => {
-                        b.load_error = None;
-                        // Only what is in the table moves it.
-                        b.load.record(sample) && b.in_table()
-                    }
+                    Ok(signal) => b.engine.record(signal, at_ns),
                     Err(e) => {
-                        b.load_error = Some(e);
-                        false
+                        if b.engine.error.as_ref() != Some(&e) {
+                            warn!(backend = %key, error = %e, "reading the engine's load");
+                        }
+                        b.engine.error = Some(e);
+                        return false;
                     }
                 }
+                self.write_engine(i);
+                false
             }
             Msg::Reconcile => {
                 if let Some(plan) = &self.applied {
@@ -309,8 +316,47 @@ impl State {
                 // Unknown what was written: read the maps back next time.
                 self.applied = None;
                 error!(error = %ErrorChain(&e), "writing the maps");
+                return;
             }
         }
+        // Ids may be new: every backend's capacity and engine numbers under its id.
+        for i in 0..self.backends.len() {
+            self.write_engine(i);
+        }
+    }
+
+    /// Writes backend `i`'s engine numbers and capacity (`BACKEND_LOAD`) under its id.
+    fn write_engine(&mut self, i: usize) {
+        let b = &self.backends[i];
+        let Some(id) = self.id_of(b.key()) else {
+            return;
+        };
+        let load = b.engine.to_map(b.spec.engine.slots);
+        if let Err(e) = self.datapath.maps.set_engine(id, load) {
+            warn!(backend = %b.key(), error = %ErrorChain(&e), "writing the engine's load");
+        }
+    }
+
+    /// A backend's id in the maps, as last written.
+    pub(super) fn id_of(&self, key: &BackendKey) -> Option<u32> {
+        let service = self
+            .applied
+            .as_ref()?
+            .services
+            .iter()
+            .find(|s| s.name == key.vip)?;
+        service
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr == key.addr)
+            .map(|(id, _)| *id)
+    }
+
+    /// A backend's live flows as the data path counts them (0 before it has an id).
+    pub(super) fn live_flows(&self, key: &BackendKey) -> usize {
+        self.id_of(key)
+            .and_then(|id| self.datapath.maps.live_flows(id).ok())
+            .unwrap_or(0) as usize
     }
 
     /// Writes `state_dir/state.json`.
@@ -325,16 +371,16 @@ impl State {
 
     /// Every backend as `gpulb backends` shows it.
     pub fn status(&self) -> Vec<BackendStatus> {
-        let sockets = TcpSockets::read();
         let ids = self.ids();
+        let now = load::monotonic_ns();
         self.backends
             .iter()
             .map(|b| {
-                let addr = b.addr();
-                b.status(
-                    ids.get(b.key()).copied(),
-                    sockets.connections(addr.ip(), addr.port()),
-                )
+                let id = ids.get(b.key()).copied();
+                let live = id
+                    .and_then(|id| self.datapath.maps.live_flows(id).ok())
+                    .unwrap_or(0);
+                b.status(id, live as usize, now)
             })
             .collect()
     }
@@ -365,12 +411,7 @@ impl State {
         self.sync();
         let deadline = Instant::now() + self.config.drain_timeout;
         loop {
-            let sockets = TcpSockets::read();
-            let live: usize = self
-                .backends
-                .iter()
-                .map(|b| sockets.connections(b.addr().ip(), b.addr().port()))
-                .sum();
+            let live: usize = self.backends.iter().map(|b| self.live_flows(b.key())).sum();
             if live == 0 {
                 break;
             }

@@ -27,10 +27,12 @@ pub enum Msg {
         generation: u64,
         result: Result<Duration, String>,
     },
+    /// A reading of the backend's engine, and when it arrived (`CLOCK_MONOTONIC` ns).
     Load {
         key: BackendKey,
         generation: u64,
-        result: Result<f64, String>,
+        result: Result<load::EngineSignal, String>,
+        at_ns: u64,
     },
     /// Time to check the data path's live-flow counts against the sockets.
     Reconcile,
@@ -45,6 +47,7 @@ pub struct Tasks {
     supervisor_events: mpsc::UnboundedSender<supervisor::Event>,
     cancel: CancellationToken,
     probe_client: reqwest::Client,
+    load_client: reqwest::Client,
     next_generation: u64,
 }
 
@@ -59,6 +62,7 @@ impl Tasks {
             supervisor_events,
             cancel,
             probe_client: health::client(),
+            load_client: load::client(),
             next_generation: 0,
         }
     }
@@ -73,8 +77,8 @@ impl Tasks {
         );
     }
 
-    /// (Re)starts `b`'s probe task, and its load scrapes if its VIP steers by load; the old
-    /// task stops.
+    /// (Re)starts `b`'s probe task, and the readings of its engine if it has one; the old
+    /// tasks stop.
     pub fn start_probe(&mut self, b: &mut Backend) {
         b.probe.stop();
         self.next_generation += 1;
@@ -83,7 +87,7 @@ impl Tasks {
             cancel: self.cancel.child_token(),
         };
         let (key, generation) = (b.key().clone(), b.probe.generation);
-        if b.steers_by_load() {
+        if b.reports_load() {
             self.start_load(b);
         }
         let (addr, check, client) = (b.addr(), b.spec.check.clone(), self.probe_client.clone());
@@ -105,17 +109,16 @@ impl Tasks {
         );
     }
 
-    /// Scrapes the backend's load every `load_interval` (stops with its probe task).
+    /// Reads the backend's engine every `signal_interval` (stops with its probe task).
     fn start_load(&self, b: &Backend) {
         let (key, generation) = (b.key().clone(), b.probe.generation);
-        let (addr, settings, client) = (b.addr(), b.spec.load, self.probe_client.clone());
+        let (addr, settings, client) = (b.addr(), b.spec.engine, self.load_client.clone());
         let gpus: Vec<String> = b
             .spec
             .instance
             .iter()
             .flat_map(|i| i.gpus.iter().map(|g| g.uuid.clone()))
             .collect();
-        let timeout = settings.interval.max(Duration::from_millis(200));
         spawn_periodic(
             settings.interval,
             b.probe.cancel.clone(),
@@ -123,11 +126,13 @@ impl Tasks {
             move || {
                 let (key, client, gpus) = (key.clone(), client.clone(), gpus.clone());
                 async move {
-                    let result = load::scrape(&client, addr, settings.source, &gpus, timeout).await;
+                    let result =
+                        load::scrape(&client, addr, settings.source, &gpus, settings.timeout).await;
                     Msg::Load {
                         key,
                         generation,
                         result,
+                        at_ns: load::monotonic_ns(),
                     }
                 }
             },
