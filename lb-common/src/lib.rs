@@ -80,6 +80,9 @@ pub const LIMIT_ALLOWLIST: u32 = 2;
 /// Hash the client address only (session affinity), not the whole 5-tuple.
 pub const LIMIT_AFFINITY: u32 = 4;
 
+/// `Sched::flags`: keep a client's flows on the hash's picks while they have room.
+pub const SCHED_STICKY: u32 = 1;
+
 /// `Flow::flags`: the flow is counted in its backend's `LIVE_FLOWS` (TCP, not closed yet).
 pub const FLOW_COUNTED: u16 = 1;
 

@@ -4,7 +4,7 @@
 
 use crate::{
     BACKEND_DRAINING, BACKEND_IPV6, BACKEND_OUT, FLOW_COUNTED, LIMIT_AFFINITY, LIMIT_ALLOWLIST,
-    LIMIT_REFUSE_RST, MAX_MEMBERS,
+    LIMIT_REFUSE_RST, MAX_MEMBERS, SCHED_STICKY,
 };
 
 /// An IPv6 address as the data path keys it: the header's 16 bytes as four native words.
@@ -190,7 +190,16 @@ pub struct Sched {
     pub max_age_ns: u64,
     /// Backends weighed per decision (1 to `MAX_CHOICES`; 0 reads as `DEFAULT_CHOICES`).
     pub choices: u32,
-    pub _pad: u32,
+    /// `SCHED_STICKY`.
+    pub flags: u32,
+}
+
+impl Sched {
+    /// A client's flows stay on the hash's picks while they have room (the engines' prefix
+    /// caches pay for it); otherwise the least loaded candidate takes each flow.
+    pub const fn is_sticky(&self) -> bool {
+        self.flags & SCHED_STICKY != 0
+    }
 }
 const _: () = assert!(core::mem::size_of::<Sched>() == 16);
 
@@ -208,8 +217,13 @@ pub struct EngineLoad {
     pub slots: u32,
     /// KV-cache use in thousandths.
     pub kv_permille: u32,
+    /// The backend's live flows when the engine answered: what the engine reports beyond
+    /// them is load from elsewhere, added to the live flows as they are now (so a flow that
+    /// ended since counts as ended at once).
+    pub live_at_signal: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<EngineLoad>() == 24);
+const _: () = assert!(core::mem::size_of::<EngineLoad>() == 32);
 
 /// `RATE_LIMIT` key: one bucket per source and VIP. `RATE_LIMIT6` keys an IPv6 source by
 /// its /64 (`[u32; 2]`): one host usually holds a whole /64, and would otherwise get a bucket

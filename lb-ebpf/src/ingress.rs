@@ -124,7 +124,7 @@ fn choose<F: Family>(
     if !pkt.opens_flow() {
         return maglev_pick::<F>(service, hash).ok_or(Reason::DropNoBackend);
     }
-    match decide::<F>(service, hash, now) {
+    match decide::<F>(service, hash, 0, now) {
         Decision::Chosen { id, target, moved } => {
             if moved {
                 count_admission(service.id, |c| &mut c.redirected);

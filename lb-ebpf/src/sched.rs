@@ -1,31 +1,36 @@
 //! The scheduler: one decision per new connection, made from what the kernel holds at that
 //! moment, for XDP and the socket programs alike.
 //!
-//! Candidates: the backend in the VIP's Maglev slot for the flow's hash (the client
-//! address's under affinity), then backends of the VIP's member list from a place the hash
-//! picks: `Sched::choices` of them (more, up to `MAX_CHOICES`, only while every one seen is
-//! at its cap). A backend at its cap (`max_flows`) or out of the table is never chosen. Each
-//! candidate's load is its live flows (counted here, exact), or what its engine reports
-//! running and waiting (or its KV-cache use in slots) when that is larger and fresh; its
-//! capacity is its batch slots (from the config or learned from the engine; 1 when unknown)
-//! times its weight.
+//! Candidates: `Sched::choices` backends of the VIP's member list from a place a hash picks
+//! (more, up to `MAX_CHOICES`, only while every one seen is at its cap), and, when sticky,
+//! the backends in the VIP's Maglev slots for the flow's hash and a second hash of it (the
+//! client address's under affinity). A backend at its cap (`max_flows`) or out of the table
+//! is never chosen. Each candidate's load is its live flows (counted here, exact), or what
+//! its engine reports running and waiting (or its KV-cache use in slots) when that is larger
+//! and fresh. It has room while its load is below its batch slots (from the config or
+//! learned from the engine; unknown: never); loads compare relative to slots (1 when
+//! unknown) times weight.
 //!
-//! The hash's own pick keeps the flow while it has a free slot, so a client stays on its
-//! instance (and its prefix cache) while there is room. Otherwise the candidate with the
-//! lowest load relative to capacity wins, one with a free slot before one without; the
-//! hash's pick is weighed without this flow, so it wins ties and keeps the flow while it is
-//! at most one flow above the best.
+//! Sticky (`Sched::is_sticky`, while the engines' prefix caches pay for it): the hash's own
+//! pick keeps the flow while it has a free slot and its load is at most a quarter of its
+//! slots (at least one flow) above the least loaded candidate's, so a client stays on its
+//! instance and its prefix cache while the load stays even; then, on the same terms, the
+//! hash's second pick (a busy client lands on two instances); then the least loaded
+//! candidate, the picks winning ties. Balanced (otherwise): the least loaded member, ties
+//! rotating with each new flow (per CPU), as round-robin would: the oracle's rule.
+//! Either way a candidate with a free slot beats one without, and when none has one the
+//! lowest load wins: overflow spreads evenly.
 //!
 //! Verifier-friendly on purpose: the decision does not depend on the address family (only
-//! the final lookup does), candidates are gathered before they are scored, and each score
-//! is one `u64` from straight-line code.
+//! the final lookup does), and the decision and each candidate's score are global BPF
+//! functions: the verifier checks each once, whatever state its caller is in.
 
 use lb_common::{DEFAULT_CHOICES, MAX_CHOICES, MAX_MEMBERS, Service, fmix64, maglev_index};
 
 use crate::{
     family::Family,
     flows::live_flows,
-    maps::{BACKEND_LOAD, BACKENDS, MAGLEV, MEMBERS, SCHED},
+    maps::{BACKEND_LOAD, BACKENDS, MAGLEV, MEMBERS, SCHED, VIP_STATS},
 };
 
 /// A backend as one family's data path uses it: its address in that family, and its port.
@@ -83,12 +88,18 @@ const UNUSABLE: u64 = u64::MAX;
 const AT_CAP: u64 = u64::MAX - 1;
 /// Added to the score of a candidate without a free slot: any with one wins.
 const NO_ROOM: u64 = 1 << 62;
+/// Mixed into the hash for its second pick.
+const SECOND_PICK: u64 = 0x27d4_eb2f_1656_67c5;
 /// Load is scaled by this before it is divided by capacity.
 const LOAD_SHIFT: u32 = 24;
 
+/// The scheduler's choice for a new flow: `hash` picks its Maglev slots (the client
+/// address's under affinity); `spread` is added to where a balanced choice starts among
+/// the members (which turns with every new flow of the VIP on this CPU, so that ties
+/// rotate).
 #[inline(always)]
-pub fn decide<F: Family>(service: &Service, hash: u32, now: u64) -> Decision<F::Addr> {
-    let chose = gpulb_choose(service.id, service.table_size, hash, now);
+pub fn decide<F: Family>(service: &Service, hash: u32, spread: u32, now: u64) -> Decision<F::Addr> {
+    let chose = gpulb_choose(service.id, service.table_size, hash, spread, now);
     let id = chose as u32;
     if id == 0 {
         return if chose & CHOSE_FULL != 0 {
@@ -114,7 +125,13 @@ pub fn decide<F: Family>(service: &Service, hash: u32, now: u64) -> Decision<F::
 /// multiply past the verifier's limit.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn gpulb_choose(service_id: u32, table_size: u32, hash: u32, now: u64) -> u64 {
+pub extern "C" fn gpulb_choose(
+    service_id: u32,
+    table_size: u32,
+    hash: u32,
+    spread: u32,
+    now: u64,
+) -> u64 {
     let service = Service {
         id: service_id,
         table_size,
@@ -124,56 +141,114 @@ pub extern "C" fn gpulb_choose(service_id: u32, table_size: u32, hash: u32, now:
     }
     let service = &service;
     let sched = SCHED.get(service.id).copied().unwrap_or_default();
+    let sticky = sched.is_sticky();
     let choices = if sched.choices == 0 {
         DEFAULT_CHOICES
     } else {
         sched.choices
     };
+    let max_age = sched.max_age_ns;
     let primary = MAGLEV
         .get(maglev_index(service, hash))
         .copied()
         .unwrap_or(0);
-    let primary_score = score(primary, 0, now, sched.max_age_ns);
-    if primary_score < NO_ROOM {
-        return CHOSE_PRIMARY | primary as u64;
-    }
-    let mut best = primary;
-    let mut best_score = primary_score;
-    let mut full = primary_score == AT_CAP;
-    let Some(members) = MEMBERS.get(service.id) else {
-        return finish(best, best_score, primary, full);
+    // Sticky: the hash's second pick too (another slot of the same table), where a client's
+    // flows go when its first is busy, so a busy client spreads over two backends (and both
+    // hold its prefix cache). Balanced: neither is weighed apart from the members, so ties
+    // fall evenly.
+    let (primary_score, second, second_score) = if sticky {
+        let second = MAGLEV
+            .get(maglev_index(
+                service,
+                fmix64(hash as u64 ^ SECOND_PICK) as u32,
+            ))
+            .copied()
+            .unwrap_or(0);
+        let second_score = if second == primary {
+            UNUSABLE
+        } else {
+            gpulb_score(second, now, max_age, WITH_FLOW)
+        };
+        (
+            gpulb_score(primary, now, max_age, WITH_FLOW),
+            second,
+            second_score,
+        )
+    } else {
+        (UNUSABLE, 0, UNUSABLE)
     };
-    let n = members.count;
-    if n == 0 || n as usize > MAX_MEMBERS {
-        return finish(best, best_score, primary, full);
+    let picks_best = if second_score < primary_score {
+        second_score
+    } else {
+        primary_score
+    };
+    let mut full = primary_score == AT_CAP || second_score == AT_CAP;
+    let (mut best, mut best_score) = (0, UNUSABLE);
+    if let Some(members) = MEMBERS.get(service.id) {
+        let n = members.count;
+        // Not `n <= MAX_MEMBERS` here: the compiler would then drop the index check below
+        // as redundant, and the verifier, which cannot tell, refuses the access.
+        if n != 0 {
+            // Where in the list to start: by the client under sticky, so its flows weigh
+            // the same members; balanced, one further with each new flow of the VIP on this
+            // CPU, so that ties rotate as round-robin would.
+            let start = if sticky {
+                fmix64(hash as u64 ^ 0x5bd1_e995) as u32
+            } else {
+                let turn = VIP_STATS.get(service.id).map_or(0, |c| c.new_flows as u32);
+                turn.wrapping_add(spread)
+            } % n;
+            for k in 0..MAX_CHOICES {
+                // Past `choices`, look further only while every backend seen is at its cap.
+                if k >= n || (k >= choices && (best_score < AT_CAP || picks_best < AT_CAP)) {
+                    break;
+                }
+                let i = ((start + k) % n) as usize;
+                if i >= MAX_MEMBERS {
+                    break;
+                }
+                let id = members.ids[i];
+                if sticky && (id == primary || id == second) {
+                    continue;
+                }
+                let s = gpulb_score(id, now, max_age, WITH_FLOW);
+                full |= s == AT_CAP;
+                if s < best_score {
+                    best = id;
+                    best_score = s;
+                }
+            }
+        }
     }
-    // Another mix of the hash than Maglev's slot: where in the list to start.
-    let start = (fmix64(hash as u64 ^ 0x5bd1_e995) as u32) % n;
-    for k in 0..MAX_CHOICES {
-        // Past `choices`, look further only while every backend seen is at its cap.
-        if k >= n || (k >= choices && best_score < AT_CAP) {
-            break;
+    if !sticky && best_score == UNUSABLE && primary != 0 {
+        // No member list (yet): the hash's pick alone.
+        best = primary;
+        best_score = gpulb_score(primary, now, max_age, WITH_FLOW);
+        full = best_score == AT_CAP;
+    }
+    // Sticky: the hash's picks win ties (the primary first). Balanced: their scores are
+    // `UNUSABLE`, and these change nothing.
+    if second_score <= best_score && second_score != UNUSABLE {
+        best = second;
+        best_score = second_score;
+    }
+    if primary_score <= best_score && primary_score != UNUSABLE {
+        best = primary;
+        best_score = primary_score;
+    }
+    if sticky && best != primary {
+        // A pick keeps the flow while it has a free slot and its load is at most its slack
+        // above the least loaded one's: a client stays put while the load stays even.
+        if primary_score < NO_ROOM && gpulb_score(primary, now, max_age, LESS_SLACK) <= best_score {
+            return CHOSE_PRIMARY | primary as u64;
         }
-        let i = ((start + k) % n) as usize;
-        if i >= MAX_MEMBERS {
-            break;
-        }
-        let id = members.ids[i];
-        if id == primary {
-            continue;
-        }
-        let s = score(id, 1, now, sched.max_age_ns);
-        full |= s == AT_CAP;
-        if s < best_score {
-            best = id;
-            best_score = s;
+        if best != second
+            && second_score < NO_ROOM
+            && gpulb_score(second, now, max_age, LESS_SLACK) <= best_score
+        {
+            return second as u64;
         }
     }
-    finish(best, best_score, primary, full)
-}
-
-#[inline(always)]
-fn finish(best: u32, best_score: u64, primary: u32, full: bool) -> u64 {
     if best_score >= AT_CAP {
         return if full { CHOSE_FULL } else { CHOSE_NONE };
     }
@@ -181,11 +256,22 @@ fn finish(best: u32, best_score: u64, primary: u32, full: bool) -> u64 {
     flag | best as u64
 }
 
+/// `gpulb_score`'s `mode`: the load with this flow.
+const WITH_FLOW: u64 = 0;
+/// `gpulb_score`'s `mode`: the load with this flow less the sticky slack, a quarter of the
+/// backend's slots (at least one flow): how far a hash's pick may be above the least loaded
+/// and keep a sticky client's flow.
+const LESS_SLACK: u64 = 1;
+/// The sticky slack is the slots divided by this.
+const SLACK_SHARE: u64 = 4;
+
 /// A candidate's score, lower is better: `NO_ROOM` if it has no free slot, plus its load
-/// after `extra` more flows relative to its capacity; `AT_CAP` or `UNUSABLE` when it cannot
-/// take the flow.
-#[inline(always)]
-fn score(id: u32, extra: u64, now: u64, max_age_ns: u64) -> u64 {
+/// with this flow relative to its capacity (less its slack, in `LESS_SLACK` mode);
+/// `AT_CAP` or `UNUSABLE` when it cannot take the flow. A global BPF function, like
+/// `gpulb_choose`: verified once, whatever its caller.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn gpulb_score(id: u32, now: u64, max_age_ns: u64, mode: u64) -> u64 {
     let Some(b) = BACKENDS.get(id) else {
         return UNUSABLE;
     };
@@ -202,15 +288,26 @@ fn score(id: u32, extra: u64, now: u64, max_age_ns: u64) -> u64 {
     if let Some(e) = BACKEND_LOAD.get(id) {
         slots = e.slots as u64;
         if e.updated_ns != 0 && now.saturating_sub(e.updated_ns) <= max_age_ns {
+            // The engine's requests (or its KV cache's worth of slots) beyond the live flows
+            // it served when it answered: load from elsewhere, on top of the flows now.
             let engine = e.running as u64 + e.waiting as u64;
             let kv = e.kv_permille as u64 * slots / 1000 + e.waiting as u64;
-            inflight = max(inflight, max(engine, kv));
+            inflight = live + max(engine, kv).saturating_sub(e.live_at_signal as u64);
         }
     }
+    // A free slot is a real one; the weight scales the load comparison (a weight-2 backend
+    // takes twice the load of a weight-1 one before they compare equal).
     let capacity = max(slots, 1) * max(weight, 1);
-    let load = ((inflight + extra) << LOAD_SHIFT) / capacity;
-    let room = slots != 0 && inflight < capacity;
-    if room { load } else { NO_ROOM | load }
+    let mut flows = inflight + 1;
+    if mode == LESS_SLACK {
+        flows = flows.saturating_sub(max(slots / SLACK_SHARE, 1));
+    }
+    let load = (flows << LOAD_SHIFT) / capacity;
+    if slots != 0 && inflight < slots {
+        load
+    } else {
+        NO_ROOM | load
+    }
 }
 
 #[inline(always)]

@@ -61,7 +61,8 @@ pub fn sock_forward<F: Family>(ctx: &SockAddrContext) {
         id: backend_id,
         target: backend,
         ..
-    } = decide::<F>(&service, hash, now)
+    } = decide::<F>(&service, hash, hash, now)
+    // (no new-flow count rotates ties here)
     else {
         return; // no backend with room: the connect goes to the VIP, as without gpulb
     };

@@ -209,6 +209,9 @@ pub struct EngineStatus {
     pub kv_usage: f64,
     /// Age of the reading; past the VIP's `signal_max_age_ms` the scheduler ignores it.
     pub age_ms: f64,
+    /// Its prefix cache's recent hit rate, 0-1, where the engine tells.
+    #[serde(default)]
+    pub prefix_hit_rate: Option<f64>,
 }
 
 impl BackendStatus {

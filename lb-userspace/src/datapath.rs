@@ -254,6 +254,24 @@ impl Datapath {
         })
     }
 
+    /// Instructions the verifier processed for each program when it loaded (the kernel's
+    /// `verified_insns`, 5.16 and later; `None` where the kernel does not say): how close a
+    /// program is to the verifier's limit, tracked per kernel by `cargo xtask bench`.
+    pub fn verified_instructions(&self) -> Vec<(&'static str, Option<u32>)> {
+        [programs::INGRESS, programs::EGRESS]
+            .into_iter()
+            .chain(SOCKET_PROGRAMS)
+            .map(|name| {
+                let count = self
+                    .ebpf
+                    .program(name)
+                    .and_then(|p| p.info().ok())
+                    .and_then(|i| i.verified_instruction_count());
+                (name, count)
+            })
+            .collect()
+    }
+
     pub fn ingress(&mut self) -> &mut Xdp {
         self.ebpf
             .program_mut(programs::INGRESS)

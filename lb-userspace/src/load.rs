@@ -3,9 +3,9 @@
 //! the kernel: requests running, requests waiting, KV-cache use, and (where the engine says)
 //! its batch slots.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
-use crate::config::LoadSource;
+use crate::config::{LoadSource, PrefixAffinity};
 
 /// One reading of an engine.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -18,6 +18,17 @@ pub struct EngineSignal {
     pub kv: f64,
     /// Batch slots, where the engine tells (llama.cpp's `/slots`).
     pub slots: Option<u32>,
+    /// Its prefix cache's hits, where the engine tells.
+    pub prefix: Option<PrefixCache>,
+}
+
+/// What an engine says of its prefix cache.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PrefixCache {
+    /// Prompt tokens looked up and found, since it started (vLLM's counters).
+    Counters { queries: f64, hits: f64 },
+    /// The share of prompt tokens found, recently (SGLang's gauge), 0-1.
+    HitRate(f64),
 }
 
 /// The Prometheus gauges of an engine that exports them.
@@ -28,17 +39,23 @@ fn gauges(source: LoadSource) -> Option<Gauges> {
             waiting: "vllm:num_requests_waiting",
             // vLLM renamed the gauge; either is a 0-1 fraction.
             cache: &["vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"],
+            prefix: Prefix::Counters {
+                queries: "vllm:prefix_cache_queries_total",
+                hits: "vllm:prefix_cache_hits_total",
+            },
         }),
         LoadSource::Sglang => Some(Gauges {
             running: "sglang:num_running_reqs",
             waiting: "sglang:num_queue_reqs",
             cache: &["sglang:token_usage"],
+            prefix: Prefix::HitRate("sglang:cache_hit_rate"),
         }),
         // TGI exports no KV-cache gauge: its queue tells when it is full.
         LoadSource::Tgi => Some(Gauges {
             running: "tgi_batch_current_size",
             waiting: "tgi_queue_size",
             cache: &[],
+            prefix: Prefix::None,
         }),
         LoadSource::Llamacpp | LoadSource::Nvml | LoadSource::None => None,
     }
@@ -51,45 +68,88 @@ struct Gauges {
     waiting: &'static str,
     /// KV-cache use as a 0-1 fraction, under any of these names.
     cache: &'static [&'static str],
+    prefix: Prefix,
 }
 
-/// The signal in the Prometheus text of `source` (vLLM, SGLang, TGI). Series of one gauge
-/// (several data-parallel ranks, say) are summed; KV-cache fractions are averaged.
+/// Where an engine's Prometheus text tells of its prefix cache.
+#[derive(Debug, Clone, Copy)]
+enum Prefix {
+    Counters {
+        queries: &'static str,
+        hits: &'static str,
+    },
+    HitRate(&'static str),
+    None,
+}
+
+impl Prefix {
+    fn has(&self, name: &str) -> bool {
+        match *self {
+            Prefix::Counters { queries, hits } => name == queries || name == hits,
+            Prefix::HitRate(rate) => name == rate,
+            Prefix::None => false,
+        }
+    }
+}
+
+/// The signal in the Prometheus text of `source` (vLLM, SGLang, TGI). Series of one name
+/// (several data-parallel ranks, say) are summed; KV-cache fractions and hit rates are
+/// averaged.
 pub fn from_metrics(text: &str, source: LoadSource) -> Result<EngineSignal, String> {
     let g =
         gauges(source).ok_or_else(|| format!("{source:?} exports no Prometheus load gauges"))?;
-    let (mut running, mut waiting, mut cache, mut ranks) = (None, 0.0, 0.0, 0usize);
+    // name -> (sum, series)
+    let mut sums: HashMap<&str, (f64, usize)> = HashMap::new();
     for line in text.lines() {
-        // Only the gauges' own lines: skip comments, histograms and everything else cheaply.
-        if line.starts_with('#')
-            || !(line.starts_with(g.running)
-                || line.starts_with(g.waiting)
-                || g.cache.iter().any(|c| line.starts_with(c)))
+        if line.starts_with('#') {
+            continue;
+        }
+        // `name{labels} value [timestamp]` or `name value [timestamp]`.
+        let end = line.find(['{', ' ']).unwrap_or(line.len());
+        let name = &line[..end];
+        if !(name == g.running
+            || name == g.waiting
+            || g.cache.contains(&name)
+            || g.prefix.has(name))
         {
             continue;
         }
-        let Some((series, v)) = line.rsplit_once(' ') else {
+        let rest = match line[end..].strip_prefix('{') {
+            Some(labelled) => labelled.split_once('}').map_or("", |(_, r)| r),
+            None => &line[end..],
+        };
+        let Some(Ok(v)) = rest.split_whitespace().next().map(str::parse::<f64>) else {
             continue;
         };
-        let Ok(v) = v.trim().parse::<f64>() else {
+        if !v.is_finite() {
             continue;
-        };
-        let name = series.split('{').next().unwrap_or(series);
-        if name == g.running {
-            *running.get_or_insert(0.0) += v;
-        } else if name == g.waiting {
-            waiting += v;
-        } else if g.cache.contains(&name) {
-            cache += v;
-            ranks += 1;
         }
+        let e = sums.entry(name).or_default();
+        e.0 += v;
+        e.1 += 1;
     }
-    let running = running.ok_or_else(|| format!("no {} in /metrics", g.running))?;
+    let sum = |name: &str| sums.get(name).map(|(v, _)| *v);
+    let mean = |name: &str| sums.get(name).map(|(v, n)| v / *n as f64);
+    let running = sum(g.running).ok_or_else(|| format!("no {} in /metrics", g.running))?;
+    let prefix = match g.prefix {
+        Prefix::Counters { queries, hits } => match (sum(queries), sum(hits)) {
+            (Some(queries), Some(hits)) => Some(PrefixCache::Counters { queries, hits }),
+            _ => None,
+        },
+        Prefix::HitRate(rate) => mean(rate).map(|r| PrefixCache::HitRate(r.clamp(0.0, 1.0))),
+        Prefix::None => None,
+    };
     Ok(EngineSignal {
         running: running.max(0.0).round() as u32,
-        waiting: waiting.max(0.0).round() as u32,
-        kv: (cache / ranks.max(1) as f64).clamp(0.0, 1.0),
+        waiting: sum(g.waiting).unwrap_or(0.0).max(0.0).round() as u32,
+        kv: g
+            .cache
+            .iter()
+            .find_map(|c| mean(c))
+            .unwrap_or(0.0)
+            .clamp(0.0, 1.0),
         slots: None,
+        prefix,
     })
 }
 
@@ -109,6 +169,7 @@ pub fn from_llamacpp_slots(body: &str) -> Result<EngineSignal, String> {
         waiting: 0,
         kv: busy as f64 / slots.len() as f64,
         slots: Some(slots.len() as u32),
+        prefix: None,
     })
 }
 
@@ -126,6 +187,7 @@ pub fn from_gpu_usage(u: crate::gpu::GpuUsage) -> EngineSignal {
         waiting: 0,
         kv: u.utilization.max(pressure).clamp(0.0, 1.0),
         slots: None,
+        prefix: None,
     }
 }
 
@@ -184,20 +246,28 @@ pub struct Engine {
     pub last: Option<EngineSignal>,
     /// `CLOCK_MONOTONIC` nanoseconds when `last` arrived.
     pub at_ns: u64,
+    /// The backend's live flows (the data path's count) when `last` arrived.
+    pub live_at: u32,
     /// Slots as the engine shows them: what runs while requests wait (the batch is full),
     /// or more if more ever run; 0 until then.
     pub learned_slots: u32,
+    /// Its prefix cache's recent hit rate, where it tells.
+    pub prefix: PrefixWindow,
     pub error: Option<String>,
 }
 
 impl Engine {
-    pub fn record(&mut self, signal: EngineSignal, at_ns: u64) {
+    pub fn record(&mut self, signal: EngineSignal, at_ns: u64, live: u32) {
+        self.live_at = live;
         self.learned_slots = match signal.slots {
             Some(n) => n,
             None if signal.waiting > 0 && signal.running > 0 => signal.running,
             None if self.learned_slots > 0 => self.learned_slots.max(signal.running),
             None => 0,
         };
+        if let Some(p) = signal.prefix {
+            self.prefix.record(p, at_ns);
+        }
         self.last = Some(signal);
         self.at_ns = at_ns;
         self.error = None;
@@ -219,6 +289,7 @@ impl Engine {
             waiting: 0,
             kv: 0.0,
             slots: None,
+            prefix: None,
         });
         lb_common::EngineLoad {
             updated_ns: if self.last.is_some() { self.at_ns } else { 0 },
@@ -226,6 +297,104 @@ impl Engine {
             waiting: s.waiting,
             slots: self.slots(configured),
             kv_permille: (s.kv * 1000.0).round() as u32,
+            live_at_signal: self.live_at,
+            _pad: 0,
+        }
+    }
+}
+
+/// How fast old prefix-cache readings fade: each weighs e^-1 after this long.
+const PREFIX_WINDOW_NS: f64 = 30e9;
+
+/// An engine's prefix-cache hit rate over about the last `PREFIX_WINDOW_NS`: the prompt
+/// tokens looked up and found since each reading of its counters, or its own rate, older
+/// readings weighing exponentially less.
+#[derive(Debug, Clone, Default)]
+pub struct PrefixWindow {
+    /// The counters at the last reading.
+    counters: Option<(f64, f64)>,
+    /// The first reading.
+    pub since_ns: u64,
+    at_ns: u64,
+    queries: f64,
+    hits: f64,
+}
+
+impl PrefixWindow {
+    pub fn record(&mut self, reading: PrefixCache, at_ns: u64) {
+        let first = self.at_ns == 0;
+        if first {
+            self.since_ns = at_ns;
+        }
+        let fade = if first {
+            0.0
+        } else {
+            (-(at_ns.saturating_sub(self.at_ns) as f64) / PREFIX_WINDOW_NS).exp()
+        };
+        self.queries *= fade;
+        self.hits *= fade;
+        match reading {
+            PrefixCache::Counters { queries, hits } => {
+                // Lower than before: the engine restarted, its counters start again here.
+                if let Some((q0, h0)) = self.counters
+                    && queries >= q0
+                    && hits >= h0
+                {
+                    self.queries += queries - q0;
+                    self.hits += hits - h0;
+                }
+                self.counters = Some((queries, hits));
+            }
+            PrefixCache::HitRate(rate) => {
+                let weight = 1.0 - fade;
+                self.queries += weight;
+                self.hits += rate * weight;
+            }
+        }
+        self.at_ns = at_ns;
+    }
+
+    /// The recent share of prompt tokens found in the cache; `None` before any was looked up.
+    pub fn hit_rate(&self) -> Option<f64> {
+        (self.queries > 0.0).then(|| (self.hits / self.queries).clamp(0.0, 1.0))
+    }
+}
+
+/// A VIP becomes sticky when its engines' mean prefix-cache hit rate reaches this...
+pub const STICKY_FROM: f64 = 0.10;
+/// ...and balanced again when it falls below this (apart, so it does not flap)...
+pub const BALANCED_BELOW: f64 = 0.05;
+/// ...once its engines have been read this long: conversations that just began miss
+/// before they hit, and stickiness is what keeps them hitting.
+pub const BALANCED_AFTER_NS: u64 = 10_000_000_000;
+
+/// Whether a VIP's flows stay on their hash's picks while those have room: `mode` as
+/// configured, `was` what it is now, `rates` its engines' recent prefix-cache hit rates,
+/// `observed_ns` how long the longest read of them has been read. Under `auto`, engines
+/// that tell nothing of a prefix cache leave it sticky: a cache they keep quiet about
+/// (llama.cpp's slots, TGI's) is found again, at no cost while there is room.
+pub fn sticky(
+    mode: PrefixAffinity,
+    was: bool,
+    rates: impl IntoIterator<Item = f64>,
+    observed_ns: u64,
+) -> bool {
+    match mode {
+        PrefixAffinity::On => true,
+        PrefixAffinity::Off => false,
+        PrefixAffinity::Auto => {
+            let (sum, n) = rates
+                .into_iter()
+                .fold((0.0, 0usize), |(sum, n), r| (sum + r, n + 1));
+            if n == 0 {
+                return true;
+            }
+            let rate = sum / n as f64;
+            if was {
+                rate >= BALANCED_BELOW || observed_ns < BALANCED_AFTER_NS
+            } else {
+                rate >= STICKY_FROM
+            }
         }
     }
 }
@@ -311,25 +480,116 @@ mod tests {
             waiting,
             kv: 0.0,
             slots: None,
+            prefix: None,
         }
+    }
+
+    #[test]
+    fn prefix_hit_rates_come_from_counters_or_the_engines_rate() {
+        let text = |queries: u64, hits: u64| {
+            format!(
+                "{VLLM}vllm:prefix_cache_queries_total{{model_name=\"m\"}} {queries}\n\
+                 vllm:prefix_cache_hits_total{{model_name=\"m\"}} {hits} 1700000000000\n"
+            )
+        };
+        let read = |q, h| {
+            from_metrics(&text(q, h), LoadSource::Vllm)
+                .expect("parses")
+                .prefix
+                .expect("vLLM tells its prefix cache")
+        };
+        assert_eq!(
+            read(100, 40),
+            PrefixCache::Counters {
+                queries: 100.0,
+                hits: 40.0
+            },
+            "a sample's timestamp is not its value"
+        );
+        let mut w = PrefixWindow::default();
+        w.record(read(1000, 900), 1);
+        assert_eq!(w.hit_rate(), None, "since it started is not recent");
+        w.record(read(2000, 1000), 1_000_000_000);
+        assert!((w.hit_rate().unwrap() - 0.1).abs() < 1e-9, "{w:?}");
+        // A restart: counters start again, and nothing is counted for that reading.
+        w.record(read(50, 50), 2_000_000_000);
+        assert!((w.hit_rate().unwrap() - 0.1).abs() < 1e-9, "{w:?}");
+        w.record(read(1050, 1050), 3_000_000_000);
+        let r = w.hit_rate().unwrap();
+        assert!(
+            r > 0.5 && r < 0.6,
+            "the newer thousand weighs a bit more: {r}"
+        );
+        // Long after, the new hits are all that count.
+        w.record(read(2050, 2050), 600_000_000_000);
+        assert!(w.hit_rate().unwrap() > 0.99);
+
+        let sglang = "sglang:num_running_reqs 1\nsglang:cache_hit_rate{dp_rank=\"0\"} 0.5\n\
+                      sglang:cache_hit_rate{dp_rank=\"1\"} 0.7\n";
+        let p = from_metrics(sglang, LoadSource::Sglang)
+            .expect("parses")
+            .prefix;
+        let Some(PrefixCache::HitRate(r)) = p else {
+            panic!("{p:?}")
+        };
+        assert!((r - 0.6).abs() < 1e-9, "the ranks' mean: {r}");
+        assert_eq!(from_metrics(VLLM, LoadSource::Vllm).unwrap().prefix, None);
+    }
+
+    #[test]
+    fn auto_affinity_is_sticky_while_prefix_caches_hit() {
+        use PrefixAffinity::*;
+        let long = BALANCED_AFTER_NS;
+        assert!(sticky(On, false, [0.0], long));
+        assert!(!sticky(Off, true, [0.9], long));
+        assert!(
+            sticky(Auto, false, [], long),
+            "engines that do not tell: sticky"
+        );
+        assert!(!sticky(Auto, true, [0.0, 0.04], long), "mean 2%: balanced");
+        assert!(
+            sticky(Auto, true, [0.0, 0.04], long - 1),
+            "not before the engines were read for long enough"
+        );
+        assert!(
+            sticky(Auto, false, [0.3, 0.0], 0),
+            "mean 15%: sticky at once"
+        );
+        assert!(
+            !sticky(Auto, false, [0.08], long),
+            "8% does not make it sticky..."
+        );
+        assert!(
+            sticky(Auto, true, [0.08], long),
+            "...nor balanced once sticky"
+        );
     }
 
     #[test]
     fn slots_are_learned_when_requests_wait_and_the_config_wins() {
         let mut e = Engine::default();
-        e.record(signal(3, 0), 1);
+        e.record(signal(3, 0), 1, 3);
         assert_eq!(e.slots(0), 0, "no queue yet: the batch may hold more");
-        e.record(signal(4, 2), 2);
+        e.record(signal(4, 2), 2, 6);
         assert_eq!(e.slots(0), 4, "requests wait: the batch is full at 4");
-        e.record(signal(2, 0), 3);
+        e.record(signal(2, 0), 3, 2);
         assert_eq!(e.slots(0), 4, "kept while the batch is not full");
-        e.record(signal(6, 0), 4);
+        e.record(signal(6, 0), 4, 6);
         assert_eq!(e.slots(0), 6, "more ran than learned: at least that many");
-        e.record(signal(3, 1), 5);
+        e.record(signal(3, 1), 5, 4);
         assert_eq!(e.slots(0), 3, "long prompts fill the KV cache: fewer fit");
         assert_eq!(e.slots(8), 8, "the config's slots win");
         let m = e.to_map(0);
-        assert_eq!((m.updated_ns, m.running, m.waiting, m.slots), (5, 3, 1, 3));
+        assert_eq!(
+            (
+                m.updated_ns,
+                m.running,
+                m.waiting,
+                m.slots,
+                m.live_at_signal
+            ),
+            (5, 3, 1, 3, 4)
+        );
         assert_eq!(
             Engine::default().to_map(4).updated_ns,
             0,

@@ -184,6 +184,11 @@ fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsErro
         "New flows refused by admission control (RST or drop), by cause.",
         &["vip", "cause"],
     );
+    let sticky = gauge(
+        "gpulb_vip_sticky",
+        "1 while the VIP keeps clients on their hash's picks (prefix affinity), 0 while it balances by load.",
+        &vip_labels,
+    );
     let redirected = counter(
         "gpulb_vip_redirected_total",
         "New flows sent past a full (capped or over-bound) Maglev pick to another backend.",
@@ -205,6 +210,9 @@ fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsErro
             refused.with_label_values(&[&vip, cause]).inc_by(n);
         }
         redirected.with_label_values(&[&vip]).inc_by(a.redirected);
+        sticky
+            .with_label_values(&[&vip])
+            .set(i64::from(maps.sched(service.id)?.is_sticky()));
     }
 
     let labels = ["vip", "backend", "instance"];
@@ -230,7 +238,7 @@ fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsErro
     );
     let counted = gauge(
         "gpulb_backend_counted_flows",
-        "Live TCP flows the data path counts for the backend (what max_flows and load_bound use).",
+        "Live TCP flows the data path counts for the backend (what max_flows and the scheduler use).",
         &labels,
     );
     let max_flows = gauge(
@@ -291,6 +299,10 @@ fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsErro
         "gpulb_backend_signal_age_seconds",
         "Age of the engine's last reading; past the VIP's signal_max_age_ms it is ignored.",
     );
+    let prefix = float(
+        "gpulb_backend_prefix_hit_ratio",
+        "The engine's prefix-cache hit rate over about the last 30 s (what prefix_affinity = auto weighs).",
+    );
     let info = gauge(
         "gpulb_backend_info",
         "The backend's model and GPUs (always 1).",
@@ -337,6 +349,9 @@ fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsErro
             waiting.with_label_values(&l).set(i64::from(e.waiting));
             kv.with_label_values(&l).set(e.kv_usage);
             age.with_label_values(&l).set(e.age_ms / 1000.0);
+            if let Some(rate) = e.prefix_hit_rate {
+                prefix.with_label_values(&l).set(rate);
+            }
         }
         if let Some(ms) = s.last_probe_ms {
             probe.with_label_values(&l).set(ms / 1000.0);

@@ -12,11 +12,11 @@ use std::{
 
 use lb_common::{
     BACKEND_OUT, LIMIT_AFFINITY, LIMIT_ALLOWLIST, LIMIT_REFUSE_RST, MAX_BACKENDS, MAX_SERVICES,
-    Sched, Service, ServiceLimits,
+    SCHED_STICKY, Sched, Service, ServiceLimits,
 };
 
 use crate::{
-    config::{Affinity, Cidr, Config, Vip},
+    config::{Affinity, Cidr, Config, PrefixAffinity, Vip},
     maglev::{self, MaglevBackend},
     maps::{BackendEntry, Maps, MapsError, VipAddr},
 };
@@ -88,6 +88,8 @@ pub fn vip_key(vip: &Vip) -> VipAddr {
 pub struct DesiredService<'a> {
     pub vip: &'a Vip,
     pub backends: Vec<DesiredBackend>,
+    /// New flows stay on their hash's picks while those have room (`SCHED_STICKY`).
+    pub sticky: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +125,7 @@ pub fn static_backends(config: &Config) -> Vec<DesiredService<'_>> {
                     in_table: true,
                 })
                 .collect(),
+            sticky: vip.scheduler.prefix_affinity != PrefixAffinity::Off,
         })
         .collect()
 }
@@ -205,7 +208,7 @@ pub fn plan(
             sched: Sched {
                 max_age_ns: vip.scheduler.signal_max_age.as_nanos() as u64,
                 choices: vip.scheduler.choices,
-                _pad: 0,
+                flags: if d.sticky { SCHED_STICKY } else { 0 },
             },
             allow: vip.admission.allow.clone(),
         });

@@ -6,9 +6,10 @@
 //!   request is admitted only when its prompt plus `max_tokens` fit, so long prompts run
 //!   fewer at once than the slots allow.
 //! - Prefill takes `ttft_ms` plus `prefill_ms_per_ktok` per thousand prompt tokens (about
-//!   four characters a token). A chat whose earlier messages (all but the last) this
-//!   instance served recently finds them in its prefix cache (an LRU of `prefix_cache`
-//!   conversations) and pays `prefix_hit_factor` of their prefill.
+//!   four characters a token). The prefix cache holds the message prefixes of the chats
+//!   this instance served (an LRU of `prefix_cache` of them): a chat pays
+//!   `prefix_hit_factor` of the prefill of its longest cached prefix of earlier messages,
+//!   as vLLM's block cache would.
 //! - Tokens follow at `tokens_per_second`, slowed by `batch_slowdown` for each other
 //!   running sequence (decode steps get longer as the batch grows).
 //!
@@ -83,8 +84,8 @@ pub struct SimConfig {
     /// KV-cache capacity in tokens: running sequences hold their prompt and `max_tokens`.
     #[arg(long, default_value_t = 65536)]
     pub kv_tokens: usize,
-    /// Conversations whose prefix the cache remembers (LRU); 0: no prefix cache.
-    #[arg(long, default_value_t = 256)]
+    /// Message prefixes the prefix cache holds (LRU); 0: no prefix cache.
+    #[arg(long, default_value_t = 4096)]
     pub prefix_cache: usize,
     /// Share of the prefill time that cached prefix tokens still cost (0-1).
     #[arg(long, default_value_t = 0.1)]
@@ -165,8 +166,8 @@ struct Sim {
     waiting: AtomicUsize,
     ready_at: Instant,
     next_id: AtomicU64,
-    /// Conversations (hashes of their messages) whose KV blocks the cache still holds,
-    /// least recently used first.
+    /// Message prefixes (hashes) whose KV blocks the cache still holds, least recently used
+    /// first.
     prefixes: Mutex<VecDeque<u64>>,
     metrics: Metrics,
 }
@@ -208,10 +209,12 @@ struct Request {
     max_tokens: u32,
     /// Tokens of the prompt (about four characters each).
     prompt_tokens: usize,
-    /// Tokens of the messages before the last (the conversation so far), and its hash.
-    prefix: Option<(u64, usize)>,
-    /// The hash of the whole conversation, once this request's reply is added to it.
-    after: u64,
+    /// Each prefix of the messages before the last (the conversation so far), longest
+    /// first: its hash and its tokens.
+    prefixes: Vec<(u64, usize)>,
+    /// Every prefix of the conversation once this request's reply is added to it: what the
+    /// cache holds after.
+    after: Vec<u64>,
 }
 
 /// Tokens of a text, about four characters each (at least one).
@@ -219,14 +222,17 @@ fn tokens(text: &str) -> usize {
     text.len().div_ceil(4).max(1)
 }
 
-fn hash_messages<'a>(messages: impl Iterator<Item = (&'a str, &'a str)>) -> u64 {
+/// The hash of each prefix of `messages` (one message, two, ...), in order.
+fn prefix_hashes<'a>(messages: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<u64> {
     use std::hash::{Hash as _, Hasher as _};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    for (role, content) in messages {
-        role.hash(&mut h);
-        content.hash(&mut h);
-    }
-    h.finish()
+    messages
+        .map(|(role, content)| {
+            role.hash(&mut h);
+            content.hash(&mut h);
+            h.finish()
+        })
+        .collect()
 }
 
 /// The reply the simulator generates for `max_tokens` (what a client that concatenates the
@@ -258,15 +264,19 @@ impl Request {
             .unwrap_or_default();
         let prompt = body.get("prompt").and_then(Value::as_str).unwrap_or("");
         let prompt_tokens = tokens(prompt).max(messages.iter().map(|(_, c)| tokens(c)).sum());
-        let prefix = (messages.len() > 1).then(|| {
-            let before = &messages[..messages.len() - 1];
-            (
-                hash_messages(before.iter().copied()),
-                before.iter().map(|(_, c)| tokens(c)).sum(),
-            )
-        });
+        let before = &messages[..messages.len().saturating_sub(1)];
+        let mut sum = 0;
+        let mut prefixes: Vec<(u64, usize)> = prefix_hashes(before.iter().copied())
+            .into_iter()
+            .zip(before)
+            .map(|(h, (_, c))| {
+                sum += tokens(c);
+                (h, sum)
+            })
+            .collect();
+        prefixes.reverse();
         let reply = reply_text(max_tokens);
-        let after = hash_messages(
+        let after = prefix_hashes(
             messages
                 .iter()
                 .copied()
@@ -277,7 +287,7 @@ impl Request {
             stream,
             max_tokens,
             prompt_tokens,
-            prefix,
+            prefixes,
             after,
         }
     }
@@ -325,9 +335,10 @@ impl Sim {
     /// Prefill time: the fixed part, then each prompt token, a cached one at the hit factor.
     fn prefill(&self, req: &Request) -> Duration {
         let cached = req
-            .prefix
-            .filter(|(hash, _)| self.cached(*hash))
-            .map_or(0, |(_, n)| n);
+            .prefixes
+            .iter()
+            .find(|(hash, _)| self.cached(*hash))
+            .map_or(0, |(_, n)| *n);
         self.metrics.prefix_queries.inc_by(req.prompt_tokens as u64);
         self.metrics.prefix_hits.inc_by(cached as u64);
         let fresh = req.prompt_tokens.saturating_sub(cached) as f64;
@@ -347,17 +358,19 @@ impl Sim {
         true
     }
 
-    /// Keeps a finished conversation's blocks in the prefix cache, evicting the oldest.
-    fn remember(&self, hash: u64) {
+    /// Keeps a finished conversation's prefixes in the prefix cache, evicting the oldest.
+    fn remember(&self, hashes: &[u64]) {
         if self.cfg.prefix_cache == 0 {
             return;
         }
         let mut lru = self.prefixes.lock().expect("prefix lock");
-        lru.retain(|h| *h != hash);
-        if lru.len() >= self.cfg.prefix_cache {
-            lru.pop_front();
+        lru.retain(|h| !hashes.contains(h));
+        for hash in hashes {
+            if lru.len() >= self.cfg.prefix_cache {
+                lru.pop_front();
+            }
+            lru.push_back(*hash);
         }
-        lru.push_back(hash);
     }
 
     /// Time to decode one token with the batch as it is now.
@@ -482,7 +495,7 @@ async fn generate(sim: Arc<Sim>, body: Value, chat: bool) -> Response {
             sim.metrics.generated.inc();
         }
         let text = reply_text(req.max_tokens);
-        sim.remember(req.after);
+        sim.remember(&req.after);
         sim.metrics.succeeded.inc();
         let choice = if chat {
             json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
@@ -530,7 +543,7 @@ async fn generate(sim: Arc<Sim>, body: Value, chat: bool) -> Response {
             }
             sim.metrics.generated.inc();
         }
-        sim.remember(req.after);
+        sim.remember(&req.after);
         if tx.send(Ok(Event::default().data("[DONE]"))).await.is_ok() {
             sim.metrics.succeeded.inc();
         }
@@ -615,14 +628,14 @@ mod tests {
         let question = "x".repeat(4000); // 1000 tokens
         let first = chat(&[("user", &question)], 4);
         assert_eq!(s.prefill(&first), Duration::from_millis(110));
-        s.remember(first.after);
+        s.remember(&first.after);
         // The next turn: the first exchange, then a new question.
         let reply = reply_text(4);
         let second = chat(
             &[("user", &question), ("assistant", &reply), ("user", "and?")],
             4,
         );
-        let cached = second.prefix.expect("a prefix").1;
+        let cached = second.prefixes[0].1;
         assert_eq!(cached, 1000 + tokens(&reply));
         let got = s.prefill(&second).as_secs_f64() * 1000.0;
         let want = 10.0 + (1.0 + 0.1 * cached as f64) * 100.0 / 1000.0;
@@ -641,8 +654,18 @@ mod tests {
             "--prefix-cache",
             "0",
         ]);
-        other.remember(first.after);
+        other.remember(&first.after);
         assert!(other.prefill(&second) > Duration::from_millis(110));
+        // One that served only the first question holds that much of the prefix.
+        let partial = sim(&["--ttft-ms", "10", "--prefill-ms-per-ktok", "100"]);
+        partial.remember(&first.after[..1]);
+        let got = partial.prefill(&second).as_secs_f64() * 1000.0;
+        let fresh = (second.prompt_tokens - 1000) as f64;
+        let want = 10.0 + (fresh + 0.1 * 1000.0) * 100.0 / 1000.0;
+        assert!(
+            (got - want).abs() < 0.01,
+            "a cached first message: {got} ms, want {want}"
+        );
     }
 
     #[tokio::test]

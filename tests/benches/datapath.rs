@@ -23,25 +23,24 @@ const REPEAT: u32 = 1_000_000;
 const NEW_FLOW_REPEAT: u32 = 400_000;
 const CONNTRACK: u32 = 1 << 20;
 
-const CONFIG: &str = r#"
-interface = "lo"
-[[vip]]
-name = "chat"
-address = "198.18.100.1"
-port = 80
-[[vip.backend]]
-address = "198.18.0.1"
-port = 8001
-[[vip.backend]]
-address = "198.18.0.1"
-port = 8002
-[[vip.backend]]
-address = "198.18.0.1"
-port = 8003
-[[vip.backend]]
-address = "198.18.0.1"
-port = 8004
-"#;
+/// The bench's VIPs: `198.18.100.1` port 80 with 4 backends, port 81 with 64, port 82 with
+/// 1024, all on the default scheduler (slots unknown, so every new flow weighs both hash
+/// picks and the members: its most expensive path).
+fn config() -> String {
+    let mut text = String::from("interface = \"lo\"\n");
+    for (port, backends) in [(80, 4), (81, 64), (82, 1024)] {
+        text.push_str(&format!(
+            "[[vip]]\nname = \"vip{backends}\"\naddress = \"198.18.100.1\"\nport = {port}\n"
+        ));
+        for b in 0..backends {
+            text.push_str(&format!(
+                "[[vip.backend]]\naddress = \"198.18.0.1\"\nport = {}\n",
+                10_000 + (port - 80) * 2_000 + b
+            ));
+        }
+    }
+    text
+}
 
 /// Ethernet + IPv4 + TCP to `dport` with the given flags, padded to PKT_LEN.
 fn packet(sport: u16, dport: u16, syn: bool) -> [u8; PKT_LEN] {
@@ -101,7 +100,7 @@ fn main() {
         "the datapath bench loads BPF programs: run as root"
     );
     let pins = PinDir::new("bench");
-    let config = Config::parse(Path::new("bench.toml"), CONFIG).expect("bench config");
+    let config = Config::parse(Path::new("bench.toml"), &config()).expect("bench config");
     let mut dp = Datapath::load(
         &pins.path,
         lb_common::maps::ConntrackSizes {
@@ -176,20 +175,30 @@ fn main() {
             let _ = dp.maps.revnat.remove(&k);
         }
     };
-    let mut new_flow_runs = Vec::new();
-    for _ in 0..3 {
-        conns_clear(&mut dp);
-        let before = dp.maps.reasons().expect("reasons")[Reason::FwdNewFlow as usize].1;
-        let ns = run(wrap, &syn, NEW_FLOW_REPEAT).as_nanos() as f64;
-        let after = dp.maps.reasons().expect("reasons")[Reason::FwdNewFlow as usize].1;
-        assert_eq!(
-            after - before,
-            u64::from(NEW_FLOW_REPEAT),
-            "every iteration must be a new flow"
-        );
-        new_flow_runs.push(ns);
+    // The scheduler's cost must not grow with the backends behind the VIP.
+    let mut new_flow = Vec::new();
+    for (dport, backends) in [(80u16, 4usize), (81, 64), (82, 1024)] {
+        pkt_map
+            .set(0, packet(40000, dport, true), 0)
+            .expect("set packet");
+        let mut runs = Vec::new();
+        for _ in 0..3 {
+            conns_clear(&mut dp);
+            let before = dp.maps.reasons().expect("reasons")[Reason::FwdNewFlow as usize].1;
+            let ns = run(wrap, &syn, NEW_FLOW_REPEAT).as_nanos() as f64;
+            let after = dp.maps.reasons().expect("reasons")[Reason::FwdNewFlow as usize].1;
+            assert_eq!(
+                after - before,
+                u64::from(NEW_FLOW_REPEAT),
+                "every iteration must be a new flow"
+            );
+            runs.push(ns);
+        }
+        new_flow.push((
+            backends,
+            runs.iter().copied().fold(f64::MAX, f64::min) - wrap_fresh,
+        ));
     }
-    let new_flow = new_flow_runs.iter().copied().fold(f64::MAX, f64::min) - wrap_fresh;
 
     // Established: one SYN creates the flow, then its ACK is repeated.
     cfg_map.set(0, 0, 0).expect("fixed source");
@@ -226,7 +235,9 @@ fn main() {
     row("no-op XDP (floor)", floor);
     row("non-VIP packet (pass)", non_vip);
     row("established flow (NAT)", established);
-    row("new flow SYN (Maglev + conntrack)", new_flow);
+    for (backends, ns) in &new_flow {
+        row(&format!("new flow SYN, {backends} backends"), *ns);
+    }
     println!(
         "\nwrapper cost subtracted: {wrap_fixed:.1} ns (fixed source), {wrap_fresh:.1} ns (fresh source); \
          repeat {REPEAT} ({NEW_FLOW_REPEAT} for new flows)"
@@ -239,15 +250,33 @@ fn main() {
             "NOT met"
         }
     );
+    let spread = new_flow.iter().map(|f| f.1).fold(0.0, f64::max)
+        / new_flow.iter().map(|f| f.1).fold(f64::MAX, f64::min);
+    println!(
+        "new flow at 1024 backends against 4: {:.2}x (the scheduler weighs a fixed number of \
+         candidates)",
+        new_flow[2].1 / new_flow[0].1
+    );
+    let verified = dp.verified_instructions();
+    println!("\nverifier, instructions processed at load:");
+    for (name, n) in &verified {
+        println!(
+            "  {name:<20} {}",
+            n.map_or_else(|| "(not reported)".into(), |n| n.to_string())
+        );
+    }
     // For `cargo xtask bench`'s report.
     if let Ok(path) = std::env::var("GPULB_BENCH_JSON") {
         let json = serde_json::json!({
             "floor": floor,
             "non_vip": non_vip,
             "established": established,
-            "new_flow": new_flow,
+            "new_flow": new_flow[0].1,
+            "new_flow_by_backends": new_flow,
+            "new_flow_spread": spread,
             "wrap_fixed": wrap_fixed,
             "wrap_fresh": wrap_fresh,
+            "verified_instructions": verified,
         });
         std::fs::write(&path, json.to_string()).expect("write datapath JSON");
     }

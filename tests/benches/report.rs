@@ -26,6 +26,8 @@ use lb_common::MAGLEV_MAX_SIZE;
 
 #[path = "report/charts.rs"]
 mod charts;
+#[path = "report/steering.rs"]
+mod steering;
 #[path = "report/tools.rs"]
 mod tools;
 
@@ -84,7 +86,7 @@ fn main() {
         failover(&opts, &mut report);
     }
     eprintln!("[bench] steering");
-    steering(&opts, &mut report);
+    steering::steering(&opts, &mut report);
 
     let _ = write!(
         report.md,
@@ -126,13 +128,14 @@ fn machine() -> String {
     let uts = nix::sys::utsname::uname().expect("uname");
     let date = sh_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     format!(
-        "| | |\n|---|---|\n| date | {} |\n| machine | {cpu}, {cores} cores, {mem} GiB |\n| kernel | {} {} |\n| nginx | {} |\n| load generator | {} (http), gpulb-testbed's Rust client (streaming) |\n",
+        "| | |\n|---|---|\n| date | {} |\n| machine | {cpu}, {cores} cores, {mem} GiB |\n| kernel | {} {} |\n| nginx | {} |\n| HAProxy | {} |\n| load generator | {} (http), gpulb-testbed's Rust client (streaming) |\n",
         date.trim(),
         uts.sysname().to_string_lossy(),
         uts.release().to_string_lossy(),
         sh_err("nginx", &["-v"])
             .trim()
             .trim_start_matches("nginx version: "),
+        tools::haproxy_version(),
         sh_out("wrk", &["--version"])
             .lines()
             .next()
@@ -162,10 +165,36 @@ fn datapath(report: &mut Report) {
         ("floor", "no-op XDP program (floor)"),
         ("non_vip", "non-VIP packet (passed)"),
         ("established", "established flow (NAT)"),
-        ("new_flow", "new flow SYN (Maglev + conntrack)"),
     ] {
         let ns = v[key].as_f64().expect("case");
         let _ = writeln!(t, "| {name} | {ns:.0} | {:.2} |", ns / floor);
+    }
+    for case in v["new_flow_by_backends"].as_array().into_iter().flatten() {
+        let (backends, ns) = (
+            case[0].as_u64().unwrap_or(0),
+            case[1].as_f64().unwrap_or(0.0),
+        );
+        let _ = writeln!(
+            t,
+            "| new flow SYN, scheduler, {backends} backends behind the VIP | {ns:.0} | {:.2} |",
+            ns / floor
+        );
+    }
+    t.push_str(
+        "
+Verifier: instructions processed when each program loaded (this kernel):
+
+| program | instructions |
+|---|---:|
+",
+    );
+    for p in v["verified_instructions"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            t,
+            "| `{}` | {} |",
+            p[0].as_str().unwrap_or("?"),
+            p[1].as_u64().map_or_else(|| "-".into(), |n| n.to_string())
+        );
     }
     report.section("datapath", &t);
 }
@@ -420,59 +449,6 @@ fn traffic(opts: &Opts, report: &mut Report) {
     );
     t.push_str("\n![saturation](saturation.svg)\n");
     report.section("saturation", &t);
-}
-
-/// How new flows are steered: equal weights, load-aware weights, bounded load; with one slow
-/// instance among four, then with four equal ones.
-fn steering(opts: &Opts, report: &mut Report) {
-    let requests = if opts.quick { 64 } else { 160 };
-    let (concurrency, tokens) = (16, 24);
-    let modes = [
-        ("equal weights", "eq", ""),
-        ("load-aware", "la", "load_aware = true\n"),
-        ("bounded load 1.0", "b1", "load_bound = 1.0\n"),
-        ("bounded load 1.25", "bl", "load_bound = 1.25\n"),
-        (
-            "load-aware + bounded 1.0",
-            "lb",
-            "load_aware = true\nload_bound = 1.0\n",
-        ),
-    ];
-    let mut t = format!(
-        "Three simulated instances as above and one slow one (1 slot, 50 tokens/s) behind \
-         one VIP; {requests} streaming chats ({tokens} tokens), {concurrency} at a time. \
-         `load_aware = true`: weights follow each instance's reported load, scraped every \
-         250 ms. `load_bound = c`: the data path gives a new flow to a backend only while its \
-         live flows are under c times its weighted share, else to the next one (1.0: as even \
-         as the flows allow). The slow instance's queue is its `vllm:num_requests_waiting`, \
-         sampled every 100 ms.\n\n\
-         | steering | TTFT p50 | TTFT p95 | requests to the slow instance | its mean queue | failed |\n\
-         |---|---:|---:|---:|---:|---:|\n"
-    );
-    let mut equal = String::from(
-        "\nThe same with four equal instances (the imbalance of hashing alone, as in \
-         *streaming*):\n\n| steering | TTFT p50 | TTFT p95 | failed |\n|---|---:|---:|---:|\n",
-    );
-    for (name, tag, vip) in modes {
-        let run = |tag: String, fourth: &[&str]| {
-            gpulb_testbed::four_instance_scenario(&tag, vip, fourth, requests, concurrency, tokens)
-                .expect("four-instance scenario")
-        };
-        let r = run(format!("bench-{tag}"), gpulb_testbed::SLOW);
-        let _ = writeln!(
-            t,
-            "| {name} | {:.1} ms | {:.1} ms | {} of {} | {:.2} | {} |",
-            r.ttft_p50_ms, r.ttft_p95_ms, r.to_slow, r.requests, r.slow_queue_mean, r.failed
-        );
-        let r = run(format!("bench-{tag}4"), &[]);
-        let _ = writeln!(
-            equal,
-            "| {name} | {:.1} ms | {:.1} ms | {} |",
-            r.ttft_p50_ms, r.ttft_p95_ms, r.failed
-        );
-    }
-    t.push_str(&equal);
-    report.section("steering: load-aware weights and bounded load", &t);
 }
 
 /// Kill one of 4 instances under steady streaming load, behind nginx and behind gpulb.

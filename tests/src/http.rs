@@ -23,6 +23,8 @@ pub struct Reply {
     pub done: bool,
     pub time_to_first_token: Duration,
     pub total: Duration,
+    /// The reply's text (the stream's deltas, concatenated).
+    pub text: String,
 }
 
 /// One chat completion to `url` (streaming or not), from the calling thread's namespace.
@@ -32,10 +34,22 @@ pub async fn chat(
     stream: bool,
     max_tokens: u32,
 ) -> anyhow::Result<Reply> {
+    let messages = serde_json::json!([{"role": "user", "content": "Say hello."}]);
+    chat_with(client, url, &messages, stream, max_tokens).await
+}
+
+/// One chat completion of `messages` (a JSON array of `{role, content}`) to `url`.
+pub async fn chat_with(
+    client: &reqwest::Client,
+    url: &str,
+    messages: &serde_json::Value,
+    stream: bool,
+    max_tokens: u32,
+) -> anyhow::Result<Reply> {
     let start = Instant::now();
     let body = serde_json::json!({
         "model": "sim-llm",
-        "messages": [{"role": "user", "content": "Say hello."}],
+        "messages": messages,
         "max_tokens": max_tokens,
         "stream": stream,
     });
@@ -58,7 +72,10 @@ pub async fn chat(
     );
     if !stream {
         let v: serde_json::Value = resp.json().await.context("reading JSON body")?;
-        let text = v["choices"][0]["message"]["content"].as_str().unwrap_or("");
+        let text = v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
         let total = start.elapsed();
         return Ok(Reply {
             instance,
@@ -66,10 +83,12 @@ pub async fn chat(
             done: true,
             time_to_first_token: total,
             total,
+            text,
         });
     }
     let mut body = resp.bytes_stream();
     let mut buf = String::new();
+    let mut text = String::new();
     let (mut tokens, mut done, mut first) = (0, false, None);
     while let Some(chunk) = body.next().await {
         buf.push_str(&String::from_utf8_lossy(
@@ -87,6 +106,11 @@ pub async fn chat(
             } else if data.contains("\"delta\"") {
                 tokens += 1;
                 first.get_or_insert_with(|| start.elapsed());
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(data)
+                    && let Some(t) = v["choices"][0]["delta"]["content"].as_str()
+                {
+                    text.push_str(t);
+                }
             }
         }
     }
@@ -97,6 +121,7 @@ pub async fn chat(
         done,
         time_to_first_token: first.unwrap_or(total),
         total,
+        text,
     })
 }
 

@@ -13,6 +13,7 @@
 //! | `stack` | a whole gpulb under test, and its CLI |
 //! | `load` | steady load and the slow-instance scenario |
 //! | `metrics` | scraping the daemon's metrics, percentiles |
+//! | `workload` | routes and arrival patterns for the steering benchmark |
 #![forbid(unsafe_code)]
 
 mod http;
@@ -21,6 +22,7 @@ mod metrics;
 mod netns;
 mod proc;
 mod stack;
+mod workload;
 
 pub use http::*;
 pub use load::*;
@@ -28,3 +30,4 @@ pub use metrics::*;
 pub use netns::*;
 pub use proc::*;
 pub use stack::*;
+pub use workload::*;

@@ -70,6 +70,15 @@ pub struct Extra<'a> {
     pub tail: &'a str,
 }
 
+/// One simulated instance that `Stack::start_instances` starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Instance<'a> {
+    /// Extra `gpulb-sim` flags.
+    pub args: &'a [&'a str],
+    /// Lines in its `[[vip.backend]]`.
+    pub backend: &'a str,
+}
+
 /// Generic-mode XDP, for tests of the data path's RSTs: a veth delivers what native XDP_TX
 /// sends back only when the peer veth runs an XDP program of its own (the driver kicks the
 /// peer's NAPI only then), and the client's end has none.
@@ -104,20 +113,31 @@ impl Stack {
         sim_args: &[&str],
         extra: Extra<'_>,
     ) -> anyhow::Result<Self> {
-        let Extra {
-            top: top_extra,
-            vip: vip_extra,
-            backend: backend_extra,
-            tail,
-        } = extra;
+        let instances: Vec<Instance<'_>> = (0..backends)
+            .map(|_| Instance {
+                args: sim_args,
+                backend: extra.backend,
+            })
+            .collect();
+        Self::start_instances(tag, &instances, pins, extra)
+    }
+
+    /// Instances started by the test bed, each with its own `gpulb-sim` flags and
+    /// `[[vip.backend]]` lines (the `backend` of `extra` is not used).
+    pub fn start_instances(
+        tag: &str,
+        instances: &[Instance<'_>],
+        pins: PinDir,
+        extra: Extra<'_>,
+    ) -> anyhow::Result<Self> {
         let topo = Topology::new(tag)?;
         let dir = TempDir::new(tag)?;
-        let mut sims = Vec::with_capacity(backends);
-        for i in 0..backends {
+        let mut sims = Vec::with_capacity(instances.len());
+        for (i, instance) in instances.iter().enumerate() {
             let listen = format!("{LB_ADDR}:{}", sim_port(i));
             let name = format!("sim-{}", i + 1);
             let mut args = vec!["--listen", &listen, "--name", &name];
-            args.extend_from_slice(sim_args);
+            args.extend_from_slice(instance.args);
             sims.push(Proc::spawn(
                 &name,
                 &topo.lb,
@@ -130,16 +150,19 @@ impl Stack {
             sim.wait_for_log("serving", Duration::from_secs(10))?;
         }
         let mut vip = String::new();
-        for i in 0..backends {
+        for (i, instance) in instances.iter().enumerate() {
             vip.push_str(&format!(
-                "\n[[vip.backend]]\naddress = \"{LB_ADDR}\"\nport = {}\n{backend_extra}\n",
-                sim_port(i)
+                "\n[[vip.backend]]\naddress = \"{LB_ADDR}\"\nport = {}\n{}\n",
+                sim_port(i),
+                instance.backend
             ));
         }
-        vip.push_str(tail);
-        let stack = Self::launch(topo, dir, pins, sims, top_extra, vip_extra, &vip)?;
+        vip.push_str(extra.tail);
+        let stack = Self::launch(topo, dir, pins, sims, extra.top, extra.vip, &vip)?;
         // At least: `tail` may add backends of its own.
-        stack.wait_ready_by(backends, Duration::from_secs(30), |ready, n| ready >= n)?;
+        stack.wait_ready_by(instances.len(), Duration::from_secs(30), |ready, n| {
+            ready >= n
+        })?;
         Ok(stack)
     }
 

@@ -705,6 +705,8 @@ fn xdp_scheduler() {
         waiting: 3,
         slots: 2,
         kv_permille: 0,
+        live_at_signal: 0,
+        _pad: 0,
     };
     dp.maps
         .set_engine(id_of_port(busy), engine(now))
@@ -739,6 +741,82 @@ fn xdp_scheduler() {
             "never to a backend out of the table"
         );
     }
+    drop(dp);
+    drop(pins);
+}
+
+/// Balanced (`prefix_affinity` off, or auto while the prefix caches miss): each new flow
+/// goes to the least loaded backend, so one client's flows spread over all of them, while
+/// sticky keeps them on its hash's pick as long as that is within its slack of the rest.
+#[test]
+fn xdp_scheduler_balanced() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test loads BPF programs: run it as root (cargo xtask test)"
+    );
+    let pins = PinDir::new("balanced");
+    let text = SCHEDULER_CONFIG.replace(
+        "maglev_table_size = 251\n",
+        "maglev_table_size = 251\n[vip.scheduler]\nprefix_affinity = \"off\"\n",
+    );
+    let config = Config::parse(Path::new("sched.toml"), &text).expect("config");
+    let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
+    let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
+    plan::apply(&mut dp.maps, &plan, None).expect("program maps");
+    let svc = &plan.services[0];
+    let sid = svc.service.id;
+    assert!(!dp.maps.sched(sid).expect("sched").is_sticky());
+    with_slots(&mut dp, &plan, 4);
+    let vip = [198, 18, 100, 6];
+    let client = [198, 18, 1, 1];
+    let key = flow_of(&tcp_flags(client, vip, 1, true, false));
+    let home_id = svc.table[(lb_common::affinity_hash(&key) % svc.service.table_size) as usize];
+    let home = svc
+        .backends
+        .iter()
+        .find(|(i, _)| *i == home_id)
+        .expect("backend")
+        .1
+        .addr
+        .port();
+    let syn = |dp: &mut Datapath, port: u16| {
+        let (_, out, reason) = run(
+            dp,
+            "balanced SYN",
+            &tcp_flags(client, vip, port, true, false),
+        );
+        assert_eq!(reason, Reason::FwdNewFlow);
+        nat_port(&out)
+    };
+    let mut seen: Vec<u16> = (50000..50004).map(|p| syn(&mut dp, p)).collect();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        [8301, 8302, 8303, 8304],
+        "each flow to the least loaded: one on each"
+    );
+    // The same loads, sticky: the client's next flow stays on its pick (it has room).
+    let sched = dp.maps.sched(sid).expect("sched");
+    dp.maps
+        .set_sched(
+            sid,
+            lb_common::Sched {
+                flags: lb_common::SCHED_STICKY,
+                ..sched
+            },
+        )
+        .expect("sched");
+    assert_eq!(syn(&mut dp, 50004), home, "sticky keeps it on its pick");
+    assert_eq!(
+        syn(&mut dp, 50005),
+        home,
+        "2 flows there, 1 elsewhere: still"
+    );
+    assert_ne!(
+        syn(&mut dp, 50006),
+        home,
+        "3 there, 1 elsewhere: past its slack (a quarter of its 4 slots, one flow)"
+    );
     drop(dp);
     drop(pins);
 }

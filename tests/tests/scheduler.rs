@@ -1,12 +1,14 @@
 //! The scheduler end to end, in network namespaces: how new connections spread over the
 //! instances, how a slow one is spared, how a client keeps its instance while it has room,
-//! and how an engine that stops answering is shown stale. (The kernel's decision itself,
+//! how the engines' prefix-cache hit rate turns that stickiness on and off, and how an
+//! engine that stops answering is shown stale. (The kernel's decision itself,
 //! stale signals included, is checked packet by packet in `packets.rs`.) Needs root.
 
 use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
 
 use gpulb_testbed::{
-    Connect, Extra, LB_ADDR, PinDir, Stack, VIP, VIP_PORT, completion_on, connects, wait_until,
+    Connect, Extra, LB_ADDR, Pattern, PinDir, Route, Stack, VIP, VIP_PORT, completion_on, connects,
+    run_workload, vip_url, wait_until,
 };
 use nix::{
     sys::signal::{Signal, kill},
@@ -174,5 +176,69 @@ fn an_engine_that_stops_answering_is_shown_stale() {
         row(&stack, "sim-llm-1")["signal_fresh"],
         true,
         "the other engine still answers"
+    );
+}
+
+#[test]
+fn auto_affinity_follows_the_engines_prefix_cache_hit_rate() {
+    // Two vLLM-like instances whose /metrics the daemon reads every 50 ms.
+    let stack = Stack::start_with(
+        "prefix",
+        2,
+        PinDir::new("prefix"),
+        &[],
+        Extra {
+            backend: "slots = 4\nload = \"vllm\"\n",
+            ..Extra::default()
+        },
+    )
+    .expect("stack");
+    let sticky = |stack: &Stack| {
+        stack.read(&["vips"]).expect("vips")[0]["sticky"]
+            .as_bool()
+            .expect("sticky")
+    };
+    assert!(sticky(&stack), "no prefix cache readings yet: sticky");
+    let base = vip_url("");
+    // Prompts that share nothing: the caches miss, so affinity buys nothing.
+    let misses = run_workload(
+        &stack.topo.client,
+        Route::Via(base.clone()),
+        Pattern::Closed {
+            requests: 16,
+            concurrency: 4,
+        },
+        4,
+        "misses",
+        None,
+    )
+    .expect("workload");
+    assert_eq!(misses.failed, 0, "{misses:?}");
+    // Balanced once the engines have been read for 10 s.
+    assert!(
+        wait_until(Duration::from_secs(20), || !sticky(&stack)),
+        "every prompt missed: balanced"
+    );
+    // Conversations: each turn resends the ones before, which the instance that served
+    // them has cached.
+    let chats = run_workload(
+        &stack.topo.client,
+        Route::Via(base),
+        Pattern::Sessions {
+            sessions: 4,
+            turns: 5,
+            concurrency: 2,
+            words: 50,
+            sources: Vec::new(),
+        },
+        4,
+        "chats",
+        None,
+    )
+    .expect("workload");
+    assert_eq!(chats.failed, 0, "{chats:?}");
+    assert!(
+        wait_until(Duration::from_secs(5), || sticky(&stack)),
+        "the caches hit: sticky again"
     );
 }

@@ -11,8 +11,9 @@ pub enum Case {
     /// Only ns/packet of gpulb_ingress under BPF_PROG_TEST_RUN: new flow, established,
     /// non-VIP, against a no-op XDP program.
     Datapath,
-    /// Only the steering section of the report (one slow instance, then four equal ones:
-    /// equal weights, load-aware weights, bounded load), in target/bench/steering.md.
+    /// Only the steering section of the report: gpulb's scheduler against nginx (round-robin,
+    /// least_conn), HAProxy (leastconn), client-side round-robin and an oracle, in six
+    /// scenarios; target/bench/steering.md.
     Steering,
 }
 

@@ -9,7 +9,30 @@ use gpulb_testbed::{MODEL, PinDir, Stack, VIP, VIP_PORT, bin, burst, set_bin_dir
 
 const PIN_PATH: &str = "/sys/fs/bpf/gpulb";
 const BACKENDS: usize = 4;
-const BURST: usize = 24;
+/// Requests in the demo's burst, and how many at a time: as many as the 4 instances have
+/// batch slots, so the scheduler's spread shows.
+const BURST: usize = 32;
+const CONCURRENT: usize = 16;
+
+/// Copies the config the demo's daemon runs to target/demo/gpulb.toml, which outlives the
+/// demo's scratch directory, and returns its path.
+fn save_config(stack: &Stack) -> anyhow::Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/demo");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.canonicalize()?.join("gpulb.toml");
+    let text = std::fs::read_to_string(&stack.config)
+        .with_context(|| format!("reading {}", stack.config.display()))?;
+    std::fs::write(
+        &path,
+        format!(
+            "# The config `cargo xtask run` ran. Its interface, pin, state and log paths are the\n\
+             # demo's (gone when it stops): edit them, then `gpulb check-config` and `gpulb run`.\n\
+             # GPULB_TEST_MARKER only lets the demo find its instances; drop it.\n{text}"
+        ),
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
 
 pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release");
@@ -27,21 +50,24 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
     println!(
         "[demo] starting gpulb in network namespaces; it starts {BACKENDS} simulated GPU instances"
     );
+    // The default scheduler; the simulated instances run 4 sequences at a time, as
+    // `--max-num-seqs 4` would on vLLM.
     let stack = Stack::managed(
         "demo",
         BACKENDS,
         PinDir::at(PIN_PATH.into()),
-        "[model.health]\ninterval_ms = 500\n",
+        "slots = 4\n[model.health]\ninterval_ms = 500\n",
     )?;
     stack.wait_ready(BACKENDS, Duration::from_secs(60))?;
     let ns = stack.topo.client.name.clone();
+    let config = save_config(&stack)?;
 
     println!("[demo] sending {BURST} streaming chat completions to {VIP}:{VIP_PORT} from {ns}");
     let replies = burst(
         &stack.topo.client,
         &vip_url("/v1/chat/completions"),
         BURST,
-        6,
+        CONCURRENT,
         true,
         16,
     )?;
@@ -64,11 +90,12 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
             }
         }
     }
-    println!("\nper-backend split ({BURST} requests, {failed} failed):");
+    println!("\nper-backend split ({BURST} requests, {CONCURRENT} at a time, {failed} failed):");
     for (instance, (n, ttft)) in &split {
+        let mean = *ttft / *n as u32;
         println!(
-            "  {instance}: {n:>3} requests, mean time to first token {:?}",
-            *ttft / *n as u32
+            "  {instance}: {n:>3} requests, mean time to first token {:.1} ms",
+            mean.as_secs_f64() * 1000.0
         );
     }
     let gpulb = bin("gpulb");
@@ -77,6 +104,10 @@ pub fn run(duration: Option<u64>) -> anyhow::Result<()> {
     print!("{}", stack.ctl(&["backends"])?);
 
     println!("\ngpulb demo ready: netns={ns} vip={VIP}:{VIP_PORT}");
+    println!(
+        "the config it runs: {} (copy it, set `interface` to your NIC, and run `gpulb run --config` on it)",
+        config.display()
+    );
     println!(
         "\nTry it:\n  ip netns exec {ns} curl -N http://{VIP}/v1/chat/completions \\\n    \
          -H 'content-type: application/json' \\\n    \

@@ -53,20 +53,25 @@ fn apt_installed(pkg: &str) -> bool {
         .is_some_and(|s| s.contains("install ok installed"))
 }
 
-/// nginx (the comparison) and wrk (the load generator) for `cargo xtask bench`.
-const BENCH_PACKAGES: &[&str] = &["nginx-light", "wrk"];
+/// nginx and HAProxy (the comparisons) and wrk (a load generator) for `cargo xtask bench`.
+const BENCH_PACKAGES: &[&str] = &["nginx-light", "haproxy", "wrk"];
 
 fn ensure_apt() -> anyhow::Result<()> {
     ensure_packages(APT_PACKAGES)
 }
 
 pub fn ensure_bench_tools() -> anyhow::Result<()> {
-    let fresh = !apt_installed("nginx-light");
+    let fresh_nginx = !apt_installed("nginx-light");
+    let fresh_haproxy = !apt_installed("haproxy");
     ensure_packages(BENCH_PACKAGES)?;
-    if fresh {
-        // The package starts nginx as a system service; the bench runs its own.
+    // The packages start their services; the bench runs its own, in its namespaces.
+    if fresh_nginx {
         say("stopping the nginx service the package started");
         let _ = Command::new("nginx").args(["-s", "quit"]).status();
+    }
+    if fresh_haproxy {
+        say("stopping the haproxy service the package started");
+        let _ = Command::new("pkill").args(["-x", "haproxy"]).status();
     }
     Ok(())
 }

@@ -27,7 +27,9 @@ pub struct VipRow {
     pub backends_full: u64,
     /// New flows the scheduler sent elsewhere than the consistent hash's own pick.
     pub redirected: u64,
-    /// How new flows are chosen, e.g. "client, 4 choices, signals ≤ 500ms".
+    /// New flows stay on their hash's picks while those have room (else: least loaded).
+    pub sticky: bool,
+    /// How new flows are chosen, e.g. "sticky (client), 4 choices, signals ≤ 500ms".
     pub scheduler: String,
 }
 
@@ -98,8 +100,14 @@ pub fn rows(pin_path: &Path) -> anyhow::Result<Vec<VipRow>> {
             not_allowed: a.not_allowed,
             backends_full: a.backends_full,
             redirected: a.redirected,
+            sticky: sched.is_sticky(),
             scheduler: format!(
-                "{}, {} choices, signals ≤ {}ms",
+                "{} ({}), {} choices, signals ≤ {}ms",
+                if sched.is_sticky() {
+                    "sticky"
+                } else {
+                    "balanced"
+                },
                 if limits.has_affinity() {
                     "client"
                 } else {

@@ -25,7 +25,9 @@ pub use model::{GpuRef, GpuSelection, Model, SIM_COMMAND};
 use model::{RawModel, validate_models};
 use serde::{Deserialize, Serialize};
 use vip::RawVip;
-pub use vip::{Admission, Affinity, BackendConfig, Protocol, RateLimit, Scheduler, Vip};
+pub use vip::{
+    Admission, Affinity, BackendConfig, PrefixAffinity, Protocol, RateLimit, Scheduler, Vip,
+};
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/gpulb";
 pub const DEFAULT_STATE_DIR: &str = "/run/gpulb";

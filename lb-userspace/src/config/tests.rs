@@ -41,7 +41,7 @@ const VIP_LINE: &str = "port = 80\n";
 fn admission_and_affinity_parse() {
     let c = parse(&GOOD.replacen(
         VIP_LINE,
-        "port = 80\naffinity = \"none\"\n[vip.scheduler]\nchoices = 2\n\
+        "port = 80\naffinity = \"none\"\n[vip.scheduler]\nchoices = 2\nprefix_affinity = \"off\"\n\
          [vip.admission]\nrate = 10\nallow = [\"198.18.0.0/15\", \"10.1.2.3\"]\n",
         1,
     ))
@@ -49,6 +49,7 @@ fn admission_and_affinity_parse() {
     let v = &c.vips[0];
     assert_eq!(v.affinity, Affinity::None);
     assert_eq!(v.scheduler.choices, 2);
+    assert_eq!(v.scheduler.prefix_affinity, PrefixAffinity::Off);
     let rate = v.admission.rate.expect("rate");
     assert_eq!(
         (rate.per_second, rate.burst),
@@ -183,6 +184,10 @@ fn admission_errors_name_field_and_value() {
             "vip[0].load_interval_ms: no longer exists: write [vip.scheduler] signal_interval_ms instead",
         ),
         (
+            "[vip.scheduler]\nprefix_affinity = \"always\"\n",
+            "vip[0].scheduler.prefix_affinity: unknown variant `always`, expected one of `auto`, `on`, `off`",
+        ),
+        (
             "[vip.scheduler]\nchoices = 9\n",
             "vip[0].scheduler.choices: 9 is out of range 1-8",
         ),
@@ -256,6 +261,7 @@ fn good_config_parses_with_defaults() {
             choices: lb_common::DEFAULT_CHOICES,
             signal_interval: Duration::from_millis(50),
             signal_max_age: Duration::from_millis(500),
+            prefix_affinity: PrefixAffinity::Auto,
         }
     );
     assert_eq!(

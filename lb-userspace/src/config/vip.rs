@@ -74,6 +74,22 @@ pub struct Scheduler {
     pub signal_interval: Duration,
     /// Engine numbers older than this are ignored: live flows alone count.
     pub signal_max_age: Duration,
+    pub prefix_affinity: PrefixAffinity,
+}
+
+/// Whether a client's flows stay on its hash's picks while they have room (sticky), or
+/// each goes to the least loaded candidate (balanced).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefixAffinity {
+    /// Sticky while the engines' prefix caches hit often enough to pay for it (they say
+    /// so in their metrics), or when they do not say; balanced otherwise.
+    #[default]
+    Auto,
+    /// Always sticky.
+    On,
+    /// Always balanced.
+    Off,
 }
 
 /// How a refused new flow is answered.
@@ -168,6 +184,8 @@ struct RawScheduler {
     choices: Option<i64>,
     signal_interval_ms: Option<i64>,
     signal_max_age_ms: Option<i64>,
+    #[serde(default)]
+    prefix_affinity: PrefixAffinity,
 }
 
 /// How often engines are asked, by default: the llm-d endpoint picker's 50 ms.
@@ -203,6 +221,7 @@ impl RawScheduler {
             choices,
             signal_interval,
             signal_max_age,
+            prefix_affinity: self.prefix_affinity,
         })
     }
 }

@@ -272,6 +272,7 @@ impl Backend {
                 waiting: s.waiting,
                 kv_usage: s.kv,
                 age_ms: now_ns.saturating_sub(self.engine.at_ns) as f64 / 1e6,
+                prefix_hit_rate: self.engine.prefix.hit_rate(),
             }),
             load_error: self.engine.error.clone(),
             cpus: instance.map_or_else(Vec::new, |i| i.cpus.clone()),

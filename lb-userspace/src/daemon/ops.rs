@@ -322,6 +322,7 @@ fn dry_run<'a>(vips: &'a [Vip], plan: &ReloadPlan) -> Vec<DesiredService<'a>> {
                     in_table: false,
                 })
                 .collect(),
+            sticky: false,
         })
         .collect()
 }

@@ -23,7 +23,7 @@ use super::{
     tasks::{Msg, SuperviseContext, Tasks},
 };
 use crate::{
-    config::{Config, Vip},
+    config::{Config, PrefixAffinity, Vip},
     control::{BackendKey, BackendStatus, Response},
     datapath::{Datapath, ErrorChain},
     gpu::InstanceSpec,
@@ -51,6 +51,8 @@ pub struct State {
     pub metrics: Arc<DaemonMetrics>,
     reconciler: Reconciler,
     pub(super) restarts: Vec<Restart>,
+    /// Under `prefix_affinity = "auto"`: whether each VIP (by name) is sticky now.
+    sticky: HashMap<String, bool>,
     snapshot: watch::Sender<Snapshot>,
 }
 
@@ -82,6 +84,7 @@ impl State {
             metrics: DaemonMetrics::new(),
             reconciler: Reconciler::default(),
             restarts: Vec::new(),
+            sticky: HashMap::new(),
             snapshot,
         };
         (state, events_rx, snapshot_rx)
@@ -182,9 +185,11 @@ impl State {
                 else {
                     return false;
                 };
+                // The live flows now, as near the engine's answer as the state task gets.
+                let live = self.live_flows(&key) as u32;
                 let b = &mut self.backends[i];
                 match result {
-                    Ok(signal) => b.engine.record(signal, at_ns),
+                    Ok(signal) => b.engine.record(signal, at_ns, live),
                     Err(e) => {
                         if b.engine.error.as_ref() != Some(&e) {
                             warn!(backend = %key, error = %e, "reading the engine's load");
@@ -194,7 +199,7 @@ impl State {
                     }
                 }
                 self.write_engine(i);
-                false
+                self.update_sticky(&key.vip)
             }
             Msg::Reconcile => {
                 if let Some(plan) = &self.applied {
@@ -287,7 +292,7 @@ impl State {
                 }
             },
         };
-        let desired = desired(&self.config.vips, &self.backends);
+        let desired = desired(&self.config.vips, &self.backends, &self.sticky);
         let plan = match plan::plan(&desired, &services, &backends) {
             Ok(p) => p,
             Err(e) => {
@@ -323,6 +328,40 @@ impl State {
         for i in 0..self.backends.len() {
             self.write_engine(i);
         }
+    }
+
+    /// Decides again whether VIP `name` is sticky, from its engines' prefix-cache hit
+    /// rates; true if that changed (the tables need rewriting).
+    fn update_sticky(&mut self, name: &str) -> bool {
+        let Some(vip) = self.config.vips.iter().find(|v| v.name == name) else {
+            return false;
+        };
+        let was = self.sticky.get(name).copied().unwrap_or(true);
+        let engines: Vec<_> = self
+            .backends
+            .iter()
+            .filter(|b| b.key().vip == name)
+            .map(|b| &b.engine.prefix)
+            .collect();
+        let at = load::monotonic_ns();
+        let observed = engines
+            .iter()
+            .filter(|p| p.since_ns != 0)
+            .map(|p| at.saturating_sub(p.since_ns))
+            .max()
+            .unwrap_or(0);
+        let rates = engines.iter().filter_map(|p| p.hit_rate());
+        let now = load::sticky(vip.scheduler.prefix_affinity, was, rates, observed);
+        self.sticky.insert(name.to_owned(), now);
+        if now != was && vip.scheduler.prefix_affinity == PrefixAffinity::Auto {
+            info!(
+                vip = name,
+                mode = if now { "sticky" } else { "balanced" },
+                "prefix-cache hit rate changed the scheduling mode"
+            );
+            return true;
+        }
+        false
     }
 
     /// Writes backend `i`'s engine numbers and capacity (`BACKEND_LOAD`) under its id.
@@ -463,9 +502,18 @@ fn ejection_labels(b: &Backend, cause: &'static str) -> [String; 4] {
 }
 
 /// The desired table contents: per VIP in config order.
-fn desired<'a>(vips: &'a [Vip], backends: &[Backend]) -> Vec<DesiredService<'a>> {
+fn desired<'a>(
+    vips: &'a [Vip],
+    backends: &[Backend],
+    sticky: &HashMap<String, bool>,
+) -> Vec<DesiredService<'a>> {
     vips.iter()
         .map(|vip| DesiredService {
+            sticky: match vip.scheduler.prefix_affinity {
+                PrefixAffinity::On => true,
+                PrefixAffinity::Off => false,
+                PrefixAffinity::Auto => sticky.get(&vip.name).copied().unwrap_or(true),
+            },
             vip,
             backends: backends
                 .iter()

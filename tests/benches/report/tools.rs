@@ -39,39 +39,99 @@ pub fn memlock(map: &aya::maps::MapData) -> u64 {
 /// nginx in the lb namespace, as in the reference deployment: an upstream of the instances
 /// with keepalive, `proxy_buffering off`, a long read timeout, passive health checks.
 pub fn nginx(ns: &NetNs, dir: &Path, backends: &[u16]) -> Proc {
-    let servers: String = backends
+    let servers: Vec<(u16, u32)> = backends.iter().map(|p| (*p, 1)).collect();
+    nginx_with(ns, dir, "nginx", NGINX_PORT, &servers, false)
+}
+
+/// The same on `port`, with weights, round-robin or `least_conn`; `name` keeps its files
+/// apart from another nginx's.
+pub fn nginx_with(
+    ns: &NetNs,
+    dir: &Path,
+    name: &str,
+    port: u16,
+    servers: &[(u16, u32)],
+    least_conn: bool,
+) -> Proc {
+    let servers: String = servers
         .iter()
-        .map(|p| format!("    server {LB_ADDR}:{p} max_fails=2 fail_timeout=10s;\n"))
+        .map(|(p, w)| {
+            format!("    server {LB_ADDR}:{p} weight={w} max_fails=2 fail_timeout=10s;\n")
+        })
         .collect();
+    let balance = if least_conn { "    least_conn;\n" } else { "" };
     let d = dir.display();
     let conf = format!(
-        "worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log error;\n\
+        "worker_processes 2;\npid {d}/{name}.pid;\nerror_log {d}/{name}-error.log error;\n\
          events {{ worker_connections 4096; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {d}/nginx-body;\n\
-           proxy_temp_path {d}/nginx-proxy;\n  upstream llm {{\n{servers}    keepalive 64;\n  }}\n\
-           server {{\n    listen {LB_ADDR}:{NGINX_PORT};\n    location / {{\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/{name}-body;\n\
+           proxy_temp_path {d}/{name}-proxy;\n  upstream llm {{\n{balance}{servers}    keepalive 64;\n  }}\n\
+           server {{\n    listen {LB_ADDR}:{port};\n    location / {{\n\
                proxy_pass http://llm;\n      proxy_http_version 1.1;\n\
                proxy_set_header Connection \"\";\n      proxy_buffering off;\n\
                proxy_read_timeout 3600s;\n    }}\n  }}\n}}\n"
     );
-    let path = dir.join("nginx.conf");
+    let path = dir.join(format!("{name}.conf"));
     fs::write(&path, conf).expect("nginx.conf");
     let conf_arg = path.display().to_string();
     let p = Proc::spawn(
-        "nginx",
+        name,
         ns,
         Path::new("/usr/sbin/nginx"),
         &["-c", &conf_arg, "-g", "daemon off;"],
         dir,
     )
     .expect("start nginx");
-    // Probed from inside the namespace: 198.18.0.0/15 exists only there.
+    wait_listening(ns, port, &p);
+    p
+}
+
+/// Debian's HAProxy in the lb namespace, HTTP mode, `balance leastconn` over the instances
+/// (with weights), kept-alive server connections, no timeout a generation would hit.
+pub fn haproxy(ns: &NetNs, dir: &Path, port: u16, servers: &[(u16, u32)]) -> Proc {
+    let servers: String = servers
+        .iter()
+        .enumerate()
+        .map(|(i, (p, w))| format!("  server s{i} {LB_ADDR}:{p} weight {w}\n"))
+        .collect();
+    let conf = format!(
+        "global\n  maxconn 4096\n\
+         defaults\n  mode http\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
+         frontend llm\n  bind {LB_ADDR}:{port}\n  default_backend instances\n\
+         backend instances\n  balance leastconn\n  http-reuse safe\n{servers}"
+    );
+    let path = dir.join("haproxy.cfg");
+    fs::write(&path, conf).expect("haproxy.cfg");
+    let conf_arg = path.display().to_string();
+    let p = Proc::spawn(
+        "haproxy",
+        ns,
+        Path::new("/usr/sbin/haproxy"),
+        &["-f", &conf_arg, "-db"],
+        dir,
+    )
+    .expect("start haproxy");
+    wait_listening(ns, port, &p);
+    p
+}
+
+/// Probed from inside the namespace: 198.18.0.0/15 exists only there.
+fn wait_listening(ns: &NetNs, port: u16, p: &Proc) {
     let up = gpulb_testbed::wait_until(Duration::from_secs(10), || {
-        ns.run(|| std::net::TcpStream::connect((LB_ADDR, NGINX_PORT)).is_ok())
+        ns.run(move || std::net::TcpStream::connect((LB_ADDR, port)).is_ok())
             .unwrap_or(false)
     });
-    assert!(up, "nginx did not start: {}", p.log_text());
-    p
+    assert!(up, "{} did not start: {}", p.name, p.log_text());
+}
+
+/// `haproxy -v`'s first line.
+pub fn haproxy_version() -> String {
+    sh_out("haproxy", &["-v"])
+        .lines()
+        .next()
+        .unwrap_or("haproxy")
+        .trim()
+        .to_owned()
 }
 
 #[derive(Debug, Clone, Copy)]
