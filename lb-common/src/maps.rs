@@ -180,6 +180,7 @@ pub const ALLOW: MapSpec = spec(
     Fixed(ALLOW_ENTRIES),
 );
 pub const LIVE_FLOWS: MapSpec = spec("LIVE_FLOWS", Array, 4, 8, Fixed(MAX_BACKENDS));
+pub const REFUSED_AT: MapSpec = spec("REFUSED_AT", Array, 4, 8, Fixed(MAX_BACKENDS));
 pub const MEMBERS: MapSpec = spec(
     "MEMBERS",
     Array,
@@ -262,7 +263,7 @@ pub const SOCK_REVNAT6: MapSpec = spec(
 );
 
 /// Every map the daemon pins; the layout check, the CLI and the clean-up use this list.
-pub const ALL: [MapSpec; 25] = [
+pub const ALL: [MapSpec; 26] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -275,6 +276,7 @@ pub const ALL: [MapSpec; 25] = [
     RATE_LIMIT,
     ALLOW,
     LIVE_FLOWS,
+    REFUSED_AT,
     MEMBERS,
     SCHED,
     BACKEND_LOAD,

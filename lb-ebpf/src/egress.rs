@@ -3,6 +3,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
 use lb_common::{FlowKeyOf, PROTO_TCP, Reason, RevNatOf};
@@ -10,6 +11,7 @@ use lb_common::{FlowKeyOf, PROTO_TCP, Reason, RevNatOf};
 use crate::{
     family::{Family, V4, V6},
     flows::track_live,
+    maps::REFUSED_AT,
     parse::{IP_CHECK_OFF, L4Packet, Parsed, TCP_CHECK_OFF, UDP_CHECK_OFF, parse_l4},
 };
 
@@ -75,7 +77,8 @@ fn egress<F: Family>(ctx: &TcContext, pkt: &L4Packet<F::Addr>) -> Result<Reason,
     Ok(Reason::EgressRevNat)
 }
 
-/// A backend's FIN or RST ends the flow's count, as the client's would.
+/// A backend's FIN or RST ends the flow's count, as the client's would; a RST refusing the
+/// SYN marks the backend as refusing (`REFUSED_AT`).
 #[inline(always)]
 fn end_flow_of_reply<F: Family>(reply: &L4Packet<F::Addr>, revnat: &RevNatOf<F::Addr>) {
     let key = FlowKeyOf {
@@ -88,5 +91,13 @@ fn end_flow_of_reply<F: Family>(reply: &L4Packet<F::Addr>, revnat: &RevNatOf<F::
     };
     if let Some(flow) = F::conns().get_ptr_mut(&key) {
         track_live(flow, reply);
+        if reply.is_refusal != 0 {
+            // SAFETY: the LRU value stays valid while this program runs (RCU).
+            let backend = unsafe { (*flow).backend };
+            if let Some(at) = REFUSED_AT.get_ptr_mut(backend) {
+                // SAFETY: a valid, aligned map value; a racing writer stores a time as recent.
+                unsafe { core::ptr::write_volatile(at, bpf_ktime_get_ns()) };
+            }
+        }
     }
 }

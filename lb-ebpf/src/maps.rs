@@ -76,6 +76,14 @@ pub static ALLOW: LpmTrie<AllowKey, u32> =
 pub static LIVE_FLOWS: Array<u64> =
     Array::pinned(spec::LIVE_FLOWS.default_entries(), spec::LIVE_FLOWS.flags);
 
+/// When each backend id last refused a connection (`bpf_ktime_get_ns`; 0: never): its RST
+/// to a SYN, seen at TC egress. The scheduler passes it over for `REFUSED_HOLD_NS`, so the
+/// few milliseconds between an instance's death and its ejection do not draw every new
+/// connection to it (it has no flows, so it looks least loaded).
+#[map]
+pub static REFUSED_AT: Array<u64> =
+    Array::pinned(spec::REFUSED_AT.default_entries(), spec::REFUSED_AT.flags);
+
 /// The backends in each service's table, in id order: where a decision finds candidates
 /// beside the consistent hash's own pick.
 #[map]

@@ -84,6 +84,9 @@ pub struct L4Packet<A> {
     pub is_syn: u32,
     /// TCP: FIN or RST (the flow is ending). UDP: always 0.
     pub is_close: u32,
+    /// TCP: a RST with ACK and sequence number 0, what a host sends to refuse a SYN (RFC
+    /// 9293: a reset to a segment without ACK takes sequence number 0). UDP: always 0.
+    pub is_refusal: u32,
 }
 
 impl<A> L4Packet<A> {
@@ -246,24 +249,32 @@ fn parse_transport<C: PacketCtx, A>(
     src_be: A,
     dst_be: A,
 ) -> Result<L4Packet<A>, Reason> {
-    let (ports, is_syn, is_close) = match proto {
+    let (ports, is_syn, is_close, is_refusal) = match proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
             // SAFETY: bounds checked by `ptr_at`.
-            let (ports, syn, ack, fin, rst) = unsafe {
+            let (ports, syn, ack, fin, rst, seq) = unsafe {
                 let t = &*tcp;
-                ([t.source, t.dest], t.syn(), t.ack(), t.fin(), t.rst())
+                (
+                    [t.source, t.dest],
+                    t.syn(),
+                    t.ack(),
+                    t.fin(),
+                    t.rst(),
+                    t.seq,
+                )
             };
             (
                 ports,
                 (syn != 0 && ack == 0) as u32,
                 (fin != 0 || rst != 0) as u32,
+                (rst != 0 && ack != 0 && u32::from_ne_bytes(seq) == 0) as u32,
             )
         }
         PROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
             // SAFETY: bounds checked by `ptr_at`.
-            (unsafe { [(*udp).src, (*udp).dst] }, 0, 0)
+            (unsafe { [(*udp).src, (*udp).dst] }, 0, 0, 0)
         }
         _ => return Err(Reason::PassNotTcpUdp),
     };
@@ -280,6 +291,7 @@ fn parse_transport<C: PacketCtx, A>(
         },
         is_syn,
         is_close,
+        is_refusal,
     })
 }
 

@@ -19,7 +19,8 @@
 //! candidate, the picks winning ties. Balanced (otherwise): the least loaded member, ties
 //! rotating with each new flow (per CPU), as round-robin would: the oracle's rule.
 //! Either way a candidate with a free slot beats one without, and when none has one the
-//! lowest load wins: overflow spreads evenly.
+//! lowest load wins: overflow spreads evenly. A backend that refused a connection within
+//! the last second (`REFUSED_AT`, set at TC egress) comes after all others.
 //!
 //! Verifier-friendly on purpose: the decision does not depend on the address family (only
 //! the final lookup does), and the decision and each candidate's score are global BPF
@@ -30,7 +31,7 @@ use lb_common::{DEFAULT_CHOICES, MAX_CHOICES, MAX_MEMBERS, Service, fmix64, magl
 use crate::{
     family::Family,
     flows::live_flows,
-    maps::{BACKEND_LOAD, BACKENDS, MAGLEV, MEMBERS, SCHED, VIP_STATS},
+    maps::{BACKEND_LOAD, BACKENDS, MAGLEV, MEMBERS, REFUSED_AT, SCHED, VIP_STATS},
 };
 
 /// A backend as one family's data path uses it: its address in that family, and its port.
@@ -88,6 +89,13 @@ const UNUSABLE: u64 = u64::MAX;
 const AT_CAP: u64 = u64::MAX - 1;
 /// Added to the score of a candidate without a free slot: any with one wins.
 const NO_ROOM: u64 = 1 << 62;
+/// Added (with `NO_ROOM`) to the score of a backend that refused a connection within
+/// `REFUSED_HOLD_NS`: any other wins.
+const REFUSING: u64 = 1 << 61;
+/// How long a refusal keeps a backend last: longer than a dead instance's ejection takes
+/// (pidfd: tens of milliseconds; a failed probe: its interval), short enough that a backend
+/// that refused once (a full accept queue) is back soon.
+const REFUSED_HOLD_NS: u64 = 1_000_000_000;
 /// Mixed into the hash for its second pick.
 const SECOND_PICK: u64 = 0x27d4_eb2f_1656_67c5;
 /// Load is scaled by this before it is divided by capacity.
@@ -203,10 +211,9 @@ pub extern "C" fn gpulb_choose(
                 if k >= n || (k >= choices && (best_score < AT_CAP || picks_best < AT_CAP)) {
                     break;
                 }
-                let i = ((start + k) % n) as usize;
-                if i >= MAX_MEMBERS {
-                    break;
-                }
+                // Masked rather than compared: the verifier of older kernels (6.1) loses a
+                // compared bound when the compiler spills the register before the check.
+                let i = ((start + k) % n) as usize & (MAX_MEMBERS - 1);
                 let id = members.ids[i];
                 if sticky && (id == primary || id == second) {
                     continue;
@@ -256,6 +263,8 @@ pub extern "C" fn gpulb_choose(
     flag | best as u64
 }
 
+const _: () = assert!(MAX_MEMBERS.is_power_of_two());
+
 /// `gpulb_score`'s `mode`: the load with this flow.
 const WITH_FLOW: u64 = 0;
 /// `gpulb_score`'s `mode`: the load with this flow less the sticky slack, a quarter of the
@@ -283,6 +292,10 @@ pub extern "C" fn gpulb_score(id: u32, now: u64, max_age_ns: u64, mode: u64) -> 
     if max_flows != 0 && live >= max_flows {
         return AT_CAP;
     }
+    // Refused a connection just now (its process died, or stopped listening): last, behind
+    // any backend that takes the flow, until ejected or the hold is over.
+    let refused_at = REFUSED_AT.get(id).copied().unwrap_or(0);
+    let refusing = refused_at != 0 && now.saturating_sub(refused_at) < REFUSED_HOLD_NS;
     let mut inflight = live;
     let mut slots = 0;
     if let Some(e) = BACKEND_LOAD.get(id) {
@@ -303,7 +316,9 @@ pub extern "C" fn gpulb_score(id: u32, now: u64, max_age_ns: u64, mode: u64) -> 
         flows = flows.saturating_sub(max(slots / SLACK_SHARE, 1));
     }
     let load = (flows << LOAD_SHIFT) / capacity;
-    if slots != 0 && inflight < slots {
+    if refusing {
+        NO_ROOM | REFUSING | load
+    } else if slots != 0 && inflight < slots {
         load
     } else {
         NO_ROOM | load

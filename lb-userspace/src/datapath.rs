@@ -11,8 +11,8 @@ use aya::{
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
         XdpMode,
-        links::{FdLink, LinkError, PinnedLink},
-        tc::SchedClassifierLink,
+        links::{FdLink, LinkError, LinkOrder, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
     },
 };
@@ -22,7 +22,7 @@ use lb_common::{
 };
 use tracing::{info, warn};
 
-use crate::{config, maps::Maps};
+use crate::{config, kernel::TcPath, maps::Maps, tc};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -79,13 +79,19 @@ pub enum DatapathError {
         #[source]
         source: io::Error,
     },
-    #[error("reading this network namespace's cookie")]
+    #[error("reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14)")]
     NetnsCookie(#[source] io::Error),
     #[error("attaching TC egress to {interface}")]
     AttachTc {
         interface: String,
         #[source]
         source: ProgramError,
+    },
+    #[error("removing gpulb's TC filter from {interface}")]
+    DetachTc {
+        interface: String,
+        #[source]
+        source: io::Error,
     },
     #[error("pinning the {what} link at {}", path.display())]
     PinLink {
@@ -280,7 +286,7 @@ impl Datapath {
             .expect("gpulb_ingress is XDP")
     }
 
-    fn egress(&mut self) -> &mut SchedClassifier {
+    pub fn egress(&mut self) -> &mut SchedClassifier {
         self.ebpf
             .program_mut(programs::EGRESS)
             .expect("object has gpulb_egress")
@@ -296,6 +302,7 @@ impl Datapath {
         &mut self,
         interface: &str,
         mode: config::XdpMode,
+        tc: TcPath,
     ) -> Result<Attached, DatapathError> {
         self.remove_foreign_links(interface);
         let xdp_pin = link_pin(&self.pin_path, "xdp", interface);
@@ -326,34 +333,29 @@ impl Datapath {
             };
             Attached::New(used)
         };
-        if tc_pin.exists() {
-            let link = take_over::<SchedClassifierLink>(&tc_pin, "TC")?;
-            self.egress()
-                .attach_to_link(link)
-                .map_err(|source| DatapathError::Program {
-                    name: programs::EGRESS,
-                    source,
+        match tc {
+            TcPath::Tcx => {
+                self.attach_tcx(interface, &tc_pin)?;
+                // A netlink filter of an earlier daemon (another tc_attach, or an older
+                // kernel) goes once the link runs.
+                tc::detach(&self.pin_path, interface).map_err(|source| {
+                    DatapathError::DetachTc {
+                        interface: interface.to_owned(),
+                        source,
+                    }
                 })?;
-        } else {
-            let egress = self.egress();
-            let id = egress
-                .attach(interface, TcAttachType::Egress)
-                .map_err(|source| DatapathError::AttachTc {
-                    interface: interface.to_owned(),
-                    source,
+            }
+            TcPath::Netlink => {
+                let pin_path = self.pin_path.clone();
+                tc::attach(self.egress(), &pin_path, interface).map_err(|source| {
+                    DatapathError::AttachTc {
+                        interface: interface.to_owned(),
+                        source,
+                    }
                 })?;
-            let link = egress
-                .take_link(id)
-                .map_err(|source| DatapathError::AttachTc {
-                    interface: interface.to_owned(),
-                    source,
-                })?;
-            let fd = FdLink::try_from(link).map_err(|e| DatapathError::TakeOver {
-                what: "TC",
-                path: tc_pin.clone(),
-                source: Box::new(e),
-            })?;
-            self.links.push(pin_link(fd, &tc_pin, "TC")?);
+                // A TCX link of an earlier daemon detaches once its pin is gone.
+                let _ = fs::remove_file(&tc_pin);
+            }
         }
         Ok(attached)
     }
@@ -384,7 +386,21 @@ impl Datapath {
             }
             return Ok(None);
         };
-        let cookie = netns_cookie().map_err(DatapathError::NetnsCookie)?;
+        let cookie = match netns_cookie() {
+            Ok(cookie) => cookie,
+            Err(e)
+                if *socket_lb == config::SocketLb::Auto
+                    && crate::kernel::is_missing_netns_cookie(&e) =>
+            {
+                warn!(
+                    "socket-level balancing off: this kernel has no SO_NETNS_COOKIE (Linux {} \
+                     or newer); clients on this host reach VIPs only through the interface",
+                    crate::kernel::NETNS_COOKIE
+                );
+                return Ok(None);
+            }
+            Err(e) => return Err(DatapathError::NetnsCookie(e)),
+        };
         self.maps.set_sock_netns(cookie)?;
         let dir = fs::File::open(cgroup).map_err(|source| DatapathError::Cgroup {
             path: cgroup.to_owned(),
@@ -420,8 +436,38 @@ impl Datapath {
         Ok(Some(cgroup.to_owned()))
     }
 
+    /// TC egress through a TCX link pinned at `pin`, or the program swapped into the link
+    /// already pinned there.
+    fn attach_tcx(&mut self, interface: &str, pin: &Path) -> Result<(), DatapathError> {
+        let err = |source| DatapathError::AttachTc {
+            interface: interface.to_owned(),
+            source,
+        };
+        if pin.exists() {
+            let link = take_over::<SchedClassifierLink>(pin, "TC")?;
+            self.egress().attach_to_link(link).map_err(err)?;
+            return Ok(());
+        }
+        let egress = self.egress();
+        let id = egress
+            .attach_with_options(
+                interface,
+                TcAttachType::Egress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(err)?;
+        let link = egress.take_link(id).map_err(err)?;
+        let fd = FdLink::try_from(link).map_err(|e| DatapathError::TakeOver {
+            what: "TC",
+            path: pin.to_owned(),
+            source: Box::new(e),
+        })?;
+        self.links.push(pin_link(fd, pin, "TC")?);
+        Ok(())
+    }
+
     /// Removes the pinned links of interfaces other than `interface` (they detach once
-    /// nothing holds them).
+    /// nothing holds them), and gpulb's netlink filters there.
     fn remove_foreign_links(&self, interface: &str) {
         let Ok(entries) = fs::read_dir(&self.pin_path) else {
             return;
@@ -437,6 +483,13 @@ impl Datapath {
             if is_link && !ours.contains(&path) {
                 info!(link = %path.display(), "removing a pinned link of another interface");
                 let _ = fs::remove_file(path);
+            }
+        }
+        for other in tc::attached_interfaces(&self.pin_path) {
+            if other != interface
+                && let Err(e) = tc::detach(&self.pin_path, &other)
+            {
+                warn!(interface = %other, error = %e, "removing the TC filter of another interface");
             }
         }
     }
@@ -511,7 +564,7 @@ const SOCKET_PROGRAMS: [&str; 8] = [
     unsafe_code,
     reason = "getsockopt(SO_NETNS_COOKIE) has no safe wrapper"
 )]
-fn netns_cookie() -> io::Result<u64> {
+pub fn netns_cookie() -> io::Result<u64> {
     use std::os::fd::AsRawFd as _;
     let socket = nix::sys::socket::socket(
         nix::sys::socket::AddressFamily::Inet,
@@ -563,6 +616,9 @@ where
 /// Removes gpulb's pinned maps and links under `pin_path`, then the directory if it is
 /// empty.
 pub fn remove_pins(pin_path: &Path) -> io::Result<()> {
+    for interface in tc::attached_interfaces(pin_path) {
+        tc::detach(pin_path, &interface)?;
+    }
     let links = fs::read_dir(pin_path)
         .into_iter()
         .flatten()

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod gpu;
 pub mod health;
+pub mod kernel;
 pub mod load;
 pub mod maglev;
 pub mod maps;
@@ -17,6 +18,7 @@ pub mod plan;
 pub mod sim;
 pub mod sockets;
 pub mod supervisor;
+pub mod tc;
 
 /// The data path programs (`lb-ebpf`, built by build.rs).
 pub static EBPF_OBJECT: &[u8] =

@@ -57,6 +57,14 @@ enum Command {
     },
     /// Validate a config (and find its GPUs) without touching the kernel (exit 64 if invalid).
     CheckConfig { file: PathBuf },
+    /// What this kernel has of what gpulb needs (program, map and attach types, helpers,
+    /// BTF), and whether gpulb's programs load (with the verifier's instruction counts).
+    /// Attaches nothing (exit 1 if gpulb cannot run here).
+    CheckKernel {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// VIPs and their traffic.
     Vips(Read),
     /// Backends: model, GPU, pid, state, restarts, probe latency, live flows, weight, share.
@@ -158,6 +166,11 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Err(code) => return code,
+        },
+        Command::CheckKernel { json } => match cli::kernel::run(json) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
         },
         Command::Vips(r) => cli::vips::run(&r.pin_path, r.json),
         Command::Backends { read, socket } => {

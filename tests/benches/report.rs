@@ -147,6 +147,14 @@ fn machine() -> String {
     )
 }
 
+fn uname_release() -> String {
+    nix::sys::utsname::uname()
+        .expect("uname")
+        .release()
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// The datapath bench's figures, written by `cargo bench --bench datapath` just before.
 fn datapath(report: &mut Report) {
     let path = std::env::var("GPULB_BENCH_DATAPATH").unwrap_or_default();
@@ -180,21 +188,64 @@ fn datapath(report: &mut Report) {
             ns / floor
         );
     }
+    // The verifier per program: this kernel (the datapath bench's load) and Debian's kernels
+    // under qemu (`gpulb check-kernel`), each kernel a column.
+    let mut columns: Vec<(String, serde_json::Value)> = vec![(
+        format!("this kernel ({})", uname_release()),
+        serde_json::Value::Array(
+            v["verified_instructions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| serde_json::json!({"name": p[0], "verified_instructions": p[1]}))
+                .collect(),
+        ),
+    )];
+    let kernels = std::env::var("GPULB_BENCH_KERNELS")
+        .ok()
+        .and_then(|p| fs::read_to_string(p).ok())
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+    if let Some(kernels) = kernels.as_ref().and_then(|k| k.as_object()) {
+        for (label, check) in kernels {
+            columns.push((
+                format!(
+                    "Debian {label} ({})",
+                    check["release"].as_str().unwrap_or("?")
+                ),
+                check["programs"].clone(),
+            ));
+        }
+    }
     t.push_str(
-        "
-Verifier: instructions processed when each program loaded (this kernel):
-
-| program | instructions |
-|---|---:|
-",
+        "\nVerifier: instructions processed when each program loaded, per kernel (Debian's \
+         kernels booted under qemu, `gpulb check-kernel`); the verifier's limit is 1,000,000 per \
+         program.\n\n| program |",
     );
-    for p in v["verified_instructions"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            t,
-            "| `{}` | {} |",
-            p[0].as_str().unwrap_or("?"),
-            p[1].as_u64().map_or_else(|| "-".into(), |n| n.to_string())
-        );
+    for (name, _) in &columns {
+        let _ = write!(t, " {name} |");
+    }
+    t.push_str("\n|---|");
+    t.push_str(&"---:|".repeat(columns.len()));
+    t.push('\n');
+    let names: Vec<String> = columns[0]
+        .1
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect();
+    for name in names {
+        let _ = write!(t, "| `{name}` |");
+        for (_, programs) in &columns {
+            let n = programs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["name"] == name.as_str())
+                .and_then(|p| p["verified_instructions"].as_u64());
+            let _ = write!(t, " {} |", n.map_or_else(|| "-".into(), |n| n.to_string()));
+        }
+        t.push('\n');
     }
     report.section("datapath", &t);
 }

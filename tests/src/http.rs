@@ -300,7 +300,7 @@ pub fn get(ns: &NetNs, url: &str) -> anyhow::Result<(u16, String)> {
 
 /// Polls `f` until it returns true or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + crate::patience(timeout);
     while Instant::now() < deadline {
         if f() {
             return true;

@@ -43,6 +43,21 @@ pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+/// `timeout` stretched by `GPULB_TEST_PATIENCE` (a factor, default 1): the kernel matrix
+/// runs the tests in an emulated VM (qemu TCG), where loading the programs alone takes
+/// tens of seconds. Only waits stretch; nothing a test asserts about order or counts does.
+pub fn patience(timeout: Duration) -> Duration {
+    static FACTOR: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let factor = *FACTOR.get_or_init(|| {
+        std::env::var("GPULB_TEST_PATIENCE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|f: &f64| *f >= 1.0)
+            .unwrap_or(1.0)
+    });
+    timeout.mul_f64(factor)
+}
+
 /// A process started in a namespace; SIGTERM on drop, SIGKILL if it lingers. Its stdout
 /// and stderr go to `log`.
 pub struct Proc {
@@ -101,6 +116,7 @@ impl Proc {
 
     /// Waits until the log contains `needle`; fails early if the process exits.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let timeout = patience(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             if self.log_text().contains(needle) {
@@ -130,6 +146,7 @@ impl Proc {
 
     /// Sends `signal` and waits for the exit (SIGKILL after `grace`).
     pub fn stop_with(&mut self, signal: Signal, grace: Duration) -> anyhow::Result<ExitStatus> {
+        let grace = patience(grace);
         let child = self.child.as_mut().context("already stopped")?;
         kill(Pid::from_raw(child.id() as i32), signal).ok();
         let deadline = Instant::now() + grace;
@@ -194,6 +211,9 @@ impl Drop for PinDir {
             let name = e.file_name().to_string_lossy().into_owned();
             if lb_common::maps::is_ours(&name) || name.starts_with("link_") {
                 let _ = fs::remove_file(e.path());
+            } else if name.starts_with("tc_netlink_") || name.starts_with("tc_clsact_") {
+                // Markers of a netlink TC filter; the filter goes with the test's namespace.
+                let _ = fs::remove_dir(e.path());
             }
         }
         let _ = fs::remove_dir(&self.path);

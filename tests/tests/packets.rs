@@ -820,3 +820,80 @@ fn xdp_scheduler_balanced() {
     drop(dp);
     drop(pins);
 }
+
+/// A reply through TC egress: (return value, output).
+fn run_egress(dp: &mut Datapath, packet: &[u8]) -> (i32, Vec<u8>) {
+    let mut out = vec![0u8; packet.len() + 64];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.data_out = Some(&mut out);
+    let result = dp.egress().test_run(opts).expect("egress test run");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value as i32, out)
+}
+
+/// A backend's RST from `backend_port` to the client's `client_port`, with this sequence
+/// number (0: what a host sends to refuse a SYN).
+fn backend_rst(backend_port: u16, client: [u8; 4], client_port: u16, seq: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_B, MAC_A)
+        .ipv4([198, 18, 0, 1], client, 64)
+        .tcp(backend_port, client_port, seq, 0)
+        .rst()
+        .ack(1001)
+        .write(&mut out, &[])
+        .expect("build");
+    out
+}
+
+/// An instance that died refuses connections until it is ejected; with no flows left it
+/// looks least loaded, so without a signal every new connection would go to it. Its RST to a
+/// SYN, seen at TC egress, puts it last for a while; a RST of an established flow does not.
+#[test]
+fn a_backend_that_refuses_a_syn_comes_last() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test loads BPF programs: run it as root (cargo xtask test)"
+    );
+    let pins = PinDir::new("refused");
+    let text = SCHEDULER_CONFIG.replace(
+        "maglev_table_size = 251\n",
+        "maglev_table_size = 251\n[vip.scheduler]\nprefix_affinity = \"off\"\n",
+    );
+    let config = Config::parse(Path::new("sched.toml"), &text).expect("config");
+    let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
+    let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
+    plan::apply(&mut dp.maps, &plan, None).expect("program maps");
+    with_slots(&mut dp, &plan, 4);
+    let (vip, client) = ([198, 18, 100, 6], [198, 18, 1, 1]);
+    let syn = |dp: &mut Datapath, port: u16| {
+        let (_, out, reason) = run(dp, "SYN", &tcp_flags(client, vip, port, true, false));
+        assert_eq!(reason, Reason::FwdNewFlow);
+        nat_port(&out)
+    };
+
+    // An established flow's RST (sequence number not 0) is no refusal.
+    let reset = syn(&mut dp, 40000);
+    let (action, out) = run_egress(&mut dp, &backend_rst(reset, client, 40000, 777));
+    assert_eq!(action, 0, "TC_ACT_OK");
+    assert_eq!(&out[26..30], &vip, "the reply's source is the VIP again");
+    let mut after_reset: Vec<u16> = (40001..40005).map(|p| syn(&mut dp, p)).collect();
+    after_reset.sort_unstable();
+    assert_eq!(
+        after_reset,
+        [8301, 8302, 8303, 8304],
+        "all four still chosen"
+    );
+
+    // A refusal: the next connections go to the other three, although it has the fewest.
+    let refused = syn(&mut dp, 41000);
+    let (action, _) = run_egress(&mut dp, &backend_rst(refused, client, 41000, 0));
+    assert_eq!(action, 0, "TC_ACT_OK");
+    let next: Vec<u16> = (41001..41007).map(|p| syn(&mut dp, p)).collect();
+    assert!(
+        !next.contains(&refused),
+        "{refused} refused a SYN and still got new flows: {next:?}"
+    );
+    drop(dp);
+    drop(pins);
+}

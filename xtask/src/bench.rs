@@ -45,8 +45,18 @@ pub fn run(case: Option<Case>, quick: bool) -> anyhow::Result<()> {
     }
     println!("[bench] datapath");
     exec(bench("datapath").env("GPULB_BENCH_JSON", &datapath))?;
+    println!("[bench] the verifier on Debian's kernels (qemu)");
+    let kernels = crate::kernels::select("all")?;
+    crate::kernels::ensure(&kernels)?;
+    let verifier = out.join("kernels.json");
+    let gpulb = out.join("../release/gpulb");
+    crate::kernels::check_all(&kernels, &gpulb, &verifier)?;
     println!("[bench] report cases");
-    exec(report.env("GPULB_BENCH_DATAPATH", &datapath))?;
+    exec(
+        report
+            .env("GPULB_BENCH_DATAPATH", &datapath)
+            .env("GPULB_BENCH_KERNELS", &verifier),
+    )?;
     println!("[bench] report: {}", out.join("report.md").display());
     Ok(())
 }

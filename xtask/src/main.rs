@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod kernels;
 mod setup;
 
 use std::process::Command;
@@ -26,8 +27,20 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Set up, build, and run every test (unit, BPF packet fixtures, netns integration).
-    Test,
+    /// Set up, build, and run every test (unit, BPF packet fixtures, netns integration), then
+    /// the kernel matrix: the packet fixtures, TC through netlink, the end-to-end takeover
+    /// test and a virtio-net NIC in native XDP mode, in Debian's kernels under qemu.
+    Test {
+        /// Kernels of the matrix: "all" (6.1 and 6.12), "none", or labels ("6.1,6.12").
+        #[arg(long, default_value = "all")]
+        kernels: String,
+    },
+    /// Set up, build, and run only the kernel matrix (what `test` runs after the host's tests).
+    Kernels {
+        /// "all" (6.1 and 6.12), or labels ("6.1,6.12").
+        #[arg(long, default_value = "all")]
+        kernels: String,
+    },
     /// Set up, build, and start the demo: 4 simulated GPU instances behind gpulb.
     Run {
         /// Stop after this many seconds instead of waiting for Ctrl-C.
@@ -107,6 +120,17 @@ fn test() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The kernel matrix over `kernels` (none: nothing).
+fn matrix(kernels: &[&kernels::Kernel]) -> anyhow::Result<()> {
+    if kernels.is_empty() {
+        return Ok(());
+    }
+    println!("[xtask] kernel matrix");
+    kernels::ensure(kernels)?;
+    let bins = kernels::TestBins::build()?;
+    kernels::run(kernels, &bins).map(drop)
+}
+
 fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Cmd::Setup => setup::ensure_all(),
@@ -114,11 +138,19 @@ fn main() -> anyhow::Result<()> {
             setup::ensure_all()?;
             build(release)
         }
-        Cmd::Test => {
+        Cmd::Test { kernels } => {
+            let kernels = kernels::select(&kernels)?;
             setup::ensure_all()?;
             build(false)?;
             println!("[xtask] running all tests");
-            test()
+            let host = test();
+            host.and(matrix(&kernels))
+        }
+        Cmd::Kernels { kernels } => {
+            let kernels = kernels::select(&kernels)?;
+            setup::ensure_all()?;
+            build(false)?;
+            matrix(&kernels)
         }
         Cmd::Run { duration } => {
             setup::ensure_all()?;

@@ -3,6 +3,7 @@
 pub mod backends;
 pub mod control;
 pub mod flows;
+pub mod kernel;
 pub mod maglev;
 pub mod stats;
 pub mod vips;

@@ -68,6 +68,18 @@ pub enum XdpMode {
     Generic,
 }
 
+/// How the TC egress program is attached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcAttach {
+    /// TCX (a BPF link, Linux 6.6 and newer) where the kernel has it, else netlink.
+    #[default]
+    Auto,
+    Tcx,
+    /// A `cls_bpf` filter on a `clsact` qdisc (created when missing), any kernel.
+    Netlink,
+}
+
 /// Which processes' sockets to VIPs are balanced at connect(): `"off"`, `"auto"` or a path.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
@@ -109,6 +121,8 @@ struct RawConfig {
     interface: String,
     #[serde(default)]
     xdp_mode: XdpMode,
+    #[serde(default)]
+    tc_attach: TcAttach,
     pin_path: Option<PathBuf>,
     conntrack_size: Option<i64>,
     conntrack_size_v6: Option<i64>,
@@ -142,6 +156,7 @@ fn default_kill_timeout_ms() -> i64 {
 pub struct Config {
     pub interface: String,
     pub xdp_mode: XdpMode,
+    pub tc_attach: TcAttach,
     pub pin_path: PathBuf,
     /// Control socket and the record of running instances (for takeover).
     pub state_dir: PathBuf,
@@ -267,6 +282,7 @@ impl RawConfig {
             socket_lb: self.socket_lb,
             interface: self.interface,
             xdp_mode: self.xdp_mode,
+            tc_attach: self.tc_attach,
             conntrack,
             drain_timeout: parse_ms("drain_timeout_ms", self.drain_timeout_ms, 0, 3_600_000)?,
             kill_timeout: parse_ms("kill_timeout_ms", self.kill_timeout_ms, 0, 600_000)?,

@@ -41,6 +41,7 @@ use crate::{
     control::{Request, Response},
     datapath::{Datapath, DatapathError},
     gpu::InstanceSpec,
+    kernel::{self, Release},
     maps::MapsError,
 };
 use persist::{Inherited, Persisted};
@@ -66,6 +67,8 @@ pub enum DaemonError {
         #[source]
         source: Box<DatapathError>,
     },
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
     #[error("attaching the socket-level programs")]
     Sockets(#[source] Box<DatapathError>),
     #[error("removing pins under {}", path.display())]
@@ -109,6 +112,9 @@ pub async fn run(
     let socket = config.control_socket();
     let listener = server::bind(&socket)?;
 
+    // Before anything is loaded: a kernel gpulb cannot run on changes nothing.
+    let release = Release::current()?;
+    let tc_path = kernel::tc_path(release, config.tc_attach)?;
     let datapath =
         Datapath::load(&config.pin_path, config.conntrack).map_err(|e| DaemonError::Load {
             path: config.pin_path.clone(),
@@ -125,14 +131,13 @@ pub async fn run(
     state.start(instances, &inherited, &persisted);
     // Tables before the programs: a taken-over data path keeps its slots meanwhile.
     state.sync();
-    let attached =
-        state
-            .datapath
-            .attach(&interface, xdp_mode)
-            .map_err(|e| DaemonError::Attach {
-                interface: interface.clone(),
-                source: Box::new(e),
-            })?;
+    let attached = state
+        .datapath
+        .attach(&interface, xdp_mode, tc_path)
+        .map_err(|e| DaemonError::Attach {
+            interface: interface.clone(),
+            source: Box::new(e),
+        })?;
     let cgroup = state
         .datapath
         .attach_sockets(&socket_lb)
@@ -154,6 +159,8 @@ pub async fn run(
     info!(
         interface = %interface,
         xdp_mode = attached.describe(),
+        tc = tc_path.describe(),
+        kernel = %release,
         vips = state.config.vips.len(),
         backends = state.backends.len(),
         inherited = inherited.in_table.len(),

@@ -38,9 +38,10 @@ pub enum ReloadError {
 /// The settings a running data path cannot change: the interface it is attached to, where
 /// its maps live, their sizes, the socket programs' cgroup.
 fn fixed_field_changed(old: &Config, new: &Config) -> Option<&'static str> {
-    let fixed: [(&str, bool); 7] = [
+    let fixed: [(&str, bool); 8] = [
         ("interface", new.interface != old.interface),
         ("xdp_mode", new.xdp_mode != old.xdp_mode),
+        ("tc_attach", new.tc_attach != old.tc_attach),
         ("pin_path", new.pin_path != old.pin_path),
         ("state_dir", new.state_dir != old.state_dir),
         ("conntrack_size", new.conntrack.v4 != old.conntrack.v4),

@@ -1,0 +1,140 @@
+//! `gpulb check-kernel`: what this kernel has of what gpulb needs, and whether gpulb's own
+//! programs load on it (with the verifier's instruction count of each). Attaches nothing;
+//! the maps it loads go under a temporary pin directory, removed before it returns.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use lb_common::maps::ConntrackSizes;
+use serde::Serialize;
+
+use crate::{
+    config::TcAttach,
+    datapath::{Datapath, ErrorChain, remove_pins},
+    kernel::{self, Check, Release},
+};
+
+#[derive(Serialize)]
+struct Report {
+    /// `uname -r`.
+    release: String,
+    minimum: String,
+    /// How `tc_attach = "auto"` attaches here.
+    tc_attach: Option<kernel::TcPath>,
+    checks: Vec<Check>,
+    /// The verifier's processed instructions per program; empty if the object did not load.
+    programs: Vec<Program>,
+    /// Why the object did not load, if it did not.
+    load_error: Option<String>,
+    /// Whether gpulb can run here.
+    ok: bool,
+}
+
+#[derive(Serialize)]
+struct Program {
+    name: &'static str,
+    verified_instructions: Option<u32>,
+}
+
+/// Prints the report; exit status 1 if gpulb cannot run here.
+pub fn run(json: bool) -> anyhow::Result<bool> {
+    let release = nix::sys::utsname::uname()
+        .context("uname")?
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let tc_attach = Release::current()
+        .ok()
+        .and_then(|r| kernel::tc_path(r, TcAttach::Auto).ok());
+    let checks = kernel::probe();
+    let (programs, load_error) = match load_once() {
+        Ok(programs) => (programs, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
+    let required_ok = checks
+        .iter()
+        .filter(|c| c.without == "refuses to start")
+        .all(|c| c.ok != Some(false));
+    let report = Report {
+        release,
+        minimum: kernel::MINIMUM.to_string(),
+        tc_attach,
+        ok: required_ok && load_error.is_none() && tc_attach.is_some(),
+        checks,
+        programs,
+        load_error,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_text(&report);
+    }
+    Ok(report.ok)
+}
+
+fn print_text(r: &Report) {
+    println!("kernel {} (gpulb needs {} or newer)", r.release, r.minimum);
+    for c in &r.checks {
+        let mark = match c.ok {
+            Some(true) => "yes",
+            Some(false) => "NO ",
+            None => "?  ",
+        };
+        if c.ok == Some(true) {
+            println!("  {mark}  {}", c.what);
+        } else {
+            println!("  {mark}  {}  (without it: {})", c.what, c.without);
+        }
+    }
+    match r.tc_attach {
+        Some(p) => println!("TC egress attaches through {}", p.describe()),
+        None => println!("TC egress: none (kernel too old)"),
+    }
+    match &r.load_error {
+        None => {
+            println!("gpulb's programs load; instructions the verifier processed:");
+            for p in &r.programs {
+                let n = p.verified_instructions.map_or_else(
+                    || "(not reported before 5.16)".to_owned(),
+                    |n| n.to_string(),
+                );
+                println!("  {:<20} {n}", p.name);
+            }
+        }
+        Some(e) => println!("gpulb's programs do NOT load: {e}"),
+    }
+    println!(
+        "{}",
+        if r.ok {
+            "gpulb can run on this kernel"
+        } else {
+            "gpulb cannot run on this kernel"
+        }
+    );
+}
+
+/// Loads the object under a temporary pin directory, with small conntrack tables, and
+/// removes it again.
+fn load_once() -> Result<Vec<Program>, String> {
+    let root = Path::new("/sys/fs/bpf");
+    if !kernel::is_bpffs(root) {
+        return Err("skipped: no bpffs at /sys/fs/bpf (gpulb run mounts it)".to_owned());
+    }
+    let dir: PathBuf = root.join(format!("gpulb-check-kernel-{}", std::process::id()));
+    let sizes = ConntrackSizes { v4: 1024, v6: 1024 };
+    let loaded = Datapath::load(&dir, sizes);
+    let result = match &loaded {
+        Ok(dp) => Ok(dp
+            .verified_instructions()
+            .into_iter()
+            .map(|(name, verified_instructions)| Program {
+                name,
+                verified_instructions,
+            })
+            .collect()),
+        Err(e) => Err(ErrorChain(e).to_string()),
+    };
+    drop(loaded);
+    let _ = remove_pins(&dir);
+    result
+}
