@@ -24,7 +24,7 @@ mod sock;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action},
+    bindings::{TC_ACT_UNSPEC, xdp_action},
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
@@ -52,7 +52,9 @@ pub fn gpulb_egress(ctx: TcContext) -> i32 {
         Ok(reason) | Err(reason) => reason,
     };
     count_reason(reason);
-    TC_ACT_OK
+    // No verdict: the packet goes on to the next TC filter or TCX program (other tools'),
+    // then out. TC_ACT_OK would end the chain and skip theirs.
+    TC_ACT_UNSPEC
 }
 
 /// A process on this host connects to a VIP: it never crosses the NIC's XDP hook, so its

@@ -92,6 +92,8 @@ const NO_ROOM: u64 = 1 << 62;
 /// Added (with `NO_ROOM`) to the score of a backend that refused a connection within
 /// `REFUSED_HOLD_NS`: any other wins.
 const REFUSING: u64 = 1 << 61;
+/// The lowest score of a refusing backend.
+const REFUSED_FLOOR: u64 = NO_ROOM | REFUSING;
 /// How long a refusal keeps a backend last: longer than a dead instance's ejection takes
 /// (pidfd: tens of milliseconds; a failed probe: its interval), short enough that a backend
 /// that refused once (a full accept queue) is back soon.
@@ -207,8 +209,11 @@ pub extern "C" fn gpulb_choose(
                 turn.wrapping_add(spread)
             } % n;
             for k in 0..MAX_CHOICES {
-                // Past `choices`, look further only while every backend seen is at its cap.
-                if k >= n || (k >= choices && (best_score < AT_CAP || picks_best < AT_CAP)) {
+                // Past `choices`, look further only while every backend seen is at its cap
+                // or refusing.
+                if k >= n
+                    || (k >= choices && (best_score < REFUSED_FLOOR || picks_best < REFUSED_FLOOR))
+                {
                     break;
                 }
                 // Masked rather than compared: the verifier of older kernels (6.1) loses a

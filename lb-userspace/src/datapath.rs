@@ -87,12 +87,6 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
-    #[error("removing gpulb's TC filter from {interface}")]
-    DetachTc {
-        interface: String,
-        #[source]
-        source: io::Error,
-    },
     #[error("pinning the {what} link at {}", path.display())]
     PinLink {
         what: &'static str,
@@ -337,13 +331,11 @@ impl Datapath {
             TcPath::Tcx => {
                 self.attach_tcx(interface, &tc_pin)?;
                 // A netlink filter of an earlier daemon (another tc_attach, or an older
-                // kernel) goes once the link runs.
-                tc::detach(&self.pin_path, interface).map_err(|source| {
-                    DatapathError::DetachTc {
-                        interface: interface.to_owned(),
-                        source,
-                    }
-                })?;
+                // kernel) goes once the link runs. Left behind, it would see only replies
+                // the link already rewrote, and pass them.
+                if let Err(e) = tc::detach(&self.pin_path, interface) {
+                    warn!(interface, error = %e, "could not remove gpulb's netlink TC filter of an earlier daemon");
+                }
             }
             TcPath::Netlink => {
                 let pin_path = self.pin_path.clone();
@@ -617,7 +609,10 @@ where
 /// empty.
 pub fn remove_pins(pin_path: &Path) -> io::Result<()> {
     for interface in tc::attached_interfaces(pin_path) {
-        tc::detach(pin_path, &interface)?;
+        if let Err(e) = tc::detach(pin_path, &interface) {
+            warn!(interface, error = %e, "could not remove gpulb's TC filter (or its clsact qdisc); see `tc filter show dev <interface> egress`");
+            tc::forget(pin_path, &interface);
+        }
     }
     let links = fs::read_dir(pin_path)
         .into_iter()

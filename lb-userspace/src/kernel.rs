@@ -114,6 +114,19 @@ pub fn tc_path(release: Release, setting: TcAttach) -> Result<TcPath, KernelErro
     }
 }
 
+/// The check at start: the release (if it reads) and the TC path. A release that does not
+/// parse (an unusual version string) is not refused: gpulb warns and attaches TC through
+/// netlink, which every kernel has.
+pub fn at_start(setting: TcAttach) -> Result<(Option<Release>, TcPath), KernelError> {
+    match Release::current() {
+        Ok(release) => Ok((Some(release), tc_path(release, setting)?)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell the kernel's version; attaching TC through netlink");
+            Ok((None, TcPath::Netlink))
+        }
+    }
+}
+
 /// One line of `gpulb check-kernel`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {

@@ -11,12 +11,12 @@
 use std::{fs, io, path::Path};
 
 use aya::programs::{
-    ProgramError, SchedClassifier, TcAttachType,
+    Link as _, ProgramError, SchedClassifier, TcAttachType,
     tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
 };
-use lb_common::programs;
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::{
     RouteNetlinkMessage,
@@ -53,7 +53,17 @@ pub fn attach(
             mark(&qdisc_marker(pin_path, interface))?;
             info!(interface, "created the clsact qdisc for TC egress");
         }
-        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+            // An `ingress` qdisc holds the same handle and answers EEXIST too; filters meant
+            // for egress would not run there.
+            let index = if_index(interface).map_err(tc_io)?;
+            if !has_clsact(index).map_err(tc_io)? {
+                return Err(tc_io(io::Error::other(format!(
+                    "{interface} has an ingress qdisc, not clsact: TC egress needs clsact \
+                     (tc qdisc del dev {interface} ingress, or tc_attach = \"tcx\" on Linux 6.6+)"
+                ))));
+            }
+        }
         Err(e) => return Err(e.into()),
     }
     let options = || {
@@ -89,44 +99,57 @@ pub fn attach(
 
 fn mark(path: &Path) -> Result<(), ProgramError> {
     match fs::create_dir(path) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-            Err(ProgramError::TcError(TcError::IoError(e)))
-        }
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(tc_io(e)),
         _ => Ok(()),
     }
 }
 
-/// The interfaces gpulb has a netlink filter on, by its markers under `pin_path`.
+fn tc_io(e: io::Error) -> ProgramError {
+    ProgramError::TcError(TcError::IoError(e))
+}
+
+fn if_index(interface: &str) -> io::Result<i32> {
+    Ok(nix::net::if_::if_nametoindex(interface).map_err(io::Error::from)? as i32)
+}
+
+/// The interfaces gpulb has a netlink filter or a qdisc of its own on, by its markers under
+/// `pin_path`.
 pub fn attached_interfaces(pin_path: &Path) -> Vec<String> {
     fs::read_dir(pin_path)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| {
-            e.file_name()
-                .to_str()?
-                .strip_prefix("tc_netlink_")
+            let name = e.file_name().to_str()?.to_owned();
+            name.strip_prefix("tc_netlink_")
+                .or_else(|| name.strip_prefix("tc_clsact_"))
                 .map(str::to_owned)
         })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
         .collect()
 }
 
 /// Removes gpulb's filter from `interface` and, if gpulb created it and nothing else is
-/// on it, the clsact qdisc; then the markers. An interface that is gone has neither.
+/// on it, the clsact qdisc; then the markers. An interface that is gone has neither; a
+/// qdisc someone removed meanwhile took the filter with it.
 pub fn detach(pin_path: &Path, interface: &str) -> io::Result<()> {
     let qdisc_ours = qdisc_marker(pin_path, interface).exists();
     if !qdisc_ours && !filter_marker(pin_path, interface).exists() {
         return Ok(());
     }
-    let gone = nix::net::if_::if_nametoindex(interface).is_err();
-    if !gone {
-        match tc::qdisc_detach_program(interface, TcAttachType::Egress, programs::EGRESS) {
+    if let Ok(index) = if_index(interface) {
+        // gpulb's own filter, by its priority and handle (not by name: another gpulb with
+        // another pin path may have one of the same name).
+        let ours =
+            SchedClassifierLink::attached(interface, TcAttachType::Egress, PRIORITY, HANDLE, None)?;
+        match ours.detach() {
             Ok(()) => info!(interface, "removed the TC egress filter"),
-            Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(ProgramError::NetlinkError(e))
+                if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {}
             Err(e) => return Err(io::Error::other(e)),
         }
-        if qdisc_ours {
-            let index = nix::net::if_::if_nametoindex(interface).map_err(io::Error::from)? as i32;
+        if qdisc_ours && has_clsact(index)? {
             if filters(index)? == 0 {
                 delete_clsact(index)?;
                 info!(interface, "removed the clsact qdisc gpulb created");
@@ -150,6 +173,13 @@ pub fn detach(pin_path: &Path, interface: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Drops the markers of `interface` (after a `detach` that failed: the caller has said what
+/// may be left).
+pub fn forget(pin_path: &Path, interface: &str) {
+    let _ = fs::remove_dir(filter_marker(pin_path, interface));
+    let _ = fs::remove_dir(qdisc_marker(pin_path, interface));
+}
+
 /// Ingress and egress filters on interface `index`'s clsact qdisc, counted.
 pub fn filters(index: i32) -> io::Result<usize> {
     let mut n = 0;
@@ -164,7 +194,7 @@ pub fn filters(index: i32) -> io::Result<usize> {
             NLM_F_REQUEST | NLM_F_DUMP,
         )?
         .iter()
-        .filter(|m| matches!(m, RouteNetlinkMessage::NewTrafficFilter(_)))
+        .filter(|(kind, _)| *kind == RTM_NEWTFILTER)
         .count();
     }
     Ok(n)
@@ -172,21 +202,29 @@ pub fn filters(index: i32) -> io::Result<usize> {
 
 /// Whether interface `index` has a clsact qdisc.
 pub fn has_clsact(index: i32) -> io::Result<bool> {
-    let mut msg = TcMessage::with_index(index);
-    msg.header.parent = NlHandle::UNSPEC;
     let qdiscs = request(
-        RouteNetlinkMessage::GetQueueDiscipline(msg),
+        RouteNetlinkMessage::GetQueueDiscipline(TcMessage::with_index(0)),
         NLM_F_REQUEST | NLM_F_DUMP,
     )?;
-    Ok(qdiscs.iter().any(|m| match m {
-        RouteNetlinkMessage::NewQueueDiscipline(q) => {
+    Ok(qdiscs
+        .iter()
+        .filter(|(kind, _)| *kind == RTM_NEWQDISC)
+        .filter_map(|(_, bytes)| {
+            // Other qdiscs' options may not decode; only the header and kind matter.
+            match NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes)
+                .ok()?
+                .payload
+            {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewQueueDiscipline(q)) => Some(q),
+                _ => None,
+            }
+        })
+        .any(|q| {
             q.header.index == index
                 && q.attributes
                     .iter()
                     .any(|a| matches!(a, TcAttribute::Kind(k) if k == "clsact"))
-        }
-        _ => false,
-    }))
+        }))
 }
 
 fn delete_clsact(index: i32) -> io::Result<()> {
@@ -204,9 +242,14 @@ fn delete_clsact(index: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// Sends one rtnetlink request and returns the messages of its answer, up to its ACK or the
-/// end of its dump; an error answer is returned as the error.
-fn request(message: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<RouteNetlinkMessage>> {
+/// rtnetlink message types this module reads.
+const RTM_NEWQDISC: u16 = 36;
+const RTM_NEWTFILTER: u16 = 44;
+
+/// Sends one rtnetlink request and returns its answer's messages (type and whole message,
+/// undecoded), up to its ACK or the end of its dump. An error answer, an error at the end of
+/// a dump, or a dump the kernel interrupted (it changed meanwhile) is an error.
+fn request(message: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<(u16, Vec<u8>)>> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
@@ -218,25 +261,49 @@ fn request(message: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<RouteNetl
     packet.serialize(&mut buf);
     socket.send(&buf, 0)?;
 
+    let invalid =
+        |e: netlink_packet_core::DecodeError| io::Error::new(io::ErrorKind::InvalidData, e);
     let mut answer = Vec::new();
     let mut received = vec![0; 1 << 16];
     loop {
         let size = socket.recv(&mut &mut received[..], 0)?;
         let mut offset = 0;
         while offset < size {
-            let msg: NetlinkMessage<RouteNetlinkMessage> =
-                NetlinkMessage::deserialize(&received[offset..size])
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            let len = msg.header.length as usize;
-            match msg.payload {
-                NetlinkPayload::Done(_) => return Ok(answer),
-                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
-                NetlinkPayload::Error(_) => return Ok(answer),
-                NetlinkPayload::InnerMessage(m) => answer.push(m),
-                _ => {}
+            let bytes = &received[offset..size];
+            let header = NetlinkBuffer::new_checked(bytes).map_err(invalid)?;
+            let len = header.length() as usize;
+            if len == 0 || len > bytes.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "netlink: bad length",
+                ));
             }
-            if len == 0 {
-                break;
+            if header.flags() & NLM_F_DUMP_INTR != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "netlink dump interrupted: the table changed meanwhile",
+                ));
+            }
+            match header.message_type() {
+                NLMSG_DONE => {
+                    let msg: NetlinkMessage<RouteNetlinkMessage> =
+                        NetlinkMessage::deserialize(&bytes[..len]).map_err(invalid)?;
+                    if let NetlinkPayload::Done(d) = msg.payload
+                        && d.code != 0
+                    {
+                        return Err(io::Error::from_raw_os_error(-d.code));
+                    }
+                    return Ok(answer);
+                }
+                NLMSG_ERROR => {
+                    let msg: NetlinkMessage<RouteNetlinkMessage> =
+                        NetlinkMessage::deserialize(&bytes[..len]).map_err(invalid)?;
+                    return match msg.payload {
+                        NetlinkPayload::Error(e) if e.code.is_some() => Err(e.to_io()),
+                        _ => Ok(answer),
+                    };
+                }
+                kind => answer.push((kind, bytes[..len].to_vec())),
             }
             offset += len;
         }

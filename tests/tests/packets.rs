@@ -875,7 +875,7 @@ fn a_backend_that_refuses_a_syn_comes_last() {
     // An established flow's RST (sequence number not 0) is no refusal.
     let reset = syn(&mut dp, 40000);
     let (action, out) = run_egress(&mut dp, &backend_rst(reset, client, 40000, 777));
-    assert_eq!(action, 0, "TC_ACT_OK");
+    assert_eq!(action, -1, "TC_ACT_UNSPEC: on to the next filter");
     assert_eq!(&out[26..30], &vip, "the reply's source is the VIP again");
     let mut after_reset: Vec<u16> = (40001..40005).map(|p| syn(&mut dp, p)).collect();
     after_reset.sort_unstable();
@@ -888,7 +888,7 @@ fn a_backend_that_refuses_a_syn_comes_last() {
     // A refusal: the next connections go to the other three, although it has the fewest.
     let refused = syn(&mut dp, 41000);
     let (action, _) = run_egress(&mut dp, &backend_rst(refused, client, 41000, 0));
-    assert_eq!(action, 0, "TC_ACT_OK");
+    assert_eq!(action, -1, "TC_ACT_UNSPEC");
     let next: Vec<u16> = (41001..41007).map(|p| syn(&mut dp, p)).collect();
     assert!(
         !next.contains(&refused),

@@ -114,7 +114,9 @@ fn netlink_filter_is_taken_over_and_removed_with_the_qdisc_gpulb_made() {
     assert_eq!(egress_filters(&stack), second);
     assert_served(&stack, "daemon killed");
     stack.start_daemon().expect("third daemon");
-    assert_eq!(egress_filters(&stack).len(), 1);
+    let third = egress_filters(&stack);
+    assert_eq!(third.len(), 1, "replaced, not added: {third:?}");
+    assert_ne!(third, second, "the third daemon's program runs");
     assert_served(&stack, "third daemon");
 
     // Clean stop: no filter, and the qdisc gpulb made goes too.

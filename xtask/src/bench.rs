@@ -47,7 +47,7 @@ pub fn run(case: Option<Case>, quick: bool) -> anyhow::Result<()> {
     exec(bench("datapath").env("GPULB_BENCH_JSON", &datapath))?;
     println!("[bench] the verifier on Debian's kernels (qemu)");
     let kernels = crate::kernels::select("all")?;
-    crate::kernels::ensure(&kernels)?;
+    crate::kernels::ensure()?;
     let verifier = out.join("kernels.json");
     let gpulb = out.join("../release/gpulb");
     crate::kernels::check_all(&kernels, &gpulb, &verifier)?;

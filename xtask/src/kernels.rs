@@ -26,26 +26,122 @@ use anyhow::{Context as _, bail, ensure};
 
 use crate::{exec, setup};
 
-/// A kernel of the matrix: Debian's package and the release it installs.
+/// A kernel of the matrix: Debian's packages named `<prefix><number><suffix>`, the newest
+/// number the archive has (the archive drops old point releases).
 pub struct Kernel {
     pub label: &'static str,
-    pub package: &'static str,
-    pub release: &'static str,
+    prefix: &'static str,
+    suffix: &'static str,
 }
 
-/// Debian 12's own kernel (no TCX: TC attaches through netlink) and bookworm-backports' 6.12.
+/// Debian 12's own kernel (no TCX: TC attaches through netlink) and bookworm's 6.12.
 pub const KERNELS: &[Kernel] = &[
     Kernel {
         label: "6.1",
-        package: "linux-image-6.1.0-47-amd64",
-        release: "6.1.0-47-amd64",
+        prefix: "linux-image-6.1.0-",
+        suffix: "-amd64",
     },
     Kernel {
         label: "6.12",
-        package: "linux-image-6.12.107+deb12-amd64-unsigned",
-        release: "6.12.107+deb12-amd64",
+        prefix: "linux-image-6.12.",
+        suffix: "+deb12-amd64-unsigned",
     },
 ];
+
+/// A kernel unpacked under target/kernels: never installed on this machine (a package
+/// would make itself the next boot's default kernel).
+struct Unpacked {
+    release: String,
+    vmlinuz: PathBuf,
+}
+
+impl Kernel {
+    /// The newest package of this kernel the archive can deliver.
+    fn package(&self) -> anyhow::Result<String> {
+        let list = || -> anyhow::Result<Vec<(u32, String)>> {
+            let out = Command::new("apt-cache")
+                .args(["pkgnames", self.prefix])
+                .output()
+                .context("apt-cache pkgnames")?;
+            let names: Vec<(u32, String)> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|name| {
+                    let n = name.strip_prefix(self.prefix)?.strip_suffix(self.suffix)?;
+                    Some((n.parse().ok()?, name.to_owned()))
+                })
+                .collect();
+            if names.is_empty() {
+                return Ok(names);
+            }
+            // pkgnames also lists names only referenced; keep those with a candidate.
+            let policy = Command::new("apt-cache")
+                .arg("policy")
+                .args(names.iter().map(|(_, n)| n))
+                .output()
+                .context("apt-cache policy")?;
+            let policy = String::from_utf8_lossy(&policy.stdout);
+            let mut current = "";
+            let mut available = Vec::new();
+            for line in policy.lines() {
+                if let Some(name) = line.strip_suffix(':').filter(|l| !l.starts_with(' ')) {
+                    current = name;
+                } else if let Some(c) = line.trim().strip_prefix("Candidate: ")
+                    && c != "(none)"
+                {
+                    available.push(current.to_owned());
+                }
+            }
+            Ok(names
+                .into_iter()
+                .filter(|(_, n)| available.contains(n))
+                .collect())
+        };
+        let mut found = list()?;
+        if found.is_empty() {
+            exec(Command::new("apt-get").args(["update", "-q"]))?;
+            found = list()?;
+        }
+        found
+            .into_iter()
+            .max()
+            .map(|(_, name)| name)
+            .with_context(|| format!("no package {}N{} in the archive", self.prefix, self.suffix))
+    }
+
+    /// Downloads and unpacks the package (once).
+    fn unpack(&self) -> anyhow::Result<Unpacked> {
+        let package = self.package()?;
+        let release = package
+            .strip_prefix("linux-image-")
+            .and_then(|r| r.strip_suffix("-unsigned").or(Some(r)))
+            .context("package name")?
+            .to_owned();
+        let root = out_dir().join(format!("root-{release}"));
+        let vmlinuz = root.join(format!("boot/vmlinuz-{release}"));
+        if !vmlinuz.exists() {
+            let debs = out_dir().join("debs");
+            fs::create_dir_all(&debs)?;
+            println!("[kernels] downloading and unpacking {package}");
+            exec(
+                Command::new("apt-get")
+                    .args(["download", "-q", &package])
+                    .current_dir(&debs),
+            )?;
+            let deb = fs::read_dir(&debs)?
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| {
+                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                        n.starts_with(&format!("{package}_")) && n.ends_with(".deb")
+                    })
+                })
+                .with_context(|| format!("apt-get download left no {package} .deb"))?;
+            exec(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+            ensure!(vmlinuz.exists(), "{package} has no {}", vmlinuz.display());
+        }
+        Ok(Unpacked { release, vmlinuz })
+    }
+}
 
 const VIRTME_NG: &str = "virtme-ng==1.42";
 
@@ -83,12 +179,10 @@ fn vng() -> PathBuf {
     repo().join("target/virtme-ng/bin/vng")
 }
 
-/// qemu, busybox (virtme-ng's initramfs), the kernel packages, and virtme-ng from PyPI in a
-/// virtualenv under target/.
-pub fn ensure(kernels: &[&Kernel]) -> anyhow::Result<()> {
-    let mut packages = vec!["qemu-system-x86", "busybox-static", "python3-venv"];
-    packages.extend(kernels.iter().map(|k| k.package));
-    setup::ensure_packages(&packages)?;
+/// qemu, busybox (virtme-ng's initramfs), and virtme-ng from PyPI in a virtualenv under
+/// target/. The kernels are unpacked when they run.
+pub fn ensure() -> anyhow::Result<()> {
+    setup::ensure_packages(&["qemu-system-x86", "busybox-static", "python3-venv"])?;
     if !vng().exists() {
         println!("[kernels] installing {VIRTME_NG} into target/virtme-ng");
         let venv = repo().join("target/virtme-ng");
@@ -105,13 +199,13 @@ enum Accel {
     Tcg,
 }
 
-fn accel(kernel: &Kernel) -> Accel {
+fn accel(kernel: &Unpacked) -> Accel {
     static ACCEL: OnceLock<Accel> = OnceLock::new();
     *ACCEL.get_or_init(|| {
         if !Path::new("/dev/kvm").exists() {
             return Accel::Tcg;
         }
-        let ok = vng_command(kernel, Accel::Kvm, "true", None)
+        let ok = vng_command(kernel, Accel::Kvm, "true", None, Duration::from_secs(120))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -125,12 +219,22 @@ fn accel(kernel: &Kernel) -> Accel {
     })
 }
 
-/// `vng --run` of `kernel` with `script` as its command; `netns`: qemu runs in that
-/// network namespace and the VM gets a virtio-net NIC on a tap device there.
-fn vng_command(kernel: &Kernel, accel: Accel, script: &str, netns: Option<&str>) -> Command {
-    let vmlinuz = format!("/boot/vmlinuz-{}", kernel.release);
+/// `vng --run` of `kernel` with `script` as its command, killed after `limit`; `netns`: qemu
+/// runs in that network namespace and the VM gets a virtio-net NIC on a tap device there.
+fn vng_command(
+    kernel: &Unpacked,
+    accel: Accel,
+    script: &str,
+    netns: Option<&str>,
+    limit: Duration,
+) -> Command {
+    let vmlinuz = kernel.vmlinuz.display().to_string();
     let out = out_dir();
+    // A VM that hangs is killed: CI has a deadline.
     let mut args: Vec<String> = vec![
+        "timeout".into(),
+        "--kill-after=30".into(),
+        limit.as_secs().to_string(),
         vng().display().to_string(),
         "--run".into(),
         vmlinuz,
@@ -303,11 +407,17 @@ pub fn run(kernels: &[&Kernel], bins: &TestBins) -> anyhow::Result<Vec<Outcome>>
     Ok(outcomes)
 }
 
+/// A VM of the matrix is killed after this (it takes about 10 minutes under TCG here).
+const VM_LIMIT: Duration = Duration::from_secs(40 * 60);
+/// Each test binary in the VM is killed after this.
+const TEST_LIMIT_S: u32 = 1200;
+
 fn run_one(kernel: &Kernel, bins: &TestBins) -> anyhow::Result<Outcome> {
     let out = out_dir().join(kernel.label);
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out)?;
-    let accel = accel(kernel);
+    let unpacked = kernel.unpack()?;
+    let accel = accel(&unpacked);
     let patience = if accel == Accel::Tcg { 6 } else { 2 };
     let repo = repo();
     let gpulb = repo.join("target/debug/gpulb");
@@ -315,11 +425,12 @@ fn run_one(kernel: &Kernel, bins: &TestBins) -> anyhow::Result<Outcome> {
         "set -u; mount -t bpf bpf /sys/fs/bpf; export GPULB_TEST_PATIENCE={patience}; \
          cd {repo}/tests; failed=0; \
          {gpulb} check-kernel --json > {out}/check-kernel.json || failed=1; \
-         sh {out}/nic.sh > {out}/nic.log 2>&1 || failed=1; \
-         {packets} --test-threads=1 || failed=1; \
-         {tc_attach} --test-threads=1 || failed=1; \
-         {control} --exact daemon_restart_and_sigkill_drop_no_stream_and_move_no_flow \
-           --test-threads=1 || failed=1; \
+         timeout -k 10 900 sh {out}/nic.sh > {out}/nic.log 2>&1 || failed=1; \
+         timeout -k 10 {TEST_LIMIT_S} {packets} --test-threads=1 || failed=1; \
+         timeout -k 10 {TEST_LIMIT_S} {tc_attach} --test-threads=1 || failed=1; \
+         timeout -k 10 {TEST_LIMIT_S} {control} --exact \
+           daemon_restart_and_sigkill_drop_no_stream_and_move_no_flow --test-threads=1 \
+           || failed=1; \
          echo \"[vm] Linux $(uname -r): failed=$failed\"; exit $failed",
         repo = repo.display(),
         gpulb = gpulb.display(),
@@ -331,11 +442,11 @@ fn run_one(kernel: &Kernel, bins: &TestBins) -> anyhow::Result<Outcome> {
     fs::write(out.join("nic.sh"), nic_script(&gpulb, &out))?;
     println!(
         "[kernels] Linux {} ({}): booting under qemu ({accel:?})",
-        kernel.label, kernel.release
+        kernel.label, unpacked.release
     );
     let ns = HostSide::new()?;
     let started = Instant::now();
-    let mut child = vng_command(kernel, accel, &script, Some(&ns.name))
+    let mut child = vng_command(&unpacked, accel, &script, Some(&ns.name), VM_LIMIT)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -389,8 +500,9 @@ pub fn check_all(kernels: &[&Kernel], gpulb: &Path, path: &Path) -> anyhow::Resu
             "[kernels] Linux {}: gpulb check-kernel under qemu",
             kernel.label
         );
-        let accel = accel(kernel);
-        let status = vng_command(kernel, accel, &script, None)
+        let unpacked = kernel.unpack()?;
+        let accel = accel(&unpacked);
+        let status = vng_command(&unpacked, accel, &script, None, Duration::from_secs(600))
             .stdout(Stdio::null())
             .status()
             .context("starting vng")?;
@@ -421,8 +533,12 @@ ip link set lo up
 ip addr add {GUEST_ADDR}/24 dev $nic
 ip link set $nic up
 work=/tmp/gpulb-nic; mkdir -p $work
+daemon=""; sims=""
+# Whatever happens, nothing of this case runs on into the tests after it.
+trap 'kill $daemon $sims 2>/dev/null || true' EXIT
 for i in 1 2; do
   {sim} --listen {GUEST_ADDR}:800$i --name nic-sim-$i > $work/sim-$i.log 2>&1 &
+  sims="$sims $!"
 done
 cat > $work/gpulb.toml <<EOF
 interface = "$nic"
@@ -448,7 +564,8 @@ EOF
 {gpulb} run --config $work/gpulb.toml > $out/gpulb-nic.log 2>&1 &
 daemon=$!
 n=0; until grep -q "gpulb ready" $out/gpulb-nic.log; do
-  n=$((n+1)); [ $n -lt 1200 ] || {{ echo "gpulb did not start"; exit 1; }}; sleep 0.1
+  kill -0 $daemon 2>/dev/null || {{ echo "gpulb exited:"; cat $out/gpulb-nic.log; exit 1; }}
+  n=$((n+1)); [ $n -lt 1800 ] || {{ echo "gpulb did not start"; exit 1; }}; sleep 0.1
 done
 n=0; until grep -q "in_table=2" $out/gpulb-nic.log; do
   n=$((n+1)); [ $n -lt 600 ] || {{ echo "backends not in the table"; exit 1; }}; sleep 0.1
@@ -457,10 +574,9 @@ ip -d link show dev $nic > $out/link.txt
 grep -q "prog/xdp " $out/link.txt || {{ echo "not attached in native mode:"; cat $out/link.txt; exit 1; }}
 touch $out/ready
 n=0; until [ -e $out/done ]; do
-  n=$((n+1)); [ $n -lt 1200 ] || {{ echo "no requests from the host side"; exit 1; }}; sleep 0.1
+  n=$((n+1)); [ $n -lt 6000 ] || {{ echo "no requests from the host side"; exit 1; }}; sleep 0.1
 done
-kill -TERM $daemon; wait $daemon
-pkill -f gpulb-sim || true
+kill -TERM $daemon; wait $daemon; daemon=""
 [ ! -e /sys/fs/bpf/gpulb-nic ] || {{ echo "pins left behind"; exit 1; }}
 ip -d link show dev $nic | grep -q "prog/xdp" && {{ echo "XDP left attached"; exit 1; }}
 echo "nic case done"
@@ -478,6 +594,15 @@ struct HostSide {
 
 impl HostSide {
     fn new() -> anyhow::Result<Self> {
+        // Those of a run that was killed (its pid is gone) go first.
+        for entry in fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("gpulb-vm-")
+                && !Path::new("/proc").join(pid).exists()
+            {
+                let _ = Command::new("ip").args(["netns", "delete", &name]).status();
+            }
+        }
         let name = format!("gpulb-vm-{}", std::process::id());
         exec(Command::new("ip").args(["netns", "add", &name]))?;
         Ok(Self { name })

@@ -126,7 +126,7 @@ fn matrix(kernels: &[&kernels::Kernel]) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("[xtask] kernel matrix");
-    kernels::ensure(kernels)?;
+    kernels::ensure()?;
     let bins = kernels::TestBins::build()?;
     kernels::run(kernels, &bins).map(drop)
 }

@@ -26,6 +26,8 @@ struct Report {
     programs: Vec<Program>,
     /// Why the object did not load, if it did not.
     load_error: Option<String>,
+    /// Why loading was not tried (no bpffs mounted, not root).
+    load_skipped: Option<String>,
     /// Whether gpulb can run here.
     ok: bool,
 }
@@ -47,9 +49,10 @@ pub fn run(json: bool) -> anyhow::Result<bool> {
         .ok()
         .and_then(|r| kernel::tc_path(r, TcAttach::Auto).ok());
     let checks = kernel::probe();
-    let (programs, load_error) = match load_once() {
-        Ok(programs) => (programs, None),
-        Err(e) => (Vec::new(), Some(e)),
+    let (programs, load_error, load_skipped) = match load_once() {
+        Ok(programs) => (programs, None, None),
+        Err(LoadOutcome::Skipped(why)) => (Vec::new(), None, Some(why)),
+        Err(LoadOutcome::Failed(e)) => (Vec::new(), Some(e), None),
     };
     let required_ok = checks
         .iter()
@@ -63,6 +66,7 @@ pub fn run(json: bool) -> anyhow::Result<bool> {
         checks,
         programs,
         load_error,
+        load_skipped,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -90,8 +94,9 @@ fn print_text(r: &Report) {
         Some(p) => println!("TC egress attaches through {}", p.describe()),
         None => println!("TC egress: none (kernel too old)"),
     }
-    match &r.load_error {
-        None => {
+    match (&r.load_error, &r.load_skipped) {
+        (None, Some(why)) => println!("gpulb's programs not loaded: {why}"),
+        (None, None) => {
             println!("gpulb's programs load; instructions the verifier processed:");
             for p in &r.programs {
                 let n = p.verified_instructions.map_or_else(
@@ -101,7 +106,7 @@ fn print_text(r: &Report) {
                 println!("  {:<20} {n}", p.name);
             }
         }
-        Some(e) => println!("gpulb's programs do NOT load: {e}"),
+        (Some(e), _) => println!("gpulb's programs do NOT load: {e}"),
     }
     println!(
         "{}",
@@ -115,10 +120,23 @@ fn print_text(r: &Report) {
 
 /// Loads the object under a temporary pin directory, with small conntrack tables, and
 /// removes it again.
-fn load_once() -> Result<Vec<Program>, String> {
+enum LoadOutcome {
+    Skipped(String),
+    Failed(String),
+}
+
+fn load_once() -> Result<Vec<Program>, LoadOutcome> {
     let root = Path::new("/sys/fs/bpf");
+    if !nix::unistd::Uid::effective().is_root() {
+        return Err(LoadOutcome::Skipped(
+            "not root (loading BPF programs needs root or CAP_BPF)".to_owned(),
+        ));
+    }
     if !kernel::is_bpffs(root) {
-        return Err("skipped: no bpffs at /sys/fs/bpf (gpulb run mounts it)".to_owned());
+        return Err(LoadOutcome::Skipped(
+            "no bpffs at /sys/fs/bpf (gpulb run mounts it; mount it to check the programs)"
+                .to_owned(),
+        ));
     }
     let dir: PathBuf = root.join(format!("gpulb-check-kernel-{}", std::process::id()));
     let sizes = ConntrackSizes { v4: 1024, v6: 1024 };
@@ -132,7 +150,7 @@ fn load_once() -> Result<Vec<Program>, String> {
                 verified_instructions,
             })
             .collect()),
-        Err(e) => Err(ErrorChain(e).to_string()),
+        Err(e) => Err(LoadOutcome::Failed(ErrorChain(e).to_string())),
     };
     drop(loaded);
     let _ = remove_pins(&dir);

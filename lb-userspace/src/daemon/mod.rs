@@ -41,7 +41,7 @@ use crate::{
     control::{Request, Response},
     datapath::{Datapath, DatapathError},
     gpu::InstanceSpec,
-    kernel::{self, Release},
+    kernel,
     maps::MapsError,
 };
 use persist::{Inherited, Persisted};
@@ -113,8 +113,7 @@ pub async fn run(
     let listener = server::bind(&socket)?;
 
     // Before anything is loaded: a kernel gpulb cannot run on changes nothing.
-    let release = Release::current()?;
-    let tc_path = kernel::tc_path(release, config.tc_attach)?;
+    let (release, tc_path) = kernel::at_start(config.tc_attach)?;
     let datapath =
         Datapath::load(&config.pin_path, config.conntrack).map_err(|e| DaemonError::Load {
             path: config.pin_path.clone(),
@@ -160,7 +159,7 @@ pub async fn run(
         interface = %interface,
         xdp_mode = attached.describe(),
         tc = tc_path.describe(),
-        kernel = %release,
+        kernel = %release.map_or_else(|| "unknown".to_owned(), |r| r.to_string()),
         vips = state.config.vips.len(),
         backends = state.backends.len(),
         inherited = inherited.in_table.len(),
