@@ -745,6 +745,22 @@ fn xdp_scheduler() {
     drop(pins);
 }
 
+/// The scheduler fixture's four backends with 4 slots each, balanced (`prefix_affinity`
+/// off), programmed into a loaded data path pinned under a directory of `tag`.
+fn balanced(tag: &str) -> (PinDir, Datapath, plan::Plan) {
+    let pins = PinDir::new(tag);
+    let text = SCHEDULER_CONFIG.replace(
+        "maglev_table_size = 251\n",
+        "maglev_table_size = 251\n[vip.scheduler]\nprefix_affinity = \"off\"\n",
+    );
+    let config = Config::parse(Path::new("sched.toml"), &text).expect("config");
+    let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
+    let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
+    plan::apply(&mut dp.maps, &plan, None).expect("program maps");
+    with_slots(&mut dp, &plan, 4);
+    (pins, dp, plan)
+}
+
 /// Balanced (`prefix_affinity` off, or auto while the prefix caches miss): each new flow
 /// goes to the least loaded backend, so one client's flows spread over all of them, while
 /// sticky keeps them on its hash's pick as long as that is within its slack of the rest.
@@ -754,19 +770,10 @@ fn xdp_scheduler_balanced() {
         nix::unistd::Uid::effective().is_root(),
         "this test loads BPF programs: run it as root (cargo xtask test)"
     );
-    let pins = PinDir::new("balanced");
-    let text = SCHEDULER_CONFIG.replace(
-        "maglev_table_size = 251\n",
-        "maglev_table_size = 251\n[vip.scheduler]\nprefix_affinity = \"off\"\n",
-    );
-    let config = Config::parse(Path::new("sched.toml"), &text).expect("config");
-    let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
-    let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
-    plan::apply(&mut dp.maps, &plan, None).expect("program maps");
+    let (pins, mut dp, plan) = balanced("balanced");
     let svc = &plan.services[0];
     let sid = svc.service.id;
     assert!(!dp.maps.sched(sid).expect("sched").is_sticky());
-    with_slots(&mut dp, &plan, 4);
     let vip = [198, 18, 100, 6];
     let client = [198, 18, 1, 1];
     let key = flow_of(&tcp_flags(client, vip, 1, true, false));
@@ -855,16 +862,7 @@ fn a_backend_that_refuses_a_syn_comes_last() {
         nix::unistd::Uid::effective().is_root(),
         "this test loads BPF programs: run it as root (cargo xtask test)"
     );
-    let pins = PinDir::new("refused");
-    let text = SCHEDULER_CONFIG.replace(
-        "maglev_table_size = 251\n",
-        "maglev_table_size = 251\n[vip.scheduler]\nprefix_affinity = \"off\"\n",
-    );
-    let config = Config::parse(Path::new("sched.toml"), &text).expect("config");
-    let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
-    let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
-    plan::apply(&mut dp.maps, &plan, None).expect("program maps");
-    with_slots(&mut dp, &plan, 4);
+    let (pins, mut dp, _plan) = balanced("refused");
     let (vip, client) = ([198, 18, 100, 6], [198, 18, 1, 1]);
     let syn = |dp: &mut Datapath, port: u16| {
         let (_, out, reason) = run(dp, "SYN", &tcp_flags(client, vip, port, true, false));

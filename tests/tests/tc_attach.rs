@@ -40,6 +40,21 @@ fn has_clsact(stack: &Stack) -> bool {
     tc(stack, &["qdisc", "show", "dev", &stack.topo.lb_if]).contains("qdisc clsact")
 }
 
+/// A stack of `backends` simulated instances with `tc_attach = "netlink"`.
+fn netlink_stack(tag: &str, backends: usize) -> Stack {
+    Stack::start_with(
+        tag,
+        backends,
+        PinDir::new(tag),
+        &[],
+        Extra {
+            top: "tc_attach = \"netlink\"",
+            ..Extra::default()
+        },
+    )
+    .expect("start stack")
+}
+
 /// Chats through the VIP: the replies come back only if egress turns their source into
 /// the VIP again.
 fn assert_served(stack: &Stack, when: &str) {
@@ -60,17 +75,7 @@ fn assert_served(stack: &Stack, when: &str) {
 
 #[test]
 fn netlink_filter_is_taken_over_and_removed_with_the_qdisc_gpulb_made() {
-    let mut stack = Stack::start_with(
-        "tcnl",
-        2,
-        PinDir::new("tcnl"),
-        &[],
-        Extra {
-            top: "tc_attach = \"netlink\"",
-            ..Extra::default()
-        },
-    )
-    .expect("start stack");
+    let mut stack = netlink_stack("tcnl", 2);
     let log = stack.daemon.log_text();
     assert!(
         log.contains("tc=\"netlink\"") || log.contains("tc=netlink"),
@@ -154,17 +159,7 @@ fn switching_to_tcx_removes_the_netlink_filter() {
         eprintln!("Linux {release} has no TCX: nothing to switch to");
         return;
     }
-    let mut stack = Stack::start_with(
-        "tcsw",
-        1,
-        PinDir::new("tcsw"),
-        &[],
-        Extra {
-            top: "tc_attach = \"netlink\"",
-            ..Extra::default()
-        },
-    )
-    .expect("start stack");
+    let mut stack = netlink_stack("tcsw", 1);
     assert_eq!(egress_filters(&stack).len(), 1);
     let _ = stack
         .daemon

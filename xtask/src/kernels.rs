@@ -382,6 +382,12 @@ pub fn run(kernels: &[&Kernel], bins: &TestBins) -> anyhow::Result<Vec<Outcome>>
                 Err(e) => format!("FAILED: {e}"),
             }
         );
+        if !o.passed || o.nic.is_err() {
+            println!(
+                "      logs: {} (vm.log, nic.log, gpulb-nic.log, vng-stderr.log)",
+                out_dir().join(o.label).display()
+            );
+        }
         if let Some(programs) = o.check.as_ref().and_then(|c| c["programs"].as_array()) {
             let counts: Vec<String> = programs
                 .iter()
@@ -446,9 +452,12 @@ fn run_one(kernel: &Kernel, bins: &TestBins) -> anyhow::Result<Outcome> {
     );
     let ns = HostSide::new()?;
     let started = Instant::now();
+    // virtme-ng reopens its stderr for writing, which truncates a file it was redirected to
+    // (a CI log): its stderr goes to a file of its own.
+    let stderr = fs::File::create(out.join("vng-stderr.log"))?;
     let mut child = vng_command(&unpacked, accel, &script, Some(&ns.name), VM_LIMIT)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .context("starting vng")?;
     let stdout = child.stdout.take().context("vng stdout")?;
@@ -504,6 +513,7 @@ pub fn check_all(kernels: &[&Kernel], gpulb: &Path, path: &Path) -> anyhow::Resu
         let accel = accel(&unpacked);
         let status = vng_command(&unpacked, accel, &script, None, Duration::from_secs(600))
             .stdout(Stdio::null())
+            .stderr(fs::File::create(out.join("vng-stderr.log"))?)
             .status()
             .context("starting vng")?;
         let report: serde_json::Value = fs::read_to_string(&file)
@@ -554,6 +564,10 @@ address = "{NIC_VIP}"
 port = 80
 [vip.health]
 interval_ms = 200
+# One client, one request at a time: balanced, so the requests alternate (sticky would keep
+# the client on one instance, as it should).
+[vip.scheduler]
+prefix_affinity = "off"
 [[vip.backend]]
 address = "{GUEST_ADDR}"
 port = 8001

@@ -82,8 +82,8 @@ pub fn build(release: bool) -> anyhow::Result<()> {
 }
 
 /// Runs `cargo test` over the default members, echoing its output, and ends with one
-/// summary line over every test binary ("N passed, N failed").
-fn test() -> anyhow::Result<()> {
+/// summary line over every test binary ("N passed, N failed"), which it also returns.
+fn test() -> anyhow::Result<String> {
     use std::io::{BufRead as _, BufReader};
     let mut child = cargo()
         .args(["test", "--no-fail-fast"])
@@ -115,9 +115,9 @@ fn test() -> anyhow::Result<()> {
     let status = child.wait()?;
     println!("\ntests: {passed} passed, {failed} failed");
     if !status.success() || failed > 0 {
-        bail!("cargo test failed ({status}): {failed} failed");
+        bail!("cargo test failed ({status}): {passed} passed, {failed} failed");
     }
-    Ok(())
+    Ok(format!("host tests: {passed} passed, {failed} failed"))
 }
 
 /// The kernel matrix over `kernels` (none: nothing).
@@ -144,7 +144,13 @@ fn main() -> anyhow::Result<()> {
             build(false)?;
             println!("[xtask] running all tests");
             let host = test();
-            host.and(matrix(&kernels))
+            let matrix = matrix(&kernels);
+            // Again at the end, after the matrix's long output.
+            match &host {
+                Ok(summary) => println!("[xtask] {summary}"),
+                Err(e) => println!("[xtask] {e:#}"),
+            }
+            host.and(matrix)
         }
         Cmd::Kernels { kernels } => {
             let kernels = kernels::select(&kernels)?;
