@@ -135,8 +135,6 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<(), DatapathError> {
     if !pin_path.starts_with(root) {
         return Ok(());
     }
-    let is_bpffs =
-        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     if is_bpffs(root) {
         return Ok(());
     }
@@ -156,6 +154,11 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<(), DatapathError> {
             path: root.to_owned(),
             source,
         })
+}
+
+/// Whether a bpf filesystem is mounted at (or holds) `path`.
+pub fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Refuses to reuse pinned maps whose layout differs from this build's schema (aya would

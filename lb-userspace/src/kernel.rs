@@ -16,7 +16,7 @@
 //! Tested: Debian's 6.1 and 6.12 under qemu (`cargo xtask test`), 6.18 on the development
 //! host. Older kernels at or above the minimum are expected to work but are not tested here.
 
-use std::{fmt, fs, io, path::Path};
+use std::{fmt, io, path::Path};
 
 use aya::{
     maps::MapType,
@@ -161,7 +161,7 @@ pub fn probe() -> Vec<Check> {
     );
     push(
         "bpffs mounted at /sys/fs/bpf",
-        Some(is_bpffs(Path::new("/sys/fs/bpf"))),
+        Some(crate::datapath::is_bpffs(Path::new("/sys/fs/bpf"))),
         "mounts it at start",
     );
     for (name, kind, without) in [
@@ -246,16 +246,6 @@ pub fn has_netns_cookie() -> bool {
 /// Whether `SO_NETNS_COOKIE` is missing (rather than failing for another reason).
 pub fn is_missing_netns_cookie(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ENOPROTOOPT)
-}
-
-/// Whether a bpf filesystem is mounted at `path`.
-pub fn is_bpffs(path: &Path) -> bool {
-    fs::read_to_string("/proc/self/mounts").is_ok_and(|mounts| {
-        mounts.lines().any(|line| {
-            let mut f = line.split_whitespace();
-            matches!((f.next(), f.next(), f.next()), (Some(_), Some(p), Some("bpf")) if Path::new(p) == path)
-        })
-    })
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::{
     config::TcAttach,
-    datapath::{Datapath, ErrorChain, remove_pins},
+    datapath::{Datapath, ErrorChain, is_bpffs, remove_pins},
     kernel::{self, Check, Release},
 };
 
@@ -132,7 +132,7 @@ fn load_once() -> Result<Vec<Program>, LoadOutcome> {
             "not root (loading BPF programs needs root or CAP_BPF)".to_owned(),
         ));
     }
-    if !kernel::is_bpffs(root) {
+    if !is_bpffs(root) {
         return Err(LoadOutcome::Skipped(
             "no bpffs at /sys/fs/bpf (gpulb run mounts it; mount it to check the programs)"
                 .to_owned(),
