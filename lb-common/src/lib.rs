@@ -42,9 +42,11 @@ pub const MAGLEV_DEFAULT_SIZE: u32 = 65537;
 pub const MAGLEV_ENTRIES: u32 = MAX_SERVICES * MAGLEV_MAX_SIZE;
 /// Conntrack entries when the config names none.
 pub const CONNTRACK_DEFAULT_SIZE: u32 = 1 << 20;
-/// IPv6 conntrack entries when the config names none: a separate table (its keys are 40
-/// bytes, and an LRU map allocates all of its entries up front), smaller by default.
+/// IPv6 conntrack entries when the config names none and has an IPv6 VIP: a separate table
+/// (its keys are 40 bytes, and an LRU map allocates all of its entries up front).
 pub const CONNTRACK6_DEFAULT_SIZE: u32 = 1 << 17;
+/// IPv6 conntrack entries when the config names none and has no IPv6 VIP.
+pub const CONNTRACK6_IDLE_SIZE: u32 = 1024;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -83,8 +85,28 @@ pub const LIMIT_AFFINITY: u32 = 4;
 /// `Sched::flags`: keep a client's flows on the hash's picks while they have room.
 pub const SCHED_STICKY: u32 = 1;
 
-/// `Flow::flags`: the flow is counted in its backend's `LIVE_FLOWS` (TCP, not closed yet).
+/// `Flow::flags`: the flow is counted in its backend's `LIVE_FLOWS`: a TCP flow whose
+/// handshake completed (the client's first packet after its SYN) and that has not ended.
 pub const FLOW_COUNTED: u16 = 1;
+/// `Flow::flags`: never counted (again): the flow ended (a FIN or RST either way), or its
+/// entry was made by a mid-flow packet, which may be spoofed.
+pub const FLOW_DONE: u16 = 2;
+
+/// `BPF_F_NO_COMMON_LRU`: an LRU hash with a free list per CPU. Inserts on one CPU evict
+/// only that CPU's entries, without a global lock; each CPU holds `max_entries / CPUs`.
+pub const F_NO_COMMON_LRU: u32 = 2;
+
+/// Conntrack inserts one CPU may make per second when the config names no budget. Each
+/// CPU's share of the default table (1 M entries over 16 CPUs: 65536) then takes over three
+/// seconds of flood to turn over; honest LLM traffic opens hundreds of connections a second.
+pub const CT_INSERTS_PER_CPU_DEFAULT: u64 = 20_000;
+/// How long after a CPU last ran out of its insert budget the egress program still restores
+/// the VIP on replies of flows without an entry, when the consistent hash sends the flow to
+/// the replying backend: flows opened statelessly during a flood get an entry again at the
+/// client's next packet once the budget allows.
+pub const STATELESS_NAT_HOLD_NS: u64 = 60_000_000_000;
+/// Length of the IPv6 prefix that shares a rate-limit bucket when the config names none.
+pub const RATE_V6_PREFIX_DEFAULT: u32 = 64;
 
 /// IPv6 extension headers walked before TCP/UDP (hop-by-hop, routing, destination options,
 /// authentication); a packet with more is passed as not TCP/UDP.

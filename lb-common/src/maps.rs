@@ -6,11 +6,11 @@
 use core::mem::size_of;
 
 use crate::{
-    ALLOW_ENTRIES, Addr6, AdmitCounters, AllowKey, AllowKey6, Backend, CONNTRACK_DEFAULT_SIZE,
-    CONNTRACK6_DEFAULT_SIZE, Counters, EngineLoad, Flow, FlowKey, FlowKey6, MAGLEV_ENTRIES,
-    MAX_BACKENDS, MAX_SERVICES, Members, RATE_LIMIT_ENTRIES, RateKey, RateKey6, Reason, RevNat,
-    RevNat6, SOCK_REVNAT_ENTRIES, Sched, Service, ServiceLimits, SockRevKey, SockRevKey6, VipKey,
-    VipKey6,
+    ALLOW_ENTRIES, Addr6, AdmitCounters, AllowKey, AllowKey6, Backend, BackendVip, BackendVip6,
+    CONNTRACK_DEFAULT_SIZE, CONNTRACK6_DEFAULT_SIZE, Counters, CtConfig, EngineLoad,
+    F_NO_COMMON_LRU, FloodState, Flow, FlowKey, FlowKey6, MAGLEV_ENTRIES, MAX_BACKENDS,
+    MAX_SERVICES, Members, RATE_LIMIT_ENTRIES, RateKey, RateKey6, RevNat, RevNat6,
+    SOCK_REVNAT_ENTRIES, Sched, Service, ServiceLimits, SockRevKey, SockRevKey6, VipKey, VipKey6,
 };
 
 /// The BPF map type (`enum bpf_map_type`).
@@ -73,6 +73,18 @@ impl MapSpec {
         }
     }
 
+    /// Entries the kernel gives this map under `sizes` on a machine with `cpus` possible
+    /// CPUs: a per-CPU LRU hash rounds up to a multiple of them (so every CPU's list holds
+    /// the same number).
+    pub const fn kernel_entries(&self, sizes: &ConntrackSizes, cpus: u32) -> u32 {
+        let n = self.max_entries(sizes);
+        if self.flags & F_NO_COMMON_LRU != 0 && cpus > 0 {
+            n.div_ceil(cpus) * cpus
+        } else {
+            n
+        }
+    }
+
     /// Entries when the config names no sizes (what the BPF statics declare).
     pub const fn default_entries(&self) -> u32 {
         match self.entries {
@@ -107,6 +119,14 @@ const fn spec(
     }
 }
 
+/// A conntrack table: an LRU hash with a free list per CPU.
+const fn per_cpu_lru(name: &'static str, key_size: usize, entries: Entries) -> MapSpec {
+    MapSpec {
+        flags: F_NO_COMMON_LRU,
+        ..spec(name, LruHash, key_size, size_of::<Flow>(), entries)
+    }
+}
+
 use Entries::{Conntrack, Conntrack6, Fixed};
 use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
 
@@ -128,19 +148,14 @@ pub const BACKENDS: MapSpec = spec(
     Fixed(MAX_BACKENDS),
 );
 pub const MAGLEV: MapSpec = spec("MAGLEV", Array, 4, 4, Fixed(MAGLEV_ENTRIES));
-pub const CONNS: MapSpec = spec(
-    "CONNS",
-    LruHash,
-    size_of::<FlowKey>(),
-    size_of::<Flow>(),
-    Conntrack,
-);
-pub const REVNAT: MapSpec = spec(
-    "REVNAT",
-    LruHash,
-    size_of::<FlowKey>(),
-    size_of::<RevNat>(),
-    Conntrack,
+/// `_V2`: a free list per CPU; the reverse NAT (`REVNAT` before) is derived from it.
+pub const CONNS: MapSpec = per_cpu_lru("CONNS_V2", size_of::<FlowKey>(), Conntrack);
+pub const VIP_OF: MapSpec = spec(
+    "VIP_OF",
+    Hash,
+    size_of::<VipKey>(),
+    size_of::<BackendVip>(),
+    Fixed(MAX_BACKENDS),
 );
 pub const VIP_STATS: MapSpec = spec(
     "VIP_STATS",
@@ -156,8 +171,10 @@ pub const BACKEND_STATS: MapSpec = spec(
     size_of::<Counters>(),
     Fixed(MAX_BACKENDS),
 );
-/// `_V2`: more reasons than the first version had entries for.
-pub const REASONS: MapSpec = spec("REASONS_V2", PerCpuArray, 4, 8, Fixed(Reason::COUNT));
+/// `_V3`: room for reasons to come (`Reason::COUNT` of them are used).
+pub const REASONS: MapSpec = spec("REASONS_V3", PerCpuArray, 4, 8, Fixed(REASON_SLOTS));
+/// `REASONS` entries.
+pub const REASON_SLOTS: u32 = 32;
 pub const LIMITS: MapSpec = spec(
     "LIMITS",
     Array,
@@ -180,6 +197,10 @@ pub const ALLOW: MapSpec = spec(
     Fixed(ALLOW_ENTRIES),
 );
 pub const LIVE_FLOWS: MapSpec = spec("LIVE_FLOWS", Array, 4, 8, Fixed(MAX_BACKENDS));
+pub const LIVE_FIX: MapSpec = spec("LIVE_FIX", Array, 4, 8, Fixed(MAX_BACKENDS));
+pub const FLOOD: MapSpec = spec("FLOOD", PerCpuArray, 4, size_of::<FloodState>(), Fixed(1));
+pub const FLOOD_AT: MapSpec = spec("FLOOD_AT", Array, 4, 8, Fixed(1));
+pub const CT_CONFIG: MapSpec = spec("CT_CONFIG", Array, 4, size_of::<CtConfig>(), Fixed(1));
 pub const REFUSED_AT: MapSpec = spec("REFUSED_AT", Array, 4, 8, Fixed(MAX_BACKENDS));
 pub const MEMBERS: MapSpec = spec(
     "MEMBERS",
@@ -225,23 +246,17 @@ pub const BACKEND_ADDR6: MapSpec = spec(
     size_of::<Addr6>(),
     Fixed(MAX_BACKENDS),
 );
-pub const CONNS6: MapSpec = spec(
-    "CONNS6",
-    LruHash,
-    size_of::<FlowKey6>(),
-    size_of::<Flow>(),
-    Conntrack6,
+pub const CONNS6: MapSpec = per_cpu_lru("CONNS6_V2", size_of::<FlowKey6>(), Conntrack6);
+pub const VIP_OF6: MapSpec = spec(
+    "VIP_OF6",
+    Hash,
+    size_of::<VipKey6>(),
+    size_of::<BackendVip6>(),
+    Fixed(MAX_BACKENDS),
 );
-pub const REVNAT6: MapSpec = spec(
-    "REVNAT6",
-    LruHash,
-    size_of::<FlowKey6>(),
-    size_of::<RevNat6>(),
-    Conntrack6,
-);
-/// Keyed by the source's /64.
+/// `_V2`: keyed by the source's prefix of the VIP's length (a /64 before).
 pub const RATE_LIMIT6: MapSpec = spec(
-    "RATE_LIMIT6",
+    "RATE_LIMIT6_V2",
     LruHash,
     size_of::<RateKey6>(),
     8,
@@ -263,12 +278,12 @@ pub const SOCK_REVNAT6: MapSpec = spec(
 );
 
 /// Every map the daemon pins; the layout check, the CLI and the clean-up use this list.
-pub const ALL: [MapSpec; 26] = [
+pub const ALL: [MapSpec; 30] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
     CONNS,
-    REVNAT,
+    VIP_OF,
     VIP_STATS,
     BACKEND_STATS,
     REASONS,
@@ -276,6 +291,10 @@ pub const ALL: [MapSpec; 26] = [
     RATE_LIMIT,
     ALLOW,
     LIVE_FLOWS,
+    LIVE_FIX,
+    FLOOD,
+    FLOOD_AT,
+    CT_CONFIG,
     REFUSED_AT,
     MEMBERS,
     SCHED,
@@ -286,19 +305,33 @@ pub const ALL: [MapSpec; 26] = [
     SERVICES6,
     BACKEND_ADDR6,
     CONNS6,
-    REVNAT6,
+    VIP_OF6,
     RATE_LIMIT6,
     ALLOW6,
     SOCK_REVNAT6,
 ];
 
-/// Pinned by earlier versions, removed at load: `REASONS` had 11 entries; `CANDIDATES` held
-/// the backends that caps and bounded load chose among before the scheduler.
-pub const RETIRED: [&str; 2] = ["REASONS", "CANDIDATES"];
+/// Pinned by earlier versions, removed at load: `REASONS` had 11 entries and `REASONS_V2`
+/// 14; `CANDIDATES` held the backends that caps and bounded load chose among before the
+/// scheduler; `REVNAT`/`REVNAT6` held a second entry per flow; `RATE_LIMIT6` keyed a /64.
+pub const RETIRED: [&str; 6] = [
+    "REASONS",
+    "REASONS_V2",
+    "CANDIDATES",
+    "REVNAT",
+    "REVNAT6",
+    "RATE_LIMIT6",
+];
+
+/// Conntrack tables of earlier versions (same key and value layout, one shared LRU list),
+/// copied into their successors at load and then removed: an upgrade keeps its flows.
+pub const MIGRATED: [(&str, MapSpec); 2] = [("CONNS", CONNS), ("CONNS6", CONNS6)];
 
 /// Whether `name` is one of gpulb's pinned maps (current or retired).
 pub fn is_ours(name: &str) -> bool {
-    ALL.iter().any(|m| m.name == name) || RETIRED.contains(&name)
+    ALL.iter().any(|m| m.name == name)
+        || RETIRED.contains(&name)
+        || MIGRATED.iter().any(|(old, _)| *old == name)
 }
 
 #[cfg(test)]

@@ -20,7 +20,8 @@ pub enum Reason {
     FwdNewFlow = 5,
     /// Conntrack knew the flow: packet NATed to its backend.
     FwdEstablished = 6,
-    /// Mid-flow packet without conntrack entry: re-hashed through Maglev and recorded.
+    /// Mid-flow packet without conntrack entry: re-hashed through Maglev and recorded (not
+    /// counted live: nobody saw its handshake).
     FwdRehashed = 7,
     /// VIP with no backend in its Maglev table: dropped.
     DropNoBackend = 8,
@@ -36,10 +37,13 @@ pub enum Reason {
     /// A socket on this host connected (or sent) to a VIP: its destination was rewritten to
     /// a backend before any packet existed (cgroup connect4/sendmsg4).
     SockBalanced = 13,
+    /// The CPU's conntrack insert budget for this second ran out (flood mode): a new flow or
+    /// a mid-flow packet without entry forwarded by the consistent hash alone, no state kept.
+    FwdStateless = 14,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNotIp,
         Reason::PassNotTcpUdp,
@@ -55,6 +59,7 @@ impl Reason {
         Reason::RefuseReset,
         Reason::RefuseDrop,
         Reason::SockBalanced,
+        Reason::FwdStateless,
     ];
 
     /// Stable name for the CLI and metrics.
@@ -74,6 +79,7 @@ impl Reason {
             Reason::RefuseReset => "refuse_reset",
             Reason::RefuseDrop => "refuse_drop",
             Reason::SockBalanced => "sock_balanced",
+            Reason::FwdStateless => "fwd_stateless",
         }
     }
 }

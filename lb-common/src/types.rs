@@ -3,8 +3,8 @@
 //! network byte order, exactly as in the packet headers.
 
 use crate::{
-    BACKEND_DRAINING, BACKEND_IPV6, BACKEND_OUT, FLOW_COUNTED, LIMIT_AFFINITY, LIMIT_ALLOWLIST,
-    LIMIT_REFUSE_RST, MAX_MEMBERS, SCHED_STICKY,
+    BACKEND_DRAINING, BACKEND_IPV6, BACKEND_OUT, FLOW_COUNTED, FLOW_DONE, LIMIT_AFFINITY,
+    LIMIT_ALLOWLIST, LIMIT_REFUSE_RST, MAX_MEMBERS, SCHED_STICKY,
 };
 
 /// An IPv6 address as the data path keys it: the header's 16 bytes as four native words.
@@ -43,8 +43,13 @@ pub struct Backend {
     /// Weight: its share of the consistent hash, and a multiplier of its capacity.
     pub weight: u32,
     pub port_be: u16,
-    /// Service id this backend belongs to.
-    pub service: u16,
+    /// Service id this backend belongs to (below `MAX_SERVICES`).
+    pub service: u8,
+    /// Bumped each time the id is handed to a new backend, and kept when the slot is
+    /// cleared: a conntrack entry of an earlier holder of the id does not match it. (Was the
+    /// upper byte of a u16 service id, always 0: entries and flows from before read as
+    /// generation 0, and match.)
+    pub generation: u8,
     pub flags: u16, // BACKEND_DRAINING, BACKEND_IPV6, BACKEND_OUT
     /// Most concurrent TCP flows it takes (`LIVE_FLOWS`); 0: no cap.
     pub max_flows: u16,
@@ -73,9 +78,8 @@ impl Backend {
     }
 }
 
-/// A 5-tuple in the direction of the packet. `CONNS` keys are client → VIP; `REVNAT` keys
-/// are backend → client (the reply as the TC egress program sees it). `FlowKey6` for
-/// `CONNS6` and `REVNAT6`.
+/// A 5-tuple in the direction of the packet: `CONNS_V2` (`CONNS6_V2`) keys are client →
+/// VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKeyOf<A> {
@@ -91,14 +95,17 @@ pub type FlowKey6 = FlowKeyOf<Addr6>;
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
 
-/// `CONNS` value.
+/// `CONNS_V2` value: the flow's backend, and everything the reply's reverse NAT needs (the
+/// VIP is the key's destination).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Flow {
     pub backend: u32,
-    pub service: u16,
-    /// `FLOW_COUNTED`. Was the upper half of a u32 service id, always 0, in the first layout:
-    /// flows from before an upgrade read as uncounted, which they are.
+    /// The service and the backend's generation when the flow was recorded: a hit whose
+    /// backend no longer matches both is stale (the id was handed on) and is chosen anew.
+    pub service: u8,
+    pub generation: u8,
+    /// `FLOW_COUNTED`, `FLOW_DONE`.
     pub flags: u16,
     /// `bpf_ktime_get_ns()` at the last packet (CLOCK_MONOTONIC, boot time excluded).
     pub last_seen_ns: u64,
@@ -110,9 +117,60 @@ impl Flow {
     pub const fn is_counted(&self) -> bool {
         self.flags & FLOW_COUNTED != 0
     }
+
+    /// Counted already, or never to be: it has ended, or its entry was made by a mid-flow
+    /// packet (an ACK nobody saw the handshake of may be spoofed).
+    pub const fn is_done(&self) -> bool {
+        self.flags & FLOW_DONE != 0
+    }
 }
 
-/// `REVNAT` (`REVNAT6`) value: what the reply's source is rewritten to.
+/// `VIP_OF` (`VIP_OF6`) value, keyed by the backend's address, port and protocol (a
+/// `VipKeyOf`): the VIP its replies are rewritten to and the backend they must come from.
+/// The reverse NAT of a flow is derived from this and the flow's one conntrack entry, so the
+/// two can never disagree. A backend serves one VIP (the config refuses a shared one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendVipOf<A> {
+    pub vip_be: A,
+    pub vport_be: u16,
+    pub service: u8,
+    pub generation: u8,
+    pub backend: u32,
+}
+pub type BackendVip = BackendVipOf<u32>;
+pub type BackendVip6 = BackendVipOf<Addr6>;
+const _: () = assert!(core::mem::size_of::<BackendVip>() == 12);
+const _: () = assert!(core::mem::size_of::<BackendVip6>() == 24);
+
+/// `FLOOD` value, per CPU: the conntrack insert budget of the current one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FloodState {
+    /// `bpf_ktime_get_ns()` when the window began.
+    pub window_ns: u64,
+    /// Entries inserted in this window.
+    pub inserts: u64,
+    /// Packets forwarded by the consistent hash alone because the budget had run out.
+    pub stateless: u64,
+    /// Windows in which the budget ran out: seconds this CPU spent in flood mode.
+    pub flood_windows: u64,
+    /// 1 once this window's budget has run out.
+    pub flooded: u64,
+}
+const _: () = assert!(core::mem::size_of::<FloodState>() == 40);
+
+/// `CT_CONFIG` value ([0]): how conntrack takes new entries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtConfig {
+    /// Entries one CPU may insert per second before it stops inserting (flood mode); 0: no
+    /// limit.
+    pub inserts_per_cpu: u64,
+}
+const _: () = assert!(core::mem::size_of::<CtConfig>() == 8);
+
+/// `SOCK_REVNAT` (`SOCK_REVNAT6`) value: the VIP a balanced socket's peer is shown as.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RevNatOf<A> {
@@ -133,8 +191,9 @@ pub struct ServiceLimits {
     pub interval_ns: u64,
     /// How far ahead of schedule a source may run: `burst × interval_ns`.
     pub burst_ns: u64,
-    /// Was the bounded-load percentage before the scheduler; always 0.
-    pub _reserved: u32,
+    /// IPv6 sources share a rate-limit bucket per prefix of this length (0 reads as 64).
+    /// Was the bounded-load percentage before the scheduler, always 0 since.
+    pub v6_prefix: u32,
     pub flags: u32, // LIMIT_*
 }
 const _: () = assert!(core::mem::size_of::<ServiceLimits>() == 24);
@@ -225,9 +284,9 @@ pub struct EngineLoad {
 }
 const _: () = assert!(core::mem::size_of::<EngineLoad>() == 32);
 
-/// `RATE_LIMIT` key: one bucket per source and VIP. `RATE_LIMIT6` keys an IPv6 source by
-/// its /64 (`[u32; 2]`): one host usually holds a whole /64, and would otherwise get a bucket
-/// per address.
+/// `RATE_LIMIT` key: one bucket per source and VIP. `RATE_LIMIT6_V2` keys an IPv6 source by
+/// its prefix of the VIP's `v6_prefix` length (the rest of the address zeroed): one host
+/// usually holds a whole /64, and would otherwise get a bucket per address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RateKeyOf<A> {
@@ -235,9 +294,9 @@ pub struct RateKeyOf<A> {
     pub service: u32,
 }
 pub type RateKey = RateKeyOf<u32>;
-pub type RateKey6 = RateKeyOf<[u32; 2]>;
+pub type RateKey6 = RateKeyOf<Addr6>;
 const _: () = assert!(core::mem::size_of::<RateKey>() == 8);
-const _: () = assert!(core::mem::size_of::<RateKey6>() == 12);
+const _: () = assert!(core::mem::size_of::<RateKey6>() == 20);
 
 /// `ALLOW` (`ALLOW6`) key data (after the LPM prefix length): the service id, matched whole,
 /// then the source prefix. Prefix length = 32 + the CIDR's length.
@@ -343,4 +402,12 @@ mod pod {
     unsafe impl aya::Pod for AllowKey6 {}
     // SAFETY: see above.
     unsafe impl aya::Pod for SockRevKey6 {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for BackendVip {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for BackendVip6 {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FloodState {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for CtConfig {}
 }

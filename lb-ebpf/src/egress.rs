@@ -1,18 +1,21 @@
 //! TC egress: replies of NATed flows get the VIP back as their source, and a backend's FIN
-//! or RST ends its flow's live count.
+//! or RST ends its flow's live count. A reply's VIP comes from its backend (`VIP_OF`), and
+//! the flow from its one conntrack entry, so the two cannot disagree.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
-use lb_common::{FlowKeyOf, PROTO_TCP, Reason, RevNatOf};
+use lb_common::{BackendVipOf, FlowKeyOf, PROTO_TCP, Reason, VipKeyOf, affinity_hash, flow_hash};
 
 use crate::{
     family::{Family, V4, V6},
+    flood::was_flooded,
     flows::track_live,
-    maps::REFUSED_AT,
+    maps::{LIMITS, REFUSED_AT},
     parse::{IP_CHECK_OFF, L4Packet, Parsed, TCP_CHECK_OFF, UDP_CHECK_OFF, parse_l4},
+    sched::maglev_pick,
 };
 
 /// Replies of NATed flows get the VIP back as their source. Uses the skb helpers so that
@@ -27,20 +30,28 @@ pub fn try_egress(ctx: &TcContext) -> Result<Reason, Reason> {
 
 #[inline(always)]
 fn egress<F: Family>(ctx: &TcContext, pkt: &L4Packet<F::Addr>) -> Result<Reason, Reason> {
-    // SAFETY: REVNAT values are written whole and copied out at once.
-    let revnat = *unsafe { F::revnat().get(&pkt.flow) }.ok_or(Reason::EgressPass)?;
-    if pkt.is_close != 0 {
-        end_flow_of_reply::<F>(pkt, &revnat);
+    let owner_key = VipKeyOf {
+        addr_be: pkt.flow.src_be,
+        port_be: pkt.flow.sport_be,
+        proto: pkt.flow.proto,
+        _pad: 0,
+    };
+    // SAFETY: VIP_OF values are written whole by the daemon and copied out at once.
+    let owner = *unsafe { F::vip_of().get(&owner_key) }.ok_or(Reason::EgressPass)?;
+    if !is_our_reply::<F>(pkt, &owner) {
+        return Err(Reason::EgressPass);
     }
-
+    if pkt.is_refusal != 0 {
+        mark_refused(owner.backend);
+    }
     let (check_off, l4_flags) = if pkt.flow.proto == PROTO_TCP {
         (pkt.l4 + TCP_CHECK_OFF, 0)
     } else {
         (pkt.l4 + UDP_CHECK_OFF, BPF_F_MARK_MANGLED_0 as u64)
     };
     let old_addr = F::words(&pkt.flow.src_be);
-    let new_addr = F::words(&revnat.vip_be);
-    let (old_port, new_port) = (pkt.flow.sport_be, revnat.vport_be);
+    let new_addr = F::words(&owner.vip_be);
+    let (old_port, new_port) = (pkt.flow.sport_be, owner.vport_be);
 
     let fail = |_| Reason::EgressPass;
     for i in 0..4 {
@@ -71,33 +82,70 @@ fn egress<F: Family>(ctx: &TcContext, pkt: &L4Packet<F::Addr>) -> Result<Reason,
         .l4_csum_replace(check_off, old_port as u64, new_port as u64, l4_flags | 2)
         .map_err(fail)?;
     ctx.skb
-        .store(pkt.l3 + F::SRC_OFF, &revnat.vip_be, 0)
+        .store(pkt.l3 + F::SRC_OFF, &owner.vip_be, 0)
         .map_err(fail)?;
     ctx.skb.store(pkt.l4, &new_port, 0).map_err(fail)?;
     Ok(Reason::EgressRevNat)
 }
 
-/// A backend's FIN or RST ends the flow's count, as the client's would; a RST refusing the
-/// SYN marks the backend as refusing (`REFUSED_AT`).
+/// Whether this packet from a backend answers a flow the ingress program sent it: the
+/// flow's entry names this backend (and a FIN or RST ends its count), or, with no entry, a
+/// CPU was in flood mode lately and the consistent hash sends the flow here (it may have
+/// been opened without state). A connection made to the backend directly has neither, and
+/// keeps its addresses.
 #[inline(always)]
-fn end_flow_of_reply<F: Family>(reply: &L4Packet<F::Addr>, revnat: &RevNatOf<F::Addr>) {
+fn is_our_reply<F: Family>(reply: &L4Packet<F::Addr>, owner: &BackendVipOf<F::Addr>) -> bool {
     let key = FlowKeyOf {
         src_be: reply.flow.dst_be,
-        dst_be: revnat.vip_be,
+        dst_be: owner.vip_be,
         sport_be: reply.flow.dport_be,
-        dport_be: revnat.vport_be,
+        dport_be: owner.vport_be,
         proto: reply.flow.proto,
         _pad: [0; 3],
     };
     if let Some(flow) = F::conns().get_ptr_mut(&key) {
-        track_live(flow, reply);
-        if reply.is_refusal != 0 {
-            // SAFETY: the LRU value stays valid while this program runs (RCU).
-            let backend = unsafe { (*flow).backend };
-            if let Some(at) = REFUSED_AT.get_ptr_mut(backend) {
-                // SAFETY: a valid, aligned map value; a racing writer stores a time as recent.
-                unsafe { core::ptr::write_volatile(at, bpf_ktime_get_ns()) };
-            }
+        // SAFETY: the LRU value stays valid while this program runs (RCU).
+        let entry = unsafe { *flow };
+        if entry.backend != owner.backend || entry.generation != owner.generation {
+            return false;
         }
+        if reply.is_close != 0 {
+            track_live(flow, reply, false);
+        }
+        return true;
+    }
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    was_flooded(now) && hash_pick::<F>(&key, owner) == Some(owner.backend)
+}
+
+/// The consistent hash's backend for a flow of the owner's VIP, as ingress computes it.
+#[inline(never)]
+fn hash_pick<F: Family>(key: &FlowKeyOf<F::Addr>, owner: &BackendVipOf<F::Addr>) -> Option<u32> {
+    let vip = VipKeyOf {
+        addr_be: owner.vip_be,
+        port_be: owner.vport_be,
+        proto: key.proto,
+        _pad: 0,
+    };
+    // SAFETY: SERVICES values are replaced whole; copied out at once.
+    let service = *unsafe { F::services().get(&vip) }?;
+    let limits = LIMITS.get(service.id).copied().unwrap_or_default();
+    let hash = if limits.has_affinity() {
+        affinity_hash(key)
+    } else {
+        flow_hash(key)
+    };
+    maglev_pick::<F>(&service, hash).map(|(id, _)| id)
+}
+
+/// A backend refused a connection (its RST to a SYN): the scheduler passes it over for a
+/// while (`REFUSED_AT`).
+#[inline(always)]
+fn mark_refused(backend: u32) {
+    if let Some(at) = REFUSED_AT.get_ptr_mut(backend) {
+        // SAFETY: the helper has no preconditions; the map value is valid and aligned, and a
+        // racing writer stores a time as recent.
+        unsafe { core::ptr::write_volatile(at, bpf_ktime_get_ns()) };
     }
 }

@@ -8,15 +8,16 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap},
 };
 use lb_common::{
-    Addr6, Address, AllowKey, AllowKey6, Backend, Flow, FlowKeyOf, RateKey, RateKey6, RevNatOf,
-    Service, ServiceLimits, SockRevKey, SockRevKey6, VipKeyOf,
+    Addr6, Address, AllowKey, AllowKey6, Backend, BackendVipOf, Flow, FlowKeyOf,
+    RATE_V6_PREFIX_DEFAULT, RateKey, RateKey6, RevNatOf, Service, ServiceLimits, SockRevKey,
+    SockRevKey6, VipKeyOf,
 };
 
 use crate::{
     admission::{is_allowed_in, is_over_rate_in},
     maps::{
-        ALLOW, ALLOW6, BACKEND_ADDR6, CONNS, CONNS6, RATE_LIMIT, RATE_LIMIT6, REVNAT, REVNAT6,
-        SERVICES, SERVICES6, SOCK_REVNAT, SOCK_REVNAT6,
+        ALLOW, ALLOW6, BACKEND_ADDR6, CONNS_V2, CONNS6_V2, RATE_LIMIT, RATE_LIMIT6_V2, SERVICES,
+        SERVICES6, SOCK_REVNAT, SOCK_REVNAT6, VIP_OF, VIP_OF6,
     },
 };
 
@@ -31,7 +32,8 @@ pub trait Family {
 
     fn services() -> &'static HashMap<VipKeyOf<Self::Addr>, Service>;
     fn conns() -> &'static LruHashMap<FlowKeyOf<Self::Addr>, Flow>;
-    fn revnat() -> &'static LruHashMap<FlowKeyOf<Self::Addr>, RevNatOf<Self::Addr>>;
+    /// Backend (address, port, protocol) → its VIP, for the egress program.
+    fn vip_of() -> &'static HashMap<VipKeyOf<Self::Addr>, BackendVipOf<Self::Addr>>;
     /// The backend's address in this family; `None` for one of the other family.
     fn backend_addr(id: u32, backend: &Backend) -> Option<Self::Addr>;
     fn is_allowed(service_id: u32, src: &Self::Addr) -> bool;
@@ -72,11 +74,11 @@ impl Family for V4 {
     }
     #[inline(always)]
     fn conns() -> &'static LruHashMap<FlowKeyOf<u32>, Flow> {
-        &CONNS
+        &CONNS_V2
     }
     #[inline(always)]
-    fn revnat() -> &'static LruHashMap<FlowKeyOf<u32>, RevNatOf<u32>> {
-        &REVNAT
+    fn vip_of() -> &'static HashMap<VipKeyOf<u32>, BackendVipOf<u32>> {
+        &VIP_OF
     }
     #[inline(always)]
     fn backend_addr(_id: u32, backend: &Backend) -> Option<u32> {
@@ -152,11 +154,11 @@ impl Family for V6 {
     }
     #[inline(always)]
     fn conns() -> &'static LruHashMap<FlowKeyOf<Addr6>, Flow> {
-        &CONNS6
+        &CONNS6_V2
     }
     #[inline(always)]
-    fn revnat() -> &'static LruHashMap<FlowKeyOf<Addr6>, RevNatOf<Addr6>> {
-        &REVNAT6
+    fn vip_of() -> &'static HashMap<VipKeyOf<Addr6>, BackendVipOf<Addr6>> {
+        &VIP_OF6
     }
     #[inline(always)]
     fn backend_addr(id: u32, backend: &Backend) -> Option<Addr6> {
@@ -180,11 +182,15 @@ impl Family for V6 {
         limits: &ServiceLimits,
         now: u64,
     ) -> bool {
+        let prefix = match limits.v6_prefix {
+            0 => RATE_V6_PREFIX_DEFAULT,
+            p => p,
+        };
         let key = RateKey6 {
-            src_be: [flow.src_be[0], flow.src_be[1]],
+            src_be: prefix_of(&flow.src_be, prefix),
             service: service_id,
         };
-        is_over_rate_in(&RATE_LIMIT6, &key, limits, now)
+        is_over_rate_in(&RATE_LIMIT6_V2, &key, limits, now)
     }
     #[inline(always)]
     fn words(addr: &Addr6) -> [u32; 4] {
@@ -231,4 +237,20 @@ impl Family for V6 {
         // the same VIP.
         unsafe { SOCK_REVNAT6.get(&key) }.copied()
     }
+}
+
+/// The first `len` bits of an IPv6 address (header words), the rest zeroed.
+#[inline(always)]
+fn prefix_of(addr: &Addr6, len: u32) -> Addr6 {
+    let mut out = [0u32; 4];
+    for (i, word) in out.iter_mut().enumerate() {
+        let bits = len.saturating_sub(32 * i as u32).min(32);
+        let mask = if bits == 0 {
+            0
+        } else {
+            u32::MAX << (32 - bits)
+        };
+        *word = addr[i] & mask.to_be();
+    }
+    out
 }

@@ -1,21 +1,21 @@
 //! XDP ingress: a packet to a VIP is forwarded to its flow's backend. A packet of a known
 //! flow takes the conntrack entry's backend; any other goes through four steps: look up the
-//! flow → admit → choose → record.
+//! flow → admit → choose → record (within the CPU's insert budget).
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lb_common::{
-    FLOW_COUNTED, Flow, FlowKeyOf, PROTO_TCP, Reason, RevNatOf, Service, ServiceLimits, VipKeyOf,
-    affinity_hash, flow_hash,
+    FLOW_DONE, Flow, Reason, Service, ServiceLimits, VipKeyOf, affinity_hash, flow_hash,
 };
 
 use crate::{
     admission::{Refusal, admit, refuse},
     family::{Family, V4, V6},
-    flows::{add_live, track_live},
+    flood::{has_insert_budget, spend_insert},
+    flows::{end_count, track_live},
     maps::{BACKEND_STATS, LIMITS, VIP_STATS},
     nat::rewrite_destination,
     parse::{L3, L4Packet, parse_ipv4, parse_ipv6, parse_l2},
-    sched::{Decision, Target, decide, lookup_backend, maglev_pick},
+    sched::{Decision, Target, decide, flow_backend, maglev_pick},
     stats::{count_admission, count_traffic},
 };
 
@@ -59,14 +59,16 @@ fn ingress<F: Family>(ctx: &XdpContext, pkt: &L4Packet<F::Addr>) -> Result<Reaso
     rewrite_destination::<F>(ctx, pkt, &backend)?;
 
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let new_flow = matches!(reason, Reason::FwdNewFlow);
+    let new_flow = pkt.opens_flow() && !matches!(reason, Reason::FwdEstablished);
     count_traffic(&VIP_STATS, service.id, bytes, new_flow);
     count_traffic(&BACKEND_STATS, backend_id, bytes, new_flow);
     Ok(reason)
 }
 
-/// The backend of this packet's flow: conntrack's, or a new choice for a new flow (and for a
-/// mid-flow packet whose entry is gone, so an unchanged table keeps it on its backend).
+/// The backend of this packet's flow: conntrack's, or a new choice for a packet that opens a
+/// flow (a SYN always does, whatever conntrack holds), or the consistent hash's for a
+/// mid-flow packet whose entry is gone (so an unchanged table keeps it on its backend).
+/// State is kept only within the CPU's insert budget (`flood`).
 #[inline(always)]
 fn select_backend<F: Family>(
     ctx: &XdpContext,
@@ -74,13 +76,19 @@ fn select_backend<F: Family>(
     service: &Service,
 ) -> Result<(u32, Target<F::Addr>, Reason), Reason> {
     let now = now_ns();
-    if let Some((id, backend)) = lookup_flow::<F>(pkt, now) {
+    if let Some((id, backend)) = lookup_flow::<F>(pkt, service, now) {
         return Ok((id, backend, Reason::FwdEstablished));
     }
     // Limits of a service the daemon never configured read as all zero: none.
     let limits = LIMITS.get(service.id).copied().unwrap_or_default();
     admit::<F>(ctx, pkt, service, &limits, now)?;
-    let (id, backend) = choose::<F>(ctx, pkt, service, &limits, now)?;
+    let stateful = has_insert_budget(now);
+    let (id, backend) = choose::<F>(ctx, pkt, service, &limits, now, stateful)?;
+    if !stateful {
+        return Ok((id, backend, Reason::FwdStateless));
+    }
+    // Only a flow that gets a backend spends budget: refusals and drops make no state.
+    spend_insert();
     record::<F>(pkt, service, id, &backend, now);
     let reason = if pkt.opens_flow() {
         Reason::FwdNewFlow
@@ -90,24 +98,45 @@ fn select_backend<F: Family>(
     Ok((id, backend, reason))
 }
 
-/// The conntrack entry's backend, if the flow has one whose backend is still programmed;
-/// the entry's last-seen time and the live count are kept up to date.
+/// The conntrack entry's backend, if the flow has an entry that still names a programmed
+/// backend of its service; the entry's last-seen time and the live count are kept up to
+/// date. A SYN ends and removes the entry instead: it opens a new flow (a reused port, or a
+/// replay), admitted and chosen again, and if refused, nothing of the old one forwards.
 #[inline(always)]
-fn lookup_flow<F: Family>(pkt: &L4Packet<F::Addr>, now: u64) -> Option<(u32, Target<F::Addr>)> {
+fn lookup_flow<F: Family>(
+    pkt: &L4Packet<F::Addr>,
+    service: &Service,
+    now: u64,
+) -> Option<(u32, Target<F::Addr>)> {
     let flow = F::conns().get_ptr_mut(&pkt.flow)?;
     // SAFETY: the LRU value stays valid while this program runs (RCU); a racing update of
     // the same flow writes the same backend.
-    let backend_id = unsafe { (*flow).backend };
-    let backend = lookup_backend::<F>(backend_id)?;
+    let entry = unsafe { *flow };
+    // A stale entry (its service or its backend id's holder changed) is not this flow's: it
+    // neither forwards nor counts, and the new choice overwrites it.
+    let backend = if u32::from(entry.service) == service.id {
+        flow_backend::<F>(&entry)
+    } else {
+        None
+    };
+    if pkt.is_syn != 0 {
+        if backend.is_some() {
+            end_count(flow);
+        }
+        let _ = F::conns().remove(&pkt.flow);
+        return None;
+    }
+    let backend = backend?;
     // SAFETY: as above; a torn timestamp only affects `gpulb flows`' idle column.
     unsafe { (*flow).last_seen_ns = now };
-    track_live(flow, pkt);
-    Some((backend_id, backend))
+    track_live(flow, pkt, true);
+    Some((entry.backend, backend))
 }
 
-/// The backend for a flow without an entry: the scheduler's choice for a flow being opened;
-/// for a mid-flow packet (its entry was evicted) the consistent hash alone, so that an
-/// unchanged table keeps it on its backend.
+/// The backend for a flow without an entry: the scheduler's choice for a flow being opened
+/// while conntrack can record it; otherwise (a mid-flow packet whose entry was evicted, or
+/// any flow in flood mode) the consistent hash alone, which the flow's next packets find
+/// again without state.
 #[inline(always)]
 fn choose<F: Family>(
     ctx: &XdpContext,
@@ -115,13 +144,14 @@ fn choose<F: Family>(
     service: &Service,
     limits: &ServiceLimits,
     now: u64,
+    stateful: bool,
 ) -> Result<(u32, Target<F::Addr>), Reason> {
     let hash = if limits.has_affinity() {
         affinity_hash(&pkt.flow)
     } else {
         flow_hash(&pkt.flow)
     };
-    if !pkt.opens_flow() {
+    if !pkt.opens_flow() || !stateful {
         return maglev_pick::<F>(service, hash).ok_or(Reason::DropNoBackend);
     }
     match decide::<F>(service, hash, 0, now) {
@@ -142,8 +172,10 @@ fn choose<F: Family>(
     }
 }
 
-/// Records the flow in conntrack and its reply in reverse NAT; a TCP flow being opened is
-/// counted live. A subprogram: its keys take stack the scheduler's call must not carry.
+/// Records the flow in conntrack: its one entry, from which the reply's reverse NAT is
+/// derived. A flow opened by a SYN counts live once its handshake completes (`track_live`);
+/// an entry made by a mid-flow packet never counts. A subprogram: its key takes stack the
+/// scheduler's call must not carry.
 #[inline(never)]
 fn record<F: Family>(
     pkt: &L4Packet<F::Addr>,
@@ -152,32 +184,16 @@ fn record<F: Family>(
     backend: &Target<F::Addr>,
     now: u64,
 ) {
-    let counted = pkt.flow.proto == PROTO_TCP && pkt.is_close == 0;
     let flow = Flow {
         backend: backend_id,
-        service: service.id as u16,
-        flags: if counted { FLOW_COUNTED } else { 0 },
+        service: service.id as u8,
+        generation: backend.generation,
+        flags: if pkt.opens_flow() { 0 } else { FLOW_DONE },
         last_seen_ns: now,
-    };
-    let reply = FlowKeyOf {
-        src_be: backend.addr_be,
-        dst_be: pkt.flow.src_be,
-        sport_be: backend.port_be,
-        dport_be: pkt.flow.sport_be,
-        proto: pkt.flow.proto,
-        _pad: [0; 3],
-    };
-    let revnat = RevNatOf {
-        vip_be: pkt.flow.dst_be,
-        vport_be: pkt.flow.dport_be,
-        _pad: 0,
     };
     // An insert can only fail under memory pressure; the packet is still forwarded, and the
     // next one re-hashes to the same backend.
-    let _ = F::revnat().insert(&reply, &revnat, 0);
-    if F::conns().insert(&pkt.flow, &flow, 0).is_ok() && counted {
-        add_live(backend_id, 1);
-    }
+    let _ = F::conns().insert(&pkt.flow, &flow, 0);
 }
 
 #[inline(always)]

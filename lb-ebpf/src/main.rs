@@ -14,6 +14,7 @@
 mod admission;
 mod egress;
 mod family;
+mod flood;
 mod flows;
 mod ingress;
 mod maps;

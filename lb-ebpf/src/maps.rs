@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Addr6, AdmitCounters, AllowKey, AllowKey6, Backend, Counters, EngineLoad, Flow, FlowKey,
-    FlowKey6, Members, RateKey, RateKey6, RevNat, RevNat6, Sched, Service, ServiceLimits,
-    SockRevKey, SockRevKey6, VipKey, VipKey6, maps as spec,
+    Addr6, AdmitCounters, AllowKey, AllowKey6, Backend, BackendVip, BackendVip6, Counters,
+    CtConfig, EngineLoad, FloodState, Flow, FlowKey, FlowKey6, Members, RateKey, RateKey6, RevNat,
+    RevNat6, Sched, Service, ServiceLimits, SockRevKey, SockRevKey6, VipKey, VipKey6, maps as spec,
 };
 
 /// VIP (address, port, protocol) → service id and table size. Written last by the daemon,
@@ -27,17 +27,20 @@ pub static BACKENDS: Array<Backend> =
 #[map]
 pub static MAGLEV: Array<u32> = Array::pinned(spec::MAGLEV.default_entries(), spec::MAGLEV.flags);
 
-/// Conntrack, client → VIP 5-tuple → backend.
-// LRU: a SYN flood must evict old flows, not fail inserts. Resized by the daemon at load.
+/// Conntrack, client → VIP 5-tuple → backend: one entry per flow, made only by a packet
+/// that opens one (or a mid-flow packet, uncounted), and only within the CPU's insert
+/// budget (`FLOOD`). The reply's reverse NAT is derived from it and `VIP_OF`.
+// LRU with a list per CPU: inserts on one CPU evict that CPU's oldest entries, without a
+// global lock. Resized by the daemon at load.
 #[map]
-pub static CONNS: LruHashMap<FlowKey, Flow> =
+pub static CONNS_V2: LruHashMap<FlowKey, Flow> =
     LruHashMap::pinned(spec::CONNS.default_entries(), spec::CONNS.flags);
 
-/// Reverse NAT, backend → client 5-tuple → VIP, read by `gpulb_egress`. Same size and
-/// insert pattern as `CONNS`.
+/// Backend (address, port, protocol) → the VIP its replies are rewritten to, read by
+/// `gpulb_egress` to find the reply's conntrack entry.
 #[map]
-pub static REVNAT: LruHashMap<FlowKey, RevNat> =
-    LruHashMap::pinned(spec::REVNAT.default_entries(), spec::REVNAT.flags);
+pub static VIP_OF: HashMap<VipKey, BackendVip> =
+    HashMap::pinned(spec::VIP_OF.default_entries(), spec::VIP_OF.flags);
 
 #[map]
 pub static VIP_STATS: PerCpuArray<Counters> =
@@ -51,7 +54,7 @@ pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(
 
 /// One count per packet, by `Reason`.
 #[map]
-pub static REASONS_V2: PerCpuArray<u64> =
+pub static REASONS_V3: PerCpuArray<u64> =
     PerCpuArray::pinned(spec::REASONS.default_entries(), spec::REASONS.flags);
 
 /// Admission control and backend choice, by service id. All zero: no limits.
@@ -70,11 +73,36 @@ pub static RATE_LIMIT: LruHashMap<RateKey, u64> =
 pub static ALLOW: LpmTrie<AllowKey, u32> =
     LpmTrie::pinned(spec::ALLOW.default_entries(), spec::ALLOW.flags);
 
-/// Live TCP flows per backend id: up at a flow's first packet, down at its first FIN or RST
-/// (either direction). Global, not per-CPU: the choice of a new flow reads the sum.
+/// Live TCP flows per backend id: up when a flow's handshake completes (the client's first
+/// packet after its SYN), down at its first FIN or RST (either direction). Global, not
+/// per-CPU: the choice of a new flow reads the sum. Only the data path writes it (atomic
+/// adds), so no increment is ever lost to a userspace write.
 #[map]
 pub static LIVE_FLOWS: Array<u64> =
     Array::pinned(spec::LIVE_FLOWS.default_entries(), spec::LIVE_FLOWS.flags);
+
+/// The daemon's correction of each `LIVE_FLOWS` count (an `i64`): the count a decision
+/// reads is the sum, so reconciliation repairs a count either way without touching the data
+/// path's counter.
+#[map]
+pub static LIVE_FIX: Array<u64> =
+    Array::pinned(spec::LIVE_FIX.default_entries(), spec::LIVE_FIX.flags);
+
+/// This CPU's conntrack insert budget for the current second.
+#[map]
+pub static FLOOD: PerCpuArray<FloodState> =
+    PerCpuArray::pinned(spec::FLOOD.default_entries(), spec::FLOOD.flags);
+
+/// [0]: when any CPU last ran out of its insert budget; 0: never. Lets the egress program
+/// restore the VIP on replies of flows opened without state (`STATELESS_NAT_HOLD_NS`).
+#[map]
+pub static FLOOD_AT: Array<u64> =
+    Array::pinned(spec::FLOOD_AT.default_entries(), spec::FLOOD_AT.flags);
+
+/// [0]: the insert budget (`CtConfig`), written by the daemon.
+#[map]
+pub static CT_CONFIG: Array<CtConfig> =
+    Array::pinned(spec::CT_CONFIG.default_entries(), spec::CT_CONFIG.flags);
 
 /// When each backend id last refused a connection (`bpf_ktime_get_ns`; 0: never): its RST
 /// to a SYN, seen at TC egress. The scheduler passes it over for `REFUSED_HOLD_NS`, so the
@@ -129,16 +157,16 @@ pub static BACKEND_ADDR6: Array<Addr6> = Array::pinned(
 );
 
 #[map]
-pub static CONNS6: LruHashMap<FlowKey6, Flow> =
+pub static CONNS6_V2: LruHashMap<FlowKey6, Flow> =
     LruHashMap::pinned(spec::CONNS6.default_entries(), spec::CONNS6.flags);
 
 #[map]
-pub static REVNAT6: LruHashMap<FlowKey6, RevNat6> =
-    LruHashMap::pinned(spec::REVNAT6.default_entries(), spec::REVNAT6.flags);
+pub static VIP_OF6: HashMap<VipKey6, BackendVip6> =
+    HashMap::pinned(spec::VIP_OF6.default_entries(), spec::VIP_OF6.flags);
 
-/// Keyed by the source's /64.
+/// Keyed by the source's prefix of the VIP's `v6_prefix` length.
 #[map]
-pub static RATE_LIMIT6: LruHashMap<RateKey6, u64> =
+pub static RATE_LIMIT6_V2: LruHashMap<RateKey6, u64> =
     LruHashMap::pinned(spec::RATE_LIMIT6.default_entries(), spec::RATE_LIMIT6.flags);
 
 #[map]

@@ -26,7 +26,7 @@
 //! the final lookup does), and the decision and each candidate's score are global BPF
 //! functions: the verifier checks each once, whatever state its caller is in.
 
-use lb_common::{DEFAULT_CHOICES, MAX_CHOICES, MAX_MEMBERS, Service, fmix64, maglev_index};
+use lb_common::{DEFAULT_CHOICES, Flow, MAX_CHOICES, MAX_MEMBERS, Service, fmix64, maglev_index};
 
 use crate::{
     family::Family,
@@ -34,11 +34,13 @@ use crate::{
     maps::{BACKEND_LOAD, BACKENDS, MAGLEV, MEMBERS, REFUSED_AT, SCHED, VIP_STATS},
 };
 
-/// A backend as one family's data path uses it: its address in that family, and its port.
+/// A backend as one family's data path uses it: its address in that family, its port, and
+/// the generation of its id (what a conntrack entry records).
 #[derive(Clone, Copy)]
 pub struct Target<A> {
     pub addr_be: A,
     pub port_be: u16,
+    pub generation: u8,
 }
 
 /// The backend in the service's Maglev slot for `hash`; `None` for an unprogrammed slot.
@@ -59,6 +61,26 @@ pub fn lookup_backend<F: Family>(id: u32) -> Option<Target<F::Addr>> {
     Some(Target {
         addr_be: F::backend_addr(id, &backend)?,
         port_be: backend.port_be,
+        generation: backend.generation,
+    })
+}
+
+/// The backend a conntrack entry names, if it still is the one the entry was made for: the
+/// same service and generation. `None` when the slot was cleared or handed on.
+#[inline(always)]
+pub fn flow_backend<F: Family>(flow: &Flow) -> Option<Target<F::Addr>> {
+    let backend = *BACKENDS.get(flow.backend)?;
+    if flow.backend == 0
+        || backend.is_unset()
+        || backend.service != flow.service
+        || backend.generation != flow.generation
+    {
+        return None;
+    }
+    Some(Target {
+        addr_be: F::backend_addr(flow.backend, &backend)?,
+        port_be: backend.port_be,
+        generation: backend.generation,
     })
 }
 

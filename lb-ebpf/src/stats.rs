@@ -4,11 +4,11 @@
 use aya_ebpf::maps::PerCpuArray;
 use lb_common::{AdmitCounters, Counters, Reason};
 
-use crate::maps::{ADMIT_STATS, REASONS_V2};
+use crate::maps::{ADMIT_STATS, REASONS_V3};
 
 #[inline(always)]
 pub fn count_reason(reason: Reason) {
-    if let Some(n) = REASONS_V2.get_ptr_mut(reason as u32) {
+    if let Some(n) = REASONS_V3.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot; no other writer runs on this CPU meanwhile.
         unsafe { *n += 1 };
     }

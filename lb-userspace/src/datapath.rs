@@ -164,6 +164,7 @@ pub fn is_bpffs(path: &Path) -> bool {
 /// Refuses to reuse pinned maps whose layout differs from this build's schema (aya would
 /// reuse them blindly).
 fn check_pinned(pin_path: &Path, sizes: &ConntrackSizes) -> Result<(), DatapathError> {
+    let cpus = possible_cpus();
     for spec in names::ALL {
         let path = pin_path.join(spec.name);
         let Ok(map) = MapData::from_pin(&path) else {
@@ -179,7 +180,11 @@ fn check_pinned(pin_path: &Path, sizes: &ConntrackSizes) -> Result<(), DatapathE
             ("type", kind, spec.kind as u32),
             ("key size", info.key_size(), spec.key_size),
             ("value size", info.value_size(), spec.value_size),
-            ("max_entries", info.max_entries(), spec.max_entries(sizes)),
+            (
+                "max_entries",
+                info.max_entries(),
+                spec.kernel_entries(sizes, cpus),
+            ),
         ];
         if let Some((what, found, want)) = checks.into_iter().find(|(_, f, w)| f != w) {
             return Err(DatapathError::Incompatible {
@@ -191,6 +196,40 @@ fn check_pinned(pin_path: &Path, sizes: &ConntrackSizes) -> Result<(), DatapathE
         }
     }
     Ok(())
+}
+
+/// Possible CPUs (what per-CPU maps are sized by); 1 if the kernel does not say.
+fn possible_cpus() -> u32 {
+    aya::util::nr_cpus().map_or(1, |n| n as u32)
+}
+
+/// Copies the conntrack entries of an earlier version's table (same key and value layout)
+/// into this one's and removes it: an upgrade keeps its flows. Entries that do not fit or
+/// vanish meanwhile are left to the consistent hash, like evicted ones.
+fn migrate_conntrack(pin_path: &Path, maps: &mut Maps) {
+    for (old, new) in names::MIGRATED {
+        let path = pin_path.join(old);
+        let Ok(data) = MapData::from_pin(&path) else {
+            continue;
+        };
+        let copied = match aya::maps::Map::from_map_data(data) {
+            Ok(map) => maps.copy_flows_from(map, new.name),
+            Err(e) => Err(crate::maps::MapsError::Layout {
+                name: new.name,
+                source: e,
+            }),
+        };
+        match copied {
+            Ok(n) => info!(
+                from = old,
+                to = new.name,
+                flows = n,
+                "conntrack carried over"
+            ),
+            Err(e) => warn!(from = old, error = %ErrorChain(&e), "conntrack not carried over"),
+        }
+        let _ = fs::remove_file(&path);
+    }
 }
 
 /// The loaded programs and their maps, pinned under `pin_path`.
@@ -248,7 +287,8 @@ impl Datapath {
                 .map_err(prog(name))?;
             p.load().map_err(prog(name))?;
         }
-        let maps = Maps::from_ebpf(&mut ebpf)?;
+        let mut maps = Maps::from_ebpf(&mut ebpf)?;
+        migrate_conntrack(pin_path, &mut maps);
         Ok(Self {
             ebpf,
             maps,
@@ -627,6 +667,7 @@ pub fn remove_pins(pin_path: &Path) -> io::Result<()> {
         .iter()
         .map(|spec| spec.name)
         .chain(names::RETIRED)
+        .chain(names::MIGRATED.iter().map(|(old, _)| *old))
         .map(|name| pin_path.join(name));
     for path in links.collect::<Vec<_>>().into_iter().chain(maps) {
         match fs::remove_file(path) {

@@ -17,9 +17,10 @@ use aya::{
     },
 };
 use lb_common::{
-    Addr6, AdmitCounters, AllowKey, AllowKey6, AllowKeyOf, BACKEND_IPV6, Backend, Counters,
-    EngineLoad, Flow, FlowKey, FlowKey6, MAGLEV_MAX_SIZE, MAX_MEMBERS, Members, Reason, RevNat,
-    RevNat6, Sched, Service, ServiceLimits, VipKey, VipKey6, VipKeyOf, addr6_of, ipv6_of, maps,
+    Addr6, AdmitCounters, AllowKey, AllowKey6, AllowKeyOf, BACKEND_IPV6, Backend, BackendVip,
+    BackendVip6, BackendVipOf, Counters, CtConfig, EngineLoad, FloodState, Flow, FlowKey, FlowKey6,
+    FlowKeyOf, MAGLEV_MAX_SIZE, MAX_MEMBERS, Members, PROTO_TCP, Reason, Sched, Service,
+    ServiceLimits, VipKey, VipKey6, VipKeyOf, addr6_of, ipv6_of, maps,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +98,9 @@ impl fmt::Display for VipAddr {
 pub struct BackendEntry {
     pub addr: SocketAddr,
     pub weight: u32,
-    pub service: u16,
+    pub service: u8,
+    /// Of the id: bumped when the id goes to a new backend (see `Backend::generation`).
+    pub generation: u8,
     pub flags: u16,
     pub max_flows: u16,
 }
@@ -112,6 +115,30 @@ impl BackendEntry {
     pub fn takes_new_flows(&self) -> bool {
         self.flags & lb_common::BACKEND_OUT == 0 && self.weight != 0
     }
+}
+
+/// A backend's live-flow count in its two halves: what the data path counted (atomic adds
+/// only) and the daemon's correction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveCount {
+    pub counted: i64,
+    pub fix: i64,
+}
+
+impl LiveCount {
+    /// What decisions read (before the data path's clamp at 0).
+    pub fn effective(&self) -> i64 {
+        self.counted.wrapping_add(self.fix)
+    }
+}
+
+/// `FLOOD`, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloodTotals {
+    /// Packets forwarded by the consistent hash without conntrack state.
+    pub stateless: u64,
+    /// Seconds any CPU spent in flood mode (one per CPU and second).
+    pub flood_seconds: u64,
 }
 
 /// A conntrack entry's key, either family: client → VIP.
@@ -130,8 +157,8 @@ pub struct Maps {
     pub maglev: Array<MapData, u32>,
     pub conns: HashMap<MapData, FlowKey, Flow>,
     pub conns6: HashMap<MapData, FlowKey6, Flow>,
-    pub revnat: HashMap<MapData, FlowKey, RevNat>,
-    pub revnat6: HashMap<MapData, FlowKey6, RevNat6>,
+    pub vip_of: HashMap<MapData, VipKey, BackendVip>,
+    pub vip_of6: HashMap<MapData, VipKey6, BackendVip6>,
     pub vip_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub reasons: PerCpuArray<MapData, u64>,
@@ -139,11 +166,22 @@ pub struct Maps {
     pub allow: LpmTrie<MapData, AllowKey, u32>,
     pub allow6: LpmTrie<MapData, AllowKey6, u32>,
     pub live_flows: Array<MapData, u64>,
+    pub live_fix: Array<MapData, u64>,
+    pub flood: PerCpuArray<MapData, FloodState>,
+    pub ct_config: Array<MapData, CtConfig>,
     pub members: Array<MapData, Members>,
     pub sched: Array<MapData, Sched>,
     pub backend_load: Array<MapData, EngineLoad>,
     pub admit_stats: PerCpuArray<MapData, AdmitCounters>,
     pub sock_netns: Array<MapData, u64>,
+}
+
+/// A backend's address and port with its VIP's protocol: its `VIP_OF` key.
+fn backend_vip_addr(backend: &BackendEntry, vip: &VipAddr) -> VipAddr {
+    VipAddr {
+        addr: backend.addr,
+        proto: vip.proto,
+    }
 }
 
 /// A `SERVICES`/`SERVICES6` key with the address as that family's map holds it.
@@ -201,8 +239,8 @@ impl Maps {
             (maps::MAGLEV.name, self.maglev.map()),
             (maps::CONNS.name, self.conns.map()),
             (maps::CONNS6.name, self.conns6.map()),
-            (maps::REVNAT.name, self.revnat.map()),
-            (maps::REVNAT6.name, self.revnat6.map()),
+            (maps::VIP_OF.name, self.vip_of.map()),
+            (maps::VIP_OF6.name, self.vip_of6.map()),
             (maps::VIP_STATS.name, self.vip_stats.map()),
             (maps::BACKEND_STATS.name, self.backend_stats.map()),
             (maps::REASONS.name, self.reasons.map()),
@@ -210,6 +248,9 @@ impl Maps {
             (maps::ALLOW.name, self.allow.map()),
             (maps::ALLOW6.name, self.allow6.map()),
             (maps::LIVE_FLOWS.name, self.live_flows.map()),
+            (maps::LIVE_FIX.name, self.live_fix.map()),
+            (maps::FLOOD.name, self.flood.map()),
+            (maps::CT_CONFIG.name, self.ct_config.map()),
             (maps::MEMBERS.name, self.members.map()),
             (maps::SCHED.name, self.sched.map()),
             (maps::BACKEND_LOAD.name, self.backend_load.map()),
@@ -252,8 +293,8 @@ impl Maps {
             maglev: typed(maps::MAGLEV.name, get(maps::MAGLEV.name)?)?,
             conns: typed(maps::CONNS.name, get(maps::CONNS.name)?)?,
             conns6: typed(maps::CONNS6.name, get(maps::CONNS6.name)?)?,
-            revnat: typed(maps::REVNAT.name, get(maps::REVNAT.name)?)?,
-            revnat6: typed(maps::REVNAT6.name, get(maps::REVNAT6.name)?)?,
+            vip_of: typed(maps::VIP_OF.name, get(maps::VIP_OF.name)?)?,
+            vip_of6: typed(maps::VIP_OF6.name, get(maps::VIP_OF6.name)?)?,
             vip_stats: typed(maps::VIP_STATS.name, get(maps::VIP_STATS.name)?)?,
             backend_stats: typed(maps::BACKEND_STATS.name, get(maps::BACKEND_STATS.name)?)?,
             reasons: typed(maps::REASONS.name, get(maps::REASONS.name)?)?,
@@ -261,6 +302,9 @@ impl Maps {
             allow: typed(maps::ALLOW.name, get(maps::ALLOW.name)?)?,
             allow6: typed(maps::ALLOW6.name, get(maps::ALLOW6.name)?)?,
             live_flows: typed(maps::LIVE_FLOWS.name, get(maps::LIVE_FLOWS.name)?)?,
+            live_fix: typed(maps::LIVE_FIX.name, get(maps::LIVE_FIX.name)?)?,
+            flood: typed(maps::FLOOD.name, get(maps::FLOOD.name)?)?,
+            ct_config: typed(maps::CT_CONFIG.name, get(maps::CT_CONFIG.name)?)?,
             members: typed(maps::MEMBERS.name, get(maps::MEMBERS.name)?)?,
             sched: typed(maps::SCHED.name, get(maps::SCHED.name)?)?,
             backend_load: typed(maps::BACKEND_LOAD.name, get(maps::BACKEND_LOAD.name)?)?,
@@ -338,6 +382,7 @@ impl Maps {
             addr: SocketAddr::new(ip, port_of(b.port_be)),
             weight: b.weight,
             service: b.service,
+            generation: b.generation,
             flags: b.flags & !BACKEND_IPV6,
             max_flows: b.max_flows,
         })
@@ -381,6 +426,7 @@ impl Maps {
             weight: b.weight,
             port_be: port_be(b.addr.port()),
             service: b.service,
+            generation: b.generation,
             flags,
             max_flows: b.max_flows,
         };
@@ -389,14 +435,101 @@ impl Maps {
             .map_err(op("writing", maps::BACKENDS.name))
     }
 
-    /// Empties a backend slot (its Maglev slots must already point elsewhere).
+    /// The generation of a backend slot, set or cleared.
+    pub fn slot_generation(&self, id: u32) -> Result<u8, MapsError> {
+        let b = self
+            .backends
+            .get(&id, 0)
+            .map_err(op("reading", maps::BACKENDS.name))?;
+        Ok(b.generation)
+    }
+
+    /// Empties a backend slot (its Maglev slots must already point elsewhere), keeping its
+    /// generation so that the next holder of the id gets a new one.
     pub fn clear_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        let old = self.backend(id)?;
+        self.remove_vip_of(old.addr, id)?;
+        let cleared = Backend {
+            generation: old.generation,
+            ..Backend::default()
+        };
         self.backends
-            .set(id, Backend::default(), 0)
+            .set(id, cleared, 0)
             .map_err(op("writing", maps::BACKENDS.name))?;
         self.backend_addr6
             .set(id, [0; 4], 0)
             .map_err(op("writing", maps::BACKEND_ADDR6.name))
+    }
+
+    /// Records which VIP a backend's replies are rewritten to (`VIP_OF`).
+    pub fn set_vip_of(
+        &mut self,
+        id: u32,
+        backend: &BackendEntry,
+        vip: &VipAddr,
+    ) -> Result<(), MapsError> {
+        fn value<A>(vip_be: A, vip: &VipAddr, id: u32, b: &BackendEntry) -> BackendVipOf<A> {
+            BackendVipOf {
+                vip_be,
+                vport_be: port_be(vip.addr.port()),
+                service: b.service,
+                generation: b.generation,
+                backend: id,
+            }
+        }
+        match (backend.addr.ip(), vip.addr.ip()) {
+            (IpAddr::V4(b), IpAddr::V4(v)) => {
+                let key = vip_key(addr_be(b), &backend_vip_addr(backend, vip));
+                self.vip_of
+                    .insert(key, value(addr_be(v), vip, id, backend), 0)
+                    .map_err(op("writing", maps::VIP_OF.name))
+            }
+            (IpAddr::V6(b), IpAddr::V6(v)) => {
+                let key = vip_key(addr6_of(b), &backend_vip_addr(backend, vip));
+                self.vip_of6
+                    .insert(key, value(addr6_of(v), vip, id, backend), 0)
+                    .map_err(op("writing", maps::VIP_OF6.name))
+            }
+            // The config keeps a VIP's backends in its family.
+            _ => Ok(()),
+        }
+    }
+
+    /// Forgets a backend address in `VIP_OF`, for either protocol, where the entry is still
+    /// backend `id`'s (a newer holder of the address keeps its own).
+    pub fn remove_vip_of(&mut self, addr: SocketAddr, id: u32) -> Result<(), MapsError> {
+        fn forget<K: aya::Pod, V: aya::Pod>(
+            map: &mut HashMap<MapData, K, V>,
+            key: &K,
+            owner: impl Fn(&V) -> u32,
+            id: u32,
+        ) -> Result<(), MapsError> {
+            match map.get(key, 0) {
+                Ok(v) if owner(&v) == id => map
+                    .remove(key)
+                    .map_err(op("removing from", maps::VIP_OF.name)),
+                Ok(_) | Err(MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(op("reading", maps::VIP_OF.name)(e)),
+            }
+        }
+        for proto in [PROTO_TCP, lb_common::PROTO_UDP] {
+            let vip = VipAddr { addr, proto };
+            match addr.ip() {
+                IpAddr::V4(ip) => forget(
+                    &mut self.vip_of,
+                    &vip_key(addr_be(ip), &vip),
+                    |v| v.backend,
+                    id,
+                )?,
+                IpAddr::V6(ip) => forget(
+                    &mut self.vip_of6,
+                    &vip_key(addr6_of(ip), &vip),
+                    |v| v.backend,
+                    id,
+                )?,
+            }
+        }
+        Ok(())
     }
 
     /// The Maglev table of a service (its first `table_size` slots).
@@ -549,20 +682,144 @@ impl Maps {
         }
     }
 
-    /// Live TCP flows the data path counts for a backend (below-zero races read as 0).
+    /// Live TCP flows of a backend as decisions read them (the data path's count plus the
+    /// daemon's correction; a sum below zero reads as 0, as in the data path).
     pub fn live_flows(&self, backend_id: u32) -> Result<u64, MapsError> {
-        let v = self
+        Ok(self.live_count(backend_id)?.effective().max(0) as u64)
+    }
+
+    /// Both halves of a backend's live-flow count.
+    pub fn live_count(&self, backend_id: u32) -> Result<LiveCount, MapsError> {
+        let counted = self
             .live_flows
             .get(&backend_id, 0)
             .map_err(op("reading", maps::LIVE_FLOWS.name))?;
-        Ok(if (v as i64) < 0 { 0 } else { v })
+        let fix = self
+            .live_fix
+            .get(&backend_id, 0)
+            .map_err(op("reading", maps::LIVE_FIX.name))?;
+        Ok(LiveCount {
+            counted: counted as i64,
+            fix: fix as i64,
+        })
     }
 
-    /// Overwrites a backend's live-flow count (reconciliation; see `daemon::state`).
-    pub fn set_live_flows(&mut self, backend_id: u32, n: u64) -> Result<(), MapsError> {
+    /// Sets the daemon's correction of a backend's count (never the data path's counter,
+    /// whose concurrent increments a write would lose).
+    pub fn set_live_fix(&mut self, backend_id: u32, fix: i64) -> Result<(), MapsError> {
+        self.live_fix
+            .set(backend_id, fix as u64, 0)
+            .map_err(op("writing", maps::LIVE_FIX.name))
+    }
+
+    /// A fresh id starts at zero live flows: no flow can name it yet (its generation is new),
+    /// so nothing races with these writes.
+    pub fn reset_live(&mut self, backend_id: u32) -> Result<(), MapsError> {
         self.live_flows
-            .set(backend_id, n, 0)
-            .map_err(op("writing", maps::LIVE_FLOWS.name))
+            .set(backend_id, 0, 0)
+            .map_err(op("writing", maps::LIVE_FLOWS.name))?;
+        self.set_live_fix(backend_id, 0)
+    }
+
+    /// The conntrack entry of a client's flow to a VIP, if it has one.
+    pub fn flow(&self, client: SocketAddr, vip: &VipAddr) -> Result<Option<Flow>, MapsError> {
+        fn key<A>(src_be: A, dst_be: A, client: SocketAddr, vip: &VipAddr) -> FlowKeyOf<A> {
+            FlowKeyOf {
+                src_be,
+                dst_be,
+                sport_be: port_be(client.port()),
+                dport_be: port_be(vip.addr.port()),
+                proto: vip.proto,
+                _pad: [0; 3],
+            }
+        }
+        let found = match (client.ip().to_canonical(), vip.addr.ip()) {
+            (IpAddr::V4(c), IpAddr::V4(v)) => {
+                let k = key(addr_be(c), addr_be(v), client, vip);
+                self.conns.get(&k, 0)
+            }
+            (IpAddr::V6(c), IpAddr::V6(v)) => {
+                let k = key(addr6_of(c), addr6_of(v), client, vip);
+                self.conns6.get(&k, 0)
+            }
+            _ => return Ok(None),
+        };
+        match found {
+            Ok(f) => Ok(Some(f)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(op("reading", maps::CONNS.name)(e)),
+        }
+    }
+
+    /// Copies every entry of an earlier version's conntrack table (`map`, same layout as
+    /// `into`'s) into `into`; returns how many. A per-CPU LRU puts an entry inserted from
+    /// userspace on the inserting CPU's list, so the entries are inserted a share from each
+    /// online CPU in turn (this thread moves, then gets its CPUs back). A TCP flow the old
+    /// version had not counted (it counted from the SYN, so such a flow has ended) is marked
+    /// done, never to be counted.
+    pub fn copy_flows_from(&mut self, map: Map, into: &'static str) -> Result<usize, MapsError> {
+        fn copy<A: Copy>(
+            from: &HashMap<MapData, FlowKeyOf<A>, Flow>,
+            to: &mut HashMap<MapData, FlowKeyOf<A>, Flow>,
+            name: &'static str,
+        ) -> Result<usize, MapsError>
+        where
+            FlowKeyOf<A>: aya::Pod,
+        {
+            let mut entries = entries(from, name)?;
+            for (k, v) in &mut entries {
+                if k.proto == PROTO_TCP && !v.is_counted() {
+                    v.flags |= lb_common::FLOW_DONE;
+                }
+            }
+            let cpus = aya::util::online_cpus().unwrap_or_default();
+            let mine = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok();
+            let share = entries.len().div_ceil(cpus.len().max(1)).max(1);
+            for (i, chunk) in entries.chunks(share).enumerate() {
+                if let Some(&cpu) = cpus.get(i) {
+                    let mut set = nix::sched::CpuSet::new();
+                    if set.set(cpu as usize).is_ok() {
+                        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+                    }
+                }
+                for (k, v) in chunk {
+                    to.insert(k, v, 0).map_err(op("writing", name))?;
+                }
+            }
+            if let Some(mine) = mine {
+                let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &mine);
+            }
+            Ok(entries.len())
+        }
+        if into == maps::CONNS.name {
+            let from: HashMap<MapData, FlowKey, Flow> = typed(into, map)?;
+            copy(&from, &mut self.conns, into)
+        } else {
+            let from: HashMap<MapData, FlowKey6, Flow> = typed(into, map)?;
+            copy(&from, &mut self.conns6, into)
+        }
+    }
+
+    /// Sets the conntrack insert budget (`CT_CONFIG`).
+    pub fn set_ct_config(&mut self, config: CtConfig) -> Result<(), MapsError> {
+        self.ct_config
+            .set(0, config, 0)
+            .map_err(op("writing", maps::CT_CONFIG.name))
+    }
+
+    /// Flood-mode counters, summed over CPUs: (packets forwarded without state, seconds a
+    /// CPU spent in flood mode).
+    pub fn flood(&self) -> Result<FloodTotals, MapsError> {
+        let values = self
+            .flood
+            .get(&0, 0)
+            .map_err(op("reading", maps::FLOOD.name))?;
+        Ok(values
+            .iter()
+            .fold(FloodTotals::default(), |t, c| FloodTotals {
+                stateless: t.stateless + c.stateless,
+                flood_seconds: t.flood_seconds + c.flood_windows,
+            }))
     }
 
     /// The network namespace whose sockets the socket programs balance.
@@ -610,7 +867,8 @@ impl Maps {
         Self::summed(&self.backend_stats, maps::BACKEND_STATS.name, backend_id)
     }
 
-    /// Packets per reason, summed over CPUs.
+    /// Packets per reason, summed over CPUs (`REASONS_V3` has room for more reasons than
+    /// this build knows).
     pub fn reasons(&self) -> Result<Vec<(Reason, u64)>, MapsError> {
         Reason::ALL
             .iter()

@@ -166,6 +166,14 @@ fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsErro
     for (reason, n) in maps.reasons()? {
         reasons.with_label_values(&[reason.name()]).inc_by(n);
     }
+    let flood = counter(
+        "gpulb_conntrack_flood_seconds_total",
+        "Seconds CPUs spent in flood mode (their conntrack insert budget spent: new flows by the consistent hash, no state; one per CPU and second).",
+        &[],
+    );
+    flood
+        .with_label_values(&[] as &[&str])
+        .inc_by(maps.flood()?.flood_seconds);
 
     let vip_labels = ["vip"];
     let vip_packets = counter(

@@ -139,9 +139,9 @@ pub fn plan(
     let service_ids: HashMap<VipAddr, u32> =
         current_services.iter().map(|(k, s)| (*k, s.id)).collect();
     // Existing backends by (service id, address and port).
-    let backend_ids: HashMap<(u16, SocketAddr), u32> = current_backends
+    let backend_ids: HashMap<(u8, SocketAddr), (u32, u8)> = current_backends
         .iter()
-        .map(|(id, b)| ((b.service, b.addr), *id))
+        .map(|(id, b)| ((b.service, b.addr), (*id, b.generation)))
         .collect();
 
     // Every VIP/backend that stays keeps its id; new ones get fresh ids.
@@ -157,7 +157,7 @@ pub fn plan(
         }
     }
 
-    let mut used_backends: BTreeSet<u32> = backend_ids.values().copied().collect();
+    let mut used_backends: BTreeSet<u32> = backend_ids.values().map(|&(id, _)| id).collect();
 
     let mut services = Vec::with_capacity(desired.len());
     for ((d, key), &sid) in desired.iter().zip(keys).zip(&service_of) {
@@ -165,10 +165,11 @@ pub fn plan(
         let mut backends = Vec::with_capacity(d.backends.len());
         let mut members = Vec::with_capacity(d.backends.len());
         for b in &d.backends {
-            let k = (sid as u16, SocketAddr::new(b.address, b.port));
-            let id = match backend_ids.get(&k) {
-                Some(&id) => id,
-                None => allocate(&mut used_backends, 1, MAX_BACKENDS, "backend")?,
+            let k = (sid as u8, SocketAddr::new(b.address, b.port));
+            // A fresh id's generation is set by `apply`, from the slot's.
+            let (id, generation) = match backend_ids.get(&k) {
+                Some(&known) => known,
+                None => (allocate(&mut used_backends, 1, MAX_BACKENDS, "backend")?, 0),
             };
             let out = if b.in_table { 0 } else { BACKEND_OUT };
             backends.push((
@@ -176,7 +177,8 @@ pub fn plan(
                 BackendEntry {
                     addr: k.1,
                     weight: b.weight,
-                    service: sid as u16,
+                    service: sid as u8,
+                    generation,
                     flags: b.flags | out,
                     max_flows: b.max_flows,
                 },
@@ -222,6 +224,7 @@ fn limits(vip: &Vip) -> ServiceLimits {
     if let Some(rate) = vip.admission.rate {
         l.interval_ns = 1_000_000_000 / u64::from(rate.per_second);
         l.burst_ns = l.interval_ns * u64::from(rate.burst);
+        l.v6_prefix = u32::from(rate.ipv6_prefix);
     }
     let flag = |on: bool, f: u32| if on { f } else { 0 };
     l.flags = flag(vip.admission.refuse_rst, LIMIT_REFUSE_RST)
@@ -240,8 +243,13 @@ pub struct Applied {
 
 /// Makes the maps hold `plan`, writing only what differs. `previous`: the plan last applied
 /// by this process, trusted instead of reading the tables back (a 65537-slot table is 65537
-/// syscalls to read); `None` reads the maps.
-pub fn apply(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<Applied, MapsError> {
+/// syscalls to read); `None` reads the maps. A backend given a fresh id gets the next
+/// generation of its slot, written into `plan` too.
+pub fn apply(
+    maps: &mut Maps,
+    plan: &mut Plan,
+    previous: Option<&Plan>,
+) -> Result<Applied, MapsError> {
     let mut applied = Applied::default();
     let (current_services, current_backends) = match previous {
         Some(p) => p.current(),
@@ -260,16 +268,24 @@ pub fn apply(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<Ap
             .collect(),
     };
 
-    for s in &plan.services {
-        for &(id, backend) in &s.backends {
-            let current = current_backends.iter().find(|&&(i, _)| i == id);
+    for s in &mut plan.services {
+        for (id, backend) in &mut s.backends {
+            let current = current_backends.iter().find(|&&(i, _)| i == *id);
             if current.is_none() {
-                // A fresh id starts with no live flows, whatever a backend that once had it
-                // left counted.
-                maps.set_live_flows(id, 0)?;
+                // A fresh id: conntrack entries of its earlier holders name the generation
+                // before, so they do not match it, and it starts with no live flows.
+                backend.generation = maps.slot_generation(*id)?.wrapping_add(1);
+                maps.reset_live(*id)?;
             }
-            if current.is_none_or(|&(_, b)| b != backend) {
-                maps.set_backend(id, &backend)?;
+            let unchanged = current.is_some_and(|&(_, b)| b == *backend);
+            // VIP_OF first: the flows the new entry takes can be answered at once. Written
+            // for every backend when the maps were read back (a start, a takeover, an
+            // upgrade from a version without VIP_OF), not only for changed ones.
+            if !unchanged || previous.is_none() {
+                maps.set_vip_of(*id, backend, &s.key)?;
+            }
+            if !unchanged {
+                maps.set_backend(*id, backend)?;
             }
         }
     }

@@ -1,5 +1,5 @@
-//! This network namespace's TCP sockets (`/proc/net/tcp` and `tcp6`, read with procfs): how
-//! many connections each local backend has, and whether it listens here.
+//! This network namespace's TCP sockets (`/proc/net/tcp` and `tcp6`, read with procfs): the
+//! established connections of each local backend (by peer), and whether it listens here.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -12,8 +12,9 @@ use procfs::net::TcpState;
 /// dual-stack socket) are counted as IPv4.
 #[derive(Debug, Default)]
 pub struct TcpSockets {
-    /// ESTABLISHED or SYN_RECV, by local address and port.
-    established: HashMap<(IpAddr, u16), usize>,
+    /// The peers of ESTABLISHED sockets, by local address and port. (A half-open
+    /// connection, which a spoofed SYN makes, is not one.)
+    established: HashMap<(IpAddr, u16), Vec<SocketAddr>>,
     /// Listening sockets (0.0.0.0 or :: for a wildcard).
     listening: HashSet<(IpAddr, u16)>,
 }
@@ -24,21 +25,21 @@ impl TcpSockets {
         let entries = [procfs::net::tcp(), procfs::net::tcp6()]
             .into_iter()
             .flat_map(Result::unwrap_or_default)
-            .map(|e| (e.local_address, e.state));
+            .map(|e| (e.local_address, e.remote_address, e.state));
         Self::from_entries(entries)
     }
 
-    fn from_entries(entries: impl Iterator<Item = (SocketAddr, TcpState)>) -> Self {
+    fn from_entries(entries: impl Iterator<Item = (SocketAddr, SocketAddr, TcpState)>) -> Self {
         let mut out = Self::default();
-        for (local, state) in entries {
+        for (local, remote, state) in entries {
             let key = (local.ip().to_canonical(), local.port());
             match state {
                 TcpState::Listen => {
                     out.listening.insert(key);
                 }
-                // SYN_RECV: a handshake the data path already sent here.
-                TcpState::Established | TcpState::SynRecv | TcpState::NewSynRecv => {
-                    *out.established.entry(key).or_insert(0) += 1;
+                TcpState::Established => {
+                    let peer = SocketAddr::new(remote.ip().to_canonical(), remote.port());
+                    out.established.entry(key).or_default().push(peer);
                 }
                 _ => {}
             }
@@ -58,9 +59,11 @@ impl TcpSockets {
             .any(|a| self.listening.contains(&(*a, port)))
     }
 
-    /// Established (or being established) connections to `addr:port`.
-    pub fn connections(&self, addr: IpAddr, port: u16) -> usize {
-        self.established.get(&(addr, port)).copied().unwrap_or(0)
+    /// The peers of the established connections to `addr:port`.
+    pub fn peers(&self, addr: IpAddr, port: u16) -> &[SocketAddr] {
+        self.established
+            .get(&(addr, port))
+            .map_or(&[], Vec::as_slice)
     }
 }
 
@@ -74,22 +77,37 @@ mod tests {
 
     #[test]
     fn connections_and_listeners_of_both_families() {
+        let peer = sock("198.18.0.9:40000");
+        let any = sock("0.0.0.0:0");
         let s = TcpSockets::from_entries(
             [
-                (sock("198.18.0.1:8001"), TcpState::Established),
-                (sock("198.18.0.1:8001"), TcpState::SynRecv),
-                (sock("198.18.0.1:8001"), TcpState::TimeWait),
+                (sock("198.18.0.1:8001"), peer, TcpState::Established),
+                // Half-open (a SYN that may be spoofed) and closed ones are not connections.
+                (sock("198.18.0.1:8001"), peer, TcpState::SynRecv),
+                (sock("198.18.0.1:8001"), peer, TcpState::TimeWait),
                 // An IPv4 client of a dual-stack socket counts as IPv4.
-                (sock("[::ffff:198.18.0.1]:8001"), TcpState::Established),
-                (sock("[::1]:8002"), TcpState::Established),
-                (sock("0.0.0.0:8001"), TcpState::Listen),
-                (sock("[::]:8003"), TcpState::Listen),
+                (
+                    sock("[::ffff:198.18.0.1]:8001"),
+                    sock("[::ffff:198.18.0.9]:40001"),
+                    TcpState::Established,
+                ),
+                (
+                    sock("[::1]:8002"),
+                    sock("[::1]:40002"),
+                    TcpState::Established,
+                ),
+                (sock("0.0.0.0:8001"), any, TcpState::Listen),
+                (sock("[::]:8003"), any, TcpState::Listen),
             ]
             .into_iter(),
         );
         let v4: IpAddr = "198.18.0.1".parse().expect("v4");
-        assert_eq!(s.connections(v4, 8001), 3);
-        assert_eq!(s.connections(IpAddr::V6(Ipv6Addr::LOCALHOST), 8002), 1);
+        assert_eq!(
+            s.peers(v4, 8001),
+            &[peer, sock("198.18.0.9:40001")],
+            "established only, IPv4-mapped peers as IPv4"
+        );
+        assert_eq!(s.peers(IpAddr::V6(Ipv6Addr::LOCALHOST), 8002).len(), 1);
         assert!(s.is_listening(v4, 8001), "an IPv4 wildcard");
         assert!(s.is_listening(v4, 8003), "a dual-stack wildcard");
         assert!(!s.is_listening(v4, 8002));

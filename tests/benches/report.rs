@@ -173,6 +173,8 @@ fn datapath(report: &mut Report) {
         ("floor", "no-op XDP program (floor)"),
         ("non_vip", "non-VIP packet (passed)"),
         ("established", "established flow (NAT)"),
+        ("established6", "established IPv6 flow (NAT)"),
+        ("syn_flood", "SYN flood, 1M sources, flood mode (no state)"),
     ] {
         let ns = v[key].as_f64().expect("case");
         let _ = writeln!(t, "| {name} | {ns:.0} | {:.2} |", ns / floor);
@@ -188,6 +190,21 @@ fn datapath(report: &mut Report) {
             ns / floor
         );
     }
+    let ratio = |key: &str| v[key].as_f64().unwrap_or(f64::NAN) / floor;
+    let verdict = |r: f64, max: f64| if r <= max { "met" } else { "NOT met" };
+    let (new_flow, established, non_vip) =
+        (ratio("new_flow"), ratio("established"), ratio("non_vip"));
+    let _ = writeln!(
+        t,
+        "\nTargets (× the no-op floor): new flow (4 backends) {new_flow:.2} ≤ 8: {}; established \
+         {established:.2} ≤ 4: {}; non-VIP {non_vip:.2} ≤ 2: {}. SYN flood: {:.1}% of 1M SYNs \
+         from distinct sources forwarded without state (budget {} inserts per CPU and second).",
+        verdict(new_flow, 8.0),
+        verdict(established, 4.0),
+        verdict(non_vip, 2.0),
+        v["syn_flood_stateless_share"].as_f64().unwrap_or(0.0) * 100.0,
+        lb_common::CT_INSERTS_PER_CPU_DEFAULT,
+    );
     // The verifier per program: this kernel (the datapath bench's load) and Debian's kernels
     // under qemu (`gpulb check-kernel`), each kernel a column.
     let mut columns: Vec<(String, serde_json::Value)> = vec![(
@@ -283,7 +300,8 @@ fn control_plane(opts: &Opts, report: &mut Report) {
 
     let pins = PinDir::new("bench-mem");
     let flows = 1u32 << 20;
-    let flows6 = lb_common::CONNTRACK6_DEFAULT_SIZE;
+    // What the daemon sizes without an IPv6 VIP.
+    let flows6 = lb_common::CONNTRACK6_IDLE_SIZE;
     let dp = Datapath::load(
         &pins.path,
         lb_common::maps::ConntrackSizes {
@@ -295,18 +313,30 @@ fn control_plane(opts: &Opts, report: &mut Report) {
     let _ = write!(
         t,
         "\nKernel memory (memlock from /proc/PID/fdinfo) with `conntrack_size = {flows}` and \
-         the default `conntrack_size_v6 = {flows6}` (LRU maps are preallocated, so this is the \
-         cost of that many tracked flows whether or not they are in use):\n\n\
+         `conntrack_size_v6 = {flows6}` (its default without an IPv6 VIP; LRU maps are \
+         preallocated, so this is the cost of that many tracked flows whether or not they are \
+         in use):\n\n\
          | map | memory |\n|---|---:|\n"
     );
     let mut total = 0;
+    let mut conntrack = 0;
     for name in lb_common::maps::ALL.map(|m| m.name) {
         let data = aya::maps::MapData::from_pin(pins.path.join(name)).expect("pinned map");
         let bytes = memlock(&data);
         total += bytes;
+        if name == lb_common::maps::CONNS.name {
+            conntrack = bytes;
+        }
         let _ = writeln!(t, "| `{name}` | {:.1} MiB |", bytes as f64 / 1048576.0);
     }
     let _ = writeln!(t, "| all | {:.1} MiB |", total as f64 / 1048576.0);
+    let mib = conntrack as f64 / 1048576.0;
+    let _ = writeln!(
+        t,
+        "\n{flows} tracked IPv4 flows (one entry each, reverse NAT derived): {mib:.1} MiB; \
+         target <= 128 MiB: {}.",
+        if mib <= 128.0 { "met" } else { "NOT met" }
+    );
     drop(dp);
     report.section("control plane", &t);
 }

@@ -28,8 +28,8 @@ pub fn read_pinned(pins: &Path, args: &[&str]) -> anyhow::Result<Vec<serde_json:
 pub fn reason_count(pins: &Path, name: &str) -> u64 {
     let rows = read_pinned(pins, &["stats"]).expect("gpulb stats");
     rows.iter()
-        .find(|r| r["reason"] == name)
-        .and_then(|r| r["packets"].as_u64())
+        .find(|r| r["counter"] == name)
+        .and_then(|r| r["value"].as_u64())
         .unwrap_or_else(|| panic!("no reason {name} in {rows:?}"))
 }
 
@@ -210,9 +210,15 @@ impl Stack {
         vip_extra: &str,
         rest: &str,
     ) -> anyhow::Result<Self> {
+        // 65536 unless the test sizes conntrack itself.
+        let conntrack = if top_extra.contains("conntrack_size =") {
+            ""
+        } else {
+            "conntrack_size = 65536\n"
+        };
         let config = format!(
             "{top_extra}\ninterface = \"{}\"\npin_path = \"{}\"\nstate_dir = \"{dir}/state\"\n\
-             log_dir = \"{dir}/instances\"\nconntrack_size = 65536\n\
+             log_dir = \"{dir}/instances\"\n{conntrack}\
              drain_timeout_ms = 2000\nkill_timeout_ms = 2000\n\n\
              [[vip]]\nname = \"chat\"\naddress = \"{VIP}\"\nport = {VIP_PORT}\n{vip_extra}\n\
              [vip.health]\ninterval_ms = 200\n{rest}",

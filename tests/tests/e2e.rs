@@ -111,8 +111,8 @@ fn http_through_xdp_to_four_backends_and_clean_exit() {
         v.as_array()
             .expect("array")
             .iter()
-            .find(|r| r["reason"] == name)
-            .and_then(|r| r["packets"].as_u64())
+            .find(|r| r["counter"] == name)
+            .and_then(|r| r["value"].as_u64())
             .expect("reason present")
     };
     assert!(count(&reasons_after, "pass_not_vip") > count(&reasons_before, "pass_not_vip"));

@@ -6,14 +6,16 @@
 mod fixtures;
 #[path = "packets/frames.rs"]
 mod frames;
+#[path = "packets/harness.rs"]
+mod harness;
 
 use std::path::Path;
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use etherparse::PacketBuilder;
 use frames::*;
 use gpulb::{config::Config, datapath::Datapath, plan};
 use gpulb_testbed::PinDir;
+use harness::*;
 use lb_common::{Reason, addr6_of};
 
 const CONFIG: &str = r#"
@@ -100,8 +102,8 @@ fn xdp_fixture_table() {
     let pins = PinDir::new("packets");
     let config = Config::parse(Path::new("fixture.toml"), CONFIG).expect("fixture config");
     let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
-    let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
-    plan::apply(&mut dp.maps, &plan, None).expect("program maps");
+    let mut plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
+    plan::apply(&mut dp.maps, &mut plan, None).expect("program maps");
     // The "empty" VIP keeps its service but loses its table and members: a VIP with no
     // backend.
     let empty = &plan.services[2];
@@ -285,63 +287,6 @@ address = "2001:db8::1"
 port = 8001
 "#;
 
-const XDP_TX: u32 = 3;
-
-/// A TCP packet with explicit flags (`syn`, `fin`), ACK set unless it is a SYN.
-fn tcp_flags(src: [u8; 4], dst: [u8; 4], sport: u16, syn: bool, fin: bool) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(src, dst, 64)
-        .tcp(sport, 80, 1000, 65535);
-    let b = if syn { b.syn() } else { b.ack(5000) };
-    let b = if fin { b.fin() } else { b };
-    let mut out = Vec::new();
-    b.write(&mut out, b"GET / HTTP/1.1\r\n\r\n").expect("build");
-    out
-}
-
-/// Runs one packet through the XDP program: (action, output, the one reason it counted).
-fn run(dp: &mut Datapath, name: &str, packet: &[u8]) -> (u32, Vec<u8>, Reason) {
-    let before = dp.maps.reasons().expect("reasons");
-    let mut out = vec![0u8; packet.len() + 64];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(packet);
-    opts.data_out = Some(&mut out);
-    let result = dp
-        .ingress()
-        .test_run(opts)
-        .unwrap_or_else(|e| panic!("{name}: test run: {e}"));
-    out.truncate(result.data_size_out as usize);
-    let after = dp.maps.reasons().expect("reasons");
-    let counted: Vec<Reason> = after
-        .iter()
-        .zip(&before)
-        .filter(|(a, b)| a.1 != b.1)
-        .map(|(a, _)| a.0)
-        .collect();
-    assert_eq!(
-        counted.len(),
-        1,
-        "{name}: one reason per packet: {counted:?}"
-    );
-    (result.return_value, out, counted[0])
-}
-
-/// Gives every planned backend `slots` batch slots (what the daemon writes from the config).
-fn with_slots(dp: &mut Datapath, plan: &plan::Plan, slots: u32) {
-    for (id, _) in plan.services.iter().flat_map(|s| &s.backends) {
-        let load = lb_common::EngineLoad {
-            slots,
-            ..lb_common::EngineLoad::default()
-        };
-        dp.maps.set_engine(*id, load).expect("engine load");
-    }
-}
-
-/// The backend port a NATed packet went to.
-fn nat_port(out: &[u8]) -> u16 {
-    u16::from_be(flow_of(out).dport_be)
-}
-
 #[test]
 fn xdp_admission_control() {
     assert!(
@@ -351,8 +296,8 @@ fn xdp_admission_control() {
     let pins = PinDir::new("admission");
     let config = Config::parse(Path::new("admission.toml"), ADMISSION_CONFIG).expect("config");
     let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
-    let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
-    plan::apply(&mut dp.maps, &plan, None).expect("program maps");
+    let mut plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
+    plan::apply(&mut dp.maps, &mut plan, None).expect("program maps");
     let limited = [198, 18, 100, 3];
     let (capped, sticky) = ([198, 18, 100, 4], [198, 18, 100, 5]);
     let id = |name: &str| {
@@ -459,17 +404,9 @@ fn xdp_admission_control() {
 
     // Caps: two backends, one flow each. The second flow goes to the other backend
     // whatever Maglev picked; the third is refused (dropped); a FIN frees a slot.
-    let (_, a, reason) = run(
-        &mut dp,
-        "first capped",
-        &tcp_flags(CLIENT, capped, 42000, true, false),
-    );
+    let (_, a, reason) = connect(&mut dp, "first capped", CLIENT, capped, 42000);
     assert_eq!(reason, Reason::FwdNewFlow);
-    let (_, b, reason) = run(
-        &mut dp,
-        "second capped",
-        &tcp_flags(CLIENT, capped, 42001, true, false),
-    );
+    let (_, b, reason) = connect(&mut dp, "second capped", CLIENT, capped, 42001);
     assert_eq!(reason, Reason::FwdNewFlow);
     assert_ne!(
         nat_port(&a),
@@ -641,8 +578,8 @@ fn xdp_scheduler() {
     let pins = PinDir::new("sched");
     let config = Config::parse(Path::new("sched.toml"), SCHEDULER_CONFIG).expect("config");
     let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
-    let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
-    plan::apply(&mut dp.maps, &plan, None).expect("program maps");
+    let mut plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
+    plan::apply(&mut dp.maps, &mut plan, None).expect("program maps");
     let svc = &plan.services[0];
     let vip = [198, 18, 100, 6];
     let port_of_id = |id: u32| {
@@ -667,11 +604,7 @@ fn xdp_scheduler() {
         port_of_id(svc.table[(lb_common::affinity_hash(&key) % svc.service.table_size) as usize])
     };
     let syn = |dp: &mut Datapath, client: [u8; 4], port: u16| {
-        let (_, out, reason) = run(
-            dp,
-            "scheduled SYN",
-            &tcp_flags(client, vip, port, true, false),
-        );
+        let (_, out, reason) = connect(dp, "scheduled SYN", client, vip, port);
         assert_eq!(reason, Reason::FwdNewFlow);
         nat_port(&out)
     };
@@ -755,8 +688,8 @@ fn balanced(tag: &str) -> (PinDir, Datapath, plan::Plan) {
     );
     let config = Config::parse(Path::new("sched.toml"), &text).expect("config");
     let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
-    let plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
-    plan::apply(&mut dp.maps, &plan, None).expect("program maps");
+    let mut plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
+    plan::apply(&mut dp.maps, &mut plan, None).expect("program maps");
     with_slots(&mut dp, &plan, 4);
     (pins, dp, plan)
 }
@@ -787,11 +720,7 @@ fn xdp_scheduler_balanced() {
         .addr
         .port();
     let syn = |dp: &mut Datapath, port: u16| {
-        let (_, out, reason) = run(
-            dp,
-            "balanced SYN",
-            &tcp_flags(client, vip, port, true, false),
-        );
+        let (_, out, reason) = connect(dp, "balanced SYN", client, vip, port);
         assert_eq!(reason, Reason::FwdNewFlow);
         nat_port(&out)
     };
@@ -826,31 +755,6 @@ fn xdp_scheduler_balanced() {
     );
     drop(dp);
     drop(pins);
-}
-
-/// A reply through TC egress: (return value, output).
-fn run_egress(dp: &mut Datapath, packet: &[u8]) -> (i32, Vec<u8>) {
-    let mut out = vec![0u8; packet.len() + 64];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(packet);
-    opts.data_out = Some(&mut out);
-    let result = dp.egress().test_run(opts).expect("egress test run");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value as i32, out)
-}
-
-/// A backend's RST from `backend_port` to the client's `client_port`, with this sequence
-/// number (0: what a host sends to refuse a SYN).
-fn backend_rst(backend_port: u16, client: [u8; 4], client_port: u16, seq: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    PacketBuilder::ethernet2(MAC_B, MAC_A)
-        .ipv4([198, 18, 0, 1], client, 64)
-        .tcp(backend_port, client_port, seq, 0)
-        .rst()
-        .ack(1001)
-        .write(&mut out, &[])
-        .expect("build");
-    out
 }
 
 /// An instance that died refuses connections until it is ejected; with no flows left it

@@ -141,6 +141,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { kernels } => {
             let kernels = kernels::select(&kernels)?;
             setup::ensure_all()?;
+            setup::ensure_test_tools()?;
             build(false)?;
             println!("[xtask] running all tests");
             let host = test();

@@ -56,6 +56,14 @@ fn apt_installed(pkg: &str) -> bool {
 /// nginx and HAProxy (the comparisons) and wrk (a load generator) for `cargo xtask bench`.
 const BENCH_PACKAGES: &[&str] = &["nginx-light", "haproxy", "wrk"];
 
+/// hping3: the conntrack flood test's SYN and ACK floods (one spoofed source per run, all in
+/// 198.18.0.0/15); bpftool: the upgrade test makes an earlier version's conntrack map.
+const TEST_PACKAGES: &[&str] = &["hping3", "bpftool"];
+
+pub fn ensure_test_tools() -> anyhow::Result<()> {
+    ensure_packages(TEST_PACKAGES)
+}
+
 fn ensure_apt() -> anyhow::Result<()> {
     ensure_packages(APT_PACKAGES)
 }

@@ -17,8 +17,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
-/// Every benchmark packet is padded to this length.
-const PKT_LEN: usize = 64;
+/// Every benchmark packet is padded to this length (IPv6 + TCP headers fit).
+const PKT_LEN: usize = 80;
 /// Offsets of the IPv4 source address and the L4 source port in an untagged packet.
 const SRC_ADDR_OFF: u32 = 26;
 const SRC_PORT_OFF: u32 = 34;

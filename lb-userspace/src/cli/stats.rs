@@ -1,4 +1,5 @@
-//! `gpulb stats`: packets by verdict reason (pass/forward/drop), summed over CPUs.
+//! `gpulb stats`: packets by verdict reason (pass/forward/drop), summed over CPUs, then
+//! conntrack's flood mode: the seconds CPUs spent in it (its packets are `fwd_stateless`).
 
 use std::path::Path;
 
@@ -7,27 +8,33 @@ use serde::Serialize;
 use super::{TableRow, emit, open};
 
 #[derive(Serialize)]
-pub struct ReasonRow {
-    pub reason: &'static str,
-    pub packets: u64,
+pub struct StatRow {
+    pub counter: &'static str,
+    pub value: u64,
 }
 
-impl TableRow for ReasonRow {
-    const HEADERS: &'static [&'static str] = &["REASON", "PACKETS"];
+impl TableRow for StatRow {
+    const HEADERS: &'static [&'static str] = &["COUNTER", "VALUE"];
     fn cells(&self) -> Vec<String> {
-        vec![self.reason.to_owned(), self.packets.to_string()]
+        vec![self.counter.to_owned(), self.value.to_string()]
     }
 }
 
-pub fn rows(pin_path: &Path) -> anyhow::Result<Vec<ReasonRow>> {
-    Ok(open(pin_path)?
+pub fn rows(pin_path: &Path) -> anyhow::Result<Vec<StatRow>> {
+    let maps = open(pin_path)?;
+    let mut rows: Vec<StatRow> = maps
         .reasons()?
         .into_iter()
-        .map(|(reason, packets)| ReasonRow {
-            reason: reason.name(),
-            packets,
+        .map(|(reason, packets)| StatRow {
+            counter: reason.name(),
+            value: packets,
         })
-        .collect())
+        .collect();
+    rows.push(StatRow {
+        counter: "flood_cpu_seconds",
+        value: maps.flood()?.flood_seconds,
+    });
+    Ok(rows)
 }
 
 pub fn run(pin_path: &Path, json: bool) -> anyhow::Result<()> {

@@ -20,7 +20,10 @@ use std::{
 pub use fields::{Cidr, WEIGHT_MAX};
 use fields::{FieldError, invalid, parse_ms};
 pub use health::{CheckKind, HealthCheck, LoadSource};
-use lb_common::{ALLOW_ENTRIES, MAX_BACKENDS, MAX_SERVICES, maps::ConntrackSizes};
+use lb_common::{
+    ALLOW_ENTRIES, CONNTRACK_DEFAULT_SIZE, CONNTRACK6_DEFAULT_SIZE, CONNTRACK6_IDLE_SIZE,
+    CT_INSERTS_PER_CPU_DEFAULT, MAX_BACKENDS, MAX_SERVICES, maps::ConntrackSizes,
+};
 pub use model::{GpuRef, GpuSelection, Model, SIM_COMMAND};
 use model::{RawModel, validate_models};
 use serde::{Deserialize, Serialize};
@@ -126,6 +129,8 @@ struct RawConfig {
     pin_path: Option<PathBuf>,
     conntrack_size: Option<i64>,
     conntrack_size_v6: Option<i64>,
+    /// Conntrack entries one CPU may insert per second before flood mode; 0: no limit.
+    conntrack_inserts_per_cpu: Option<i64>,
     state_dir: Option<PathBuf>,
     log_dir: Option<PathBuf>,
     #[serde(default = "default_drain_timeout_ms")]
@@ -164,6 +169,9 @@ pub struct Config {
     pub log_dir: PathBuf,
     /// Entries of the IPv4 and IPv6 conntrack tables.
     pub conntrack: ConntrackSizes,
+    /// Conntrack entries one CPU may insert per second; past that it is in flood mode (new
+    /// flows by the consistent hash, no state) until the second is over. 0: no limit.
+    pub conntrack_inserts_per_cpu: u64,
     /// How long a drain waits for a backend's connections to end.
     pub drain_timeout: Duration,
     /// How long a stopping instance gets between SIGTERM and SIGKILL.
@@ -253,14 +261,35 @@ impl RawConfig {
         if self.interface.trim().is_empty() {
             return Err(invalid("interface", "must name a network interface"));
         }
-        let defaults = ConntrackSizes::default();
-        let conntrack = ConntrackSizes {
-            v4: parse_conntrack("conntrack_size", self.conntrack_size, defaults.v4)?,
-            v6: parse_conntrack("conntrack_size_v6", self.conntrack_size_v6, defaults.v6)?,
-        };
         let vips = validate_vips(self.vip)?;
+        // An IPv6 table the size of the IPv4 one's default share would take memory for
+        // nothing on a host without IPv6 VIPs.
+        let v6_default = if vips.iter().any(|v| v.address.is_ipv6()) {
+            CONNTRACK6_DEFAULT_SIZE
+        } else {
+            CONNTRACK6_IDLE_SIZE
+        };
+        let conntrack = ConntrackSizes {
+            v4: parse_conntrack(
+                "conntrack_size",
+                self.conntrack_size,
+                CONNTRACK_DEFAULT_SIZE,
+            )?,
+            v6: parse_conntrack("conntrack_size_v6", self.conntrack_size_v6, v6_default)?,
+        };
+        let conntrack_inserts_per_cpu = match self.conntrack_inserts_per_cpu {
+            None => CT_INSERTS_PER_CPU_DEFAULT,
+            Some(n) if (0..=100_000_000).contains(&n) => n as u64,
+            Some(n) => {
+                return Err(invalid(
+                    "conntrack_inserts_per_cpu",
+                    format!("{n} is out of range 0-100000000 (0: no limit)"),
+                ));
+            }
+        };
         let models = validate_models(self.model, &vips)?;
         check_capacity(&vips, &models)?;
+        check_backends_unshared(&vips, &models)?;
         let metrics_listen = match self
             .metrics_listen
             .as_deref()
@@ -284,6 +313,7 @@ impl RawConfig {
             xdp_mode: self.xdp_mode,
             tc_attach: self.tc_attach,
             conntrack,
+            conntrack_inserts_per_cpu,
             drain_timeout: parse_ms("drain_timeout_ms", self.drain_timeout_ms, 0, 3_600_000)?,
             kill_timeout: parse_ms("kill_timeout_ms", self.kill_timeout_ms, 0, 600_000)?,
             vips,
@@ -325,6 +355,46 @@ fn validate_vips(raw: Vec<RawVip>) -> Result<Vec<Vip>, FieldError> {
         vips.push(vip);
     }
     Ok(vips)
+}
+
+/// No backend address serves two VIPs of one protocol: the egress program finds a reply's
+/// VIP by the backend's address, port and protocol (`VIP_OF`), so a shared one would answer
+/// every client as one of the VIPs.
+fn check_backends_unshared(vips: &[Vip], models: &[Model]) -> Result<(), FieldError> {
+    let mut owners: HashMap<(SocketAddr, Protocol), (usize, String)> = HashMap::new();
+    let statics = vips.iter().enumerate().flat_map(|(i, v)| {
+        v.backends.iter().enumerate().map(move |(j, b)| {
+            let addr = SocketAddr::new(b.address, b.port);
+            (i, format!("vip[{i}].backend[{j}]"), addr)
+        })
+    });
+    let instances = models.iter().enumerate().flat_map(|(k, m)| {
+        let vip = vips.iter().position(|v| v.name == m.vip).unwrap_or(0);
+        (0..m.instance_count().unwrap_or(1)).map(move |n| {
+            let addr = SocketAddr::new(m.address, (u32::from(m.base_port) + n) as u16);
+            (vip, format!("model[{k}] instance {n}"), addr)
+        })
+    });
+    for (vip, field, addr) in statics.chain(instances) {
+        let key = (addr, vips[vip].protocol);
+        match owners.get(&key) {
+            Some((other, first)) if *other != vip => {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{addr} is already {first}, a backend of vip[{other}]: a backend serves one \
+                         VIP, since its replies are matched to their VIP by its address and \
+                         port; run another instance on a port of its own"
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                owners.insert(key, (vip, field));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What the data path can hold: a serving backend per VIP, backend ids, allowed prefixes.

@@ -629,3 +629,79 @@ fn socket_lb_is_auto_off_or_a_path() {
         "{e}"
     );
 }
+
+#[test]
+fn conntrack_defaults_follow_the_vips() {
+    let c = parse(GOOD).expect("valid config");
+    assert_eq!(
+        c.conntrack.v6,
+        lb_common::CONNTRACK6_IDLE_SIZE,
+        "no IPv6 VIP: a small IPv6 table"
+    );
+    assert_eq!(
+        c.conntrack_inserts_per_cpu,
+        lb_common::CT_INSERTS_PER_CPU_DEFAULT
+    );
+    let c = parse(&GOOD.replacen(
+        "conntrack_size = 65536",
+        "conntrack_size = 65536\nconntrack_inserts_per_cpu = 0",
+        1,
+    ))
+    .expect("valid config");
+    assert_eq!(c.conntrack_inserts_per_cpu, 0, "0: no limit");
+    let e = error_for("conntrack_size = 65536", "conntrack_inserts_per_cpu = -1");
+    assert!(
+        e.contains("conntrack_inserts_per_cpu: -1 is out of range 0-100000000"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_backend_shared_by_two_vips_is_refused() {
+    let second = "\n[[vip]]\nname = \"embed\"\naddress = \"198.18.100.2\"\nport = 80\n\
+                  [[vip.backend]]\naddress = \"198.18.0.1\"\nport = 8002\n";
+    let e = error_for_text(&format!("{GOOD}{second}"));
+    assert!(
+        e.contains("vip[1].backend[0]: 198.18.0.1:8002 is already vip[0].backend[1], a backend of vip[0]: a backend serves one VIP"),
+        "{e}"
+    );
+    // The same address for a UDP VIP is another backend (replies are told apart by protocol).
+    let udp = second.replace("port = 80\n", "port = 80\nprotocol = \"udp\"\n");
+    parse(&format!("{GOOD}{udp}")).expect("TCP and UDP VIPs may share an address");
+}
+
+#[test]
+fn ipv6_rate_prefix_errors_name_field_and_value() {
+    let cases = [
+        (
+            "rate = 10\nipv6_prefix = 0\n",
+            "vip[0].admission.ipv6_prefix: 0 is out of range 1-128",
+        ),
+        (
+            "ipv6_prefix = 48\n",
+            "vip[0].admission.ipv6_prefix: needs a rate",
+        ),
+    ];
+    for (lines, want) in cases {
+        let text = GOOD6.replacen("[vip.admission]\n", &format!("[vip.admission]\n{lines}"), 1);
+        let got = error_for_text(&text);
+        assert!(got.contains(want), "{lines:?}: {got}");
+    }
+    let text = GOOD.replacen(
+        "port = 80\n",
+        "port = 80\n[vip.admission]\nrate = 10\nipv6_prefix = 48\n",
+        1,
+    );
+    let got = error_for_text(&text);
+    assert!(
+        got.contains("vip[0].admission.ipv6_prefix: applies to IPv6 VIPs only"),
+        "{got}"
+    );
+    let text = GOOD6.replacen(
+        "[vip.admission]\n",
+        "[vip.admission]\nrate = 10\nipv6_prefix = 56\n",
+        1,
+    );
+    let c = parse(&text).expect("valid");
+    assert_eq!(c.vips[0].admission.rate.expect("rate").ipv6_prefix, 56);
+}

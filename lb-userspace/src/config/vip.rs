@@ -137,6 +137,8 @@ pub struct RateLimit {
     /// New flows per second per source.
     pub per_second: u32,
     pub burst: u32,
+    /// IPv6 sources share a bucket per prefix of this length.
+    pub ipv6_prefix: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,6 +236,8 @@ struct RawAdmission {
     rate: Option<i64>,
     /// New flows a source may open at once (default: `rate`).
     burst: Option<i64>,
+    /// IPv6 VIPs: the prefix length whose addresses share one bucket (default 64).
+    ipv6_prefix: Option<i64>,
     refuse: Option<Refuse>,
     /// Source CIDRs allowed to open flows (absent: all).
     allow: Option<Vec<String>>,
@@ -387,13 +391,33 @@ impl RawAdmission {
         vip: IpAddr,
     ) -> Result<Admission, FieldError> {
         let f = |name: &str| format!("{field}.{name}");
+        let ipv6_prefix = match self.ipv6_prefix {
+            None => lb_common::RATE_V6_PREFIX_DEFAULT as u8,
+            Some(_) if self.rate.is_none() => {
+                return Err(invalid(f("ipv6_prefix"), "needs a rate"));
+            }
+            Some(_) if vip.is_ipv4() => {
+                return Err(invalid(f("ipv6_prefix"), "applies to IPv6 VIPs only"));
+            }
+            Some(n) if (1..=128).contains(&n) => n as u8,
+            Some(n) => {
+                return Err(invalid(
+                    f("ipv6_prefix"),
+                    format!("{n} is out of range 1-128"),
+                ));
+            }
+        };
         let rate = match (self.rate, self.burst) {
             (None, None) => None,
             (None, Some(_)) => return Err(invalid(f("burst"), "needs a rate")),
             (Some(rate), burst) => {
                 let per_second = parse_count(&f("rate"), rate, 1_000_000)?;
                 let burst = parse_count(&f("burst"), burst.unwrap_or(rate), 1_000_000)?;
-                Some(RateLimit { per_second, burst })
+                Some(RateLimit {
+                    per_second,
+                    burst,
+                    ipv6_prefix,
+                })
             }
         };
         let refuse_rst = match self.refuse {

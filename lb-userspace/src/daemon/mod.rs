@@ -20,7 +20,7 @@
 mod backend;
 mod ops;
 mod persist;
-mod reconcile;
+pub mod reconcile;
 mod reload;
 mod restart;
 mod server;

@@ -257,6 +257,7 @@ impl State {
             stop(b.process.as_ref());
         }
         self.config = new;
+        self.write_ct_config();
         let (added, replaced) = (plan.count(Change::Added), plan.count(Change::Replaced));
         for (spec, change) in plan.backends {
             let Some(mut b) = old.remove(&spec.key) else {

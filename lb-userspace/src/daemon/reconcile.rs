@@ -1,12 +1,15 @@
-//! Live-flow counts that heal. The data path counts a TCP flow from its SYN to its first FIN
-//! or RST. A flow that ends with neither (a client that vanished, a conntrack entry evicted)
-//! stays counted and would hold a slot of a capped backend for good. For a backend whose
-//! listening socket is in this namespace, the kernel's sockets are the truth: a count above
-//! the number of its connections at two checks in a row is set down to that number. (The
-//! map is read before the sockets, so a flow being opened meanwhile is never mistaken for a
-//! leak.)
+//! Live-flow counts that heal, both ways. The data path counts a TCP flow from the end of its
+//! handshake to its first FIN or RST. A flow that ends with neither (a client that vanished)
+//! stays counted and would hold a slot of a capped backend for good; a flow whose entry was
+//! made mid-flow (after an eviction) is never counted; two CPUs racing on one flow's FIN can
+//! count it down twice. For a backend whose listening socket is in this namespace the truth
+//! is its established connections whose peer has a conntrack entry naming it (so probes,
+//! scrapes and direct clients never count). The data path's counter is never written here
+//! (that would lose its concurrent increments): a difference seen at two checks in a row, in
+//! the same direction, goes into the backend's correction (`LIVE_FIX`), by the smaller of the
+//! two. A count below zero is repaired the same way.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use tracing::{info, warn};
 
@@ -19,19 +22,21 @@ use crate::{
 
 #[derive(Debug, Default)]
 pub struct Reconciler {
-    /// Backend ids whose live-flow count was above their socket count at the last check.
-    overcounted: HashSet<u32>,
+    /// Backend id → (truth − count) at the last check, where it was not 0.
+    off: HashMap<u32, i64>,
 }
 
 impl Reconciler {
     /// One check of the backends `plan` programmed.
     pub fn check(&mut self, plan: &Plan, maps: &mut Maps) {
-        // Read before the sockets: see above.
+        // The counts are read before the sockets: a flow that completes its handshake
+        // meanwhile shows in the sockets only, and one that ends in the count only; either
+        // is a one-check difference, which the next check does not repeat.
         let counted: Result<Vec<_>, MapsError> = plan
             .services
             .iter()
-            .flat_map(|s| &s.backends)
-            .map(|&(id, b)| Ok((id, b.addr, maps.live_flows(id)?)))
+            .flat_map(|s| s.backends.iter().map(move |b| (s.key, *b)))
+            .map(|(vip, (id, b))| Ok((id, vip, b, maps.live_count(id)?)))
             .collect();
         let counted = match counted {
             Ok(c) => c,
@@ -41,25 +46,77 @@ impl Reconciler {
             }
         };
         let sockets = TcpSockets::read();
-        let mut over = HashSet::new();
-        for (id, backend, n) in counted {
-            let (addr, port) = (backend.ip(), backend.port());
+        let mut off = HashMap::new();
+        for (id, vip, backend, count) in counted {
+            let (addr, port) = (backend.addr.ip(), backend.addr.port());
             if !sockets.is_listening(addr, port) {
                 continue;
             }
-            let actual = sockets.connections(addr, port) as u64;
-            if n <= actual {
+            let mut truth = 0i64;
+            for peer in sockets.peers(addr, port) {
+                match maps.flow(*peer, &vip) {
+                    Ok(Some(f)) if f.backend == id && f.generation == backend.generation => {
+                        truth += 1;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(error = %ErrorChain(&e), "reading conntrack");
+                        return;
+                    }
+                }
+            }
+            let error = truth - count.effective();
+            if error == 0 {
                 continue;
             }
-            if self.overcounted.contains(&id) {
-                info!(%backend, counted = n, connections = actual, "live-flow count set down to the backend's connections");
-                if let Err(e) = maps.set_live_flows(id, actual) {
-                    warn!(error = %ErrorChain(&e), "writing live flows");
+            match step(error, self.off.get(&id).copied()) {
+                0 => {
+                    off.insert(id, error);
                 }
-            } else {
-                over.insert(id);
+                step => {
+                    info!(
+                        backend = %backend.addr,
+                        counted = count.effective(),
+                        connections = truth,
+                        "live-flow count corrected"
+                    );
+                    if let Err(e) = maps.set_live_fix(id, count.fix + step) {
+                        warn!(error = %ErrorChain(&e), "writing live-flow correction");
+                    }
+                }
             }
         }
-        self.overcounted = over;
+        self.off = off;
+    }
+}
+
+/// The correction a check makes, given this check's and the last check's differences
+/// (truth − count): the smaller of the two when both point the same way, else none.
+fn step(now: i64, before: Option<i64>) -> i64 {
+    match before {
+        Some(b) if now != 0 && b.signum() == now.signum() => now.signum() * now.abs().min(b.abs()),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::step;
+
+    #[test]
+    fn corrects_both_ways_by_the_smaller_of_two_checks() {
+        assert_eq!(step(-3, Some(-5)), -3, "overcounted twice: down");
+        assert_eq!(
+            step(4, Some(2)),
+            2,
+            "undercounted twice (a negative count too): up"
+        );
+        assert_eq!(
+            step(-3, None),
+            0,
+            "once is not enough: a flow may be closing"
+        );
+        assert_eq!(step(2, Some(-2)), 0, "directions disagree: racing flows");
+        assert_eq!(step(0, Some(3)), 0);
     }
 }

@@ -45,6 +45,8 @@ fn fixed_field_changed(old: &Config, new: &Config) -> Option<&'static str> {
         ("pin_path", new.pin_path != old.pin_path),
         ("state_dir", new.state_dir != old.state_dir),
         ("conntrack_size", new.conntrack.v4 != old.conntrack.v4),
+        // Its default follows whether any VIP is IPv6: the first IPv6 VIP takes a restart
+        // unless the size is set.
         ("conntrack_size_v6", new.conntrack.v6 != old.conntrack.v6),
         ("socket_lb", new.socket_lb != old.socket_lb),
     ];

@@ -107,7 +107,18 @@ impl State {
             b.weight_override = persisted.weights.get(b.key()).copied();
             self.add(b, &persisted.instances);
         }
+        self.write_ct_config();
         self.tasks.start_reconcile();
+    }
+
+    /// The conntrack insert budget of the config, into `CT_CONFIG`.
+    pub(super) fn write_ct_config(&mut self) {
+        let config = lb_common::CtConfig {
+            inserts_per_cpu: self.config.conntrack_inserts_per_cpu,
+        };
+        if let Err(e) = self.datapath.maps.set_ct_config(config) {
+            error!(error = %ErrorChain(&e), "writing the conntrack insert budget");
+        }
     }
 
     pub(super) fn add(&mut self, mut b: Backend, records: &[InstanceRecord]) {
@@ -293,7 +304,7 @@ impl State {
             },
         };
         let desired = desired(&self.config.vips, &self.backends, &self.sticky);
-        let plan = match plan::plan(&desired, &services, &backends) {
+        let mut plan = match plan::plan(&desired, &services, &backends) {
             Ok(p) => p,
             Err(e) => {
                 error!(error = %e, "planning the tables");
@@ -303,7 +314,7 @@ impl State {
         if self.applied.as_ref() == Some(&plan) {
             return;
         }
-        match plan::apply(&mut self.datapath.maps, &plan, self.applied.as_ref()) {
+        match plan::apply(&mut self.datapath.maps, &mut plan, self.applied.as_ref()) {
             Ok(applied) if applied.slots_written > 0 => {
                 self.metrics.rebuilds.inc();
                 self.metrics
