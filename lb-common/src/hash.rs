@@ -59,10 +59,10 @@ pub fn affinity_hash<A: Address>(key: &FlowKeyOf<A>) -> u32 {
     (h ^ (h >> 32)) as u32
 }
 
-/// Index into `MAGLEV` for a flow hash in a service's block.
+/// Index into `MAGLEV_V2` for a flow hash in the service's current block.
 #[inline(always)]
 pub const fn maglev_index(service: &Service, hash: u32) -> u32 {
-    service.id * MAGLEV_MAX_SIZE + hash % service.table_size
+    service.block * MAGLEV_MAX_SIZE + hash % service.table_size
 }
 
 /// An address as IPv4 or IPv6 map keys hold it (userspace: config to maps and back).

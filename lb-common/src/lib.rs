@@ -38,8 +38,9 @@ pub const MAX_BACKENDS: u32 = 4096;
 pub const MAGLEV_MAX_SIZE: u32 = 65537;
 /// Maglev table size when the config names none, as in the Maglev paper and Katran.
 pub const MAGLEV_DEFAULT_SIZE: u32 = 65537;
-/// `MAGLEV` entries: one block per service.
-pub const MAGLEV_ENTRIES: u32 = MAX_SERVICES * MAGLEV_MAX_SIZE;
+/// `MAGLEV_V2` entries: two blocks per service, the one in use and the one the next table is
+/// written into.
+pub const MAGLEV_ENTRIES: u32 = 2 * MAX_SERVICES * MAGLEV_MAX_SIZE;
 /// Conntrack entries when the config names none.
 pub const CONNTRACK_DEFAULT_SIZE: u32 = 1 << 20;
 /// IPv6 conntrack entries when the config names none and has an IPv6 VIP: a separate table

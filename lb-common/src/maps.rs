@@ -133,8 +133,9 @@ use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
 /// The 4-byte prefix length an LPM trie key starts with.
 const LPM_PREFIX: usize = 4;
 
+/// `_V2`: the value names the service's current Maglev block.
 pub const SERVICES: MapSpec = spec(
-    "SERVICES",
+    "SERVICES_V2",
     Hash,
     size_of::<VipKey>(),
     size_of::<Service>(),
@@ -147,7 +148,8 @@ pub const BACKENDS: MapSpec = spec(
     size_of::<Backend>(),
     Fixed(MAX_BACKENDS),
 );
-pub const MAGLEV: MapSpec = spec("MAGLEV", Array, 4, 4, Fixed(MAGLEV_ENTRIES));
+/// `_V2`: two blocks per service (double-buffered tables).
+pub const MAGLEV: MapSpec = spec("MAGLEV_V2", Array, 4, 4, Fixed(MAGLEV_ENTRIES));
 /// `_V2`: a free list per CPU; the reverse NAT (`REVNAT` before) is derived from it.
 pub const CONNS: MapSpec = per_cpu_lru("CONNS_V2", size_of::<FlowKey>(), Conntrack);
 pub const VIP_OF: MapSpec = spec(
@@ -233,7 +235,7 @@ pub const SOCK_REVNAT: MapSpec = spec(
 );
 pub const SOCK_NETNS: MapSpec = spec("SOCK_NETNS", Array, 4, 8, Fixed(1));
 pub const SERVICES6: MapSpec = spec(
-    "SERVICES6",
+    "SERVICES6_V2",
     Hash,
     size_of::<VipKey6>(),
     size_of::<Service>(),
@@ -327,11 +329,18 @@ pub const RETIRED: [&str; 6] = [
 /// copied into their successors at load and then removed: an upgrade keeps its flows.
 pub const MIGRATED: [(&str, MapSpec); 2] = [("CONNS", CONNS), ("CONNS6", CONNS6)];
 
+/// The VIP tables of the version before (one Maglev block per service, `SERVICES` values of
+/// id and size), carried into `SERVICES_V2`/`SERVICES6_V2` and `MAGLEV_V2` at load (each
+/// service's table into its first block) and then removed: an upgrade keeps every VIP's
+/// table, so no flow moves.
+pub const MIGRATED_TABLES: [&str; 3] = ["SERVICES", "SERVICES6", "MAGLEV"];
+
 /// Whether `name` is one of gpulb's pinned maps (current or retired).
 pub fn is_ours(name: &str) -> bool {
     ALL.iter().any(|m| m.name == name)
         || RETIRED.contains(&name)
         || MIGRATED.iter().any(|(old, _)| *old == name)
+        || MIGRATED_TABLES.contains(&name)
 }
 
 #[cfg(test)]

@@ -24,16 +24,38 @@ pub type VipKey6 = VipKeyOf<Addr6>;
 const _: () = assert!(core::mem::size_of::<VipKey>() == 8);
 const _: () = assert!(core::mem::size_of::<VipKey6>() == 20);
 
-/// `SERVICES` value.
+/// `SERVICES_V2` value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Service {
-    /// Index into `VIP_STATS`; its Maglev block starts at `id * MAGLEV_MAX_SIZE`.
+    /// Index into `VIP_STATS`, `LIMITS`, `MEMBERS`, ...
     pub id: u32,
     /// This service's Maglev table size (a prime ≤ `MAGLEV_MAX_SIZE`).
     pub table_size: u32,
+    /// The `MAGLEV_V2` block its table is in: `2 × id` or `2 × id + 1`. A new table is
+    /// written into the other block, then this entry is replaced whole: the data path sees
+    /// the old table or the new one, never a mix.
+    pub block: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Service>() == 8);
+const _: () = assert!(core::mem::size_of::<Service>() == 16);
+
+impl Service {
+    /// The service whose block this is.
+    pub const fn id_of_block(block: u32) -> u32 {
+        block / 2
+    }
+
+    /// The first block of service `id` (where a new service's table goes).
+    pub const fn first_block(id: u32) -> u32 {
+        2 * id
+    }
+
+    /// The other block of the same service.
+    pub const fn other_block(block: u32) -> u32 {
+        block ^ 1
+    }
+}
 
 /// `BACKENDS` value, indexed by backend id (≥ 1).
 #[repr(C)]

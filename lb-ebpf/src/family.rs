@@ -16,8 +16,8 @@ use lb_common::{
 use crate::{
     admission::{is_allowed_in, is_over_rate_in},
     maps::{
-        ALLOW, ALLOW6, BACKEND_ADDR6, CONNS_V2, CONNS6_V2, RATE_LIMIT, RATE_LIMIT6_V2, SERVICES,
-        SERVICES6, SOCK_REVNAT, SOCK_REVNAT6, VIP_OF, VIP_OF6,
+        ALLOW, ALLOW6, BACKEND_ADDR6, CONNS_V2, CONNS6_V2, RATE_LIMIT, RATE_LIMIT6_V2, SERVICES_V2,
+        SERVICES6_V2, SOCK_REVNAT, SOCK_REVNAT6, VIP_OF, VIP_OF6,
     },
 };
 
@@ -70,7 +70,7 @@ impl Family for V4 {
 
     #[inline(always)]
     fn services() -> &'static HashMap<VipKeyOf<u32>, Service> {
-        &SERVICES
+        &SERVICES_V2
     }
     #[inline(always)]
     fn conns() -> &'static LruHashMap<FlowKeyOf<u32>, Flow> {
@@ -150,7 +150,7 @@ impl Family for V6 {
 
     #[inline(always)]
     fn services() -> &'static HashMap<VipKeyOf<Addr6>, Service> {
-        &SERVICES6
+        &SERVICES6_V2
     }
     #[inline(always)]
     fn conns() -> &'static LruHashMap<FlowKeyOf<Addr6>, Flow> {

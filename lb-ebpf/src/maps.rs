@@ -12,10 +12,11 @@ use lb_common::{
     RevNat6, Sched, Service, ServiceLimits, SockRevKey, SockRevKey6, VipKey, VipKey6, maps as spec,
 };
 
-/// VIP (address, port, protocol) → service id and table size. Written last by the daemon,
-/// so a VIP is only visible once its backends and table are in place.
+/// VIP (address, port, protocol) → service id, table size and Maglev block. Written last by
+/// the daemon, so a VIP is only visible once its backends and table are in place; replaced
+/// whole to switch to a new table.
 #[map]
-pub static SERVICES: HashMap<VipKey, Service> =
+pub static SERVICES_V2: HashMap<VipKey, Service> =
     HashMap::pinned(spec::SERVICES.default_entries(), spec::SERVICES.flags);
 
 /// Backend id → address. Id 0 stays zero: an unprogrammed Maglev slot reads 0.
@@ -23,9 +24,11 @@ pub static SERVICES: HashMap<VipKey, Service> =
 pub static BACKENDS: Array<Backend> =
     Array::pinned(spec::BACKENDS.default_entries(), spec::BACKENDS.flags);
 
-/// Maglev lookup tables, one block of `MAGLEV_MAX_SIZE` slots per service.
+/// Maglev lookup tables, two blocks of `MAGLEV_MAX_SIZE` slots per service: the one in use
+/// and the one the next table is written into.
 #[map]
-pub static MAGLEV: Array<u32> = Array::pinned(spec::MAGLEV.default_entries(), spec::MAGLEV.flags);
+pub static MAGLEV_V2: Array<u32> =
+    Array::pinned(spec::MAGLEV.default_entries(), spec::MAGLEV.flags);
 
 /// Conntrack, client → VIP 5-tuple → backend: one entry per flow, made only by a packet
 /// that opens one (or a mid-flow packet, uncounted), and only within the CPU's insert
@@ -146,7 +149,7 @@ pub static SOCK_NETNS: Array<u64> =
 
 /// The IPv6 maps: the same roles as their IPv4 namesakes, with 16-byte addresses.
 #[map]
-pub static SERVICES6: HashMap<VipKey6, Service> =
+pub static SERVICES6_V2: HashMap<VipKey6, Service> =
     HashMap::pinned(spec::SERVICES6.default_entries(), spec::SERVICES6.flags);
 
 /// Backend id → IPv6 address, for the `BACKENDS` entries flagged `BACKEND_IPV6`.

@@ -31,7 +31,7 @@ use lb_common::{DEFAULT_CHOICES, Flow, MAX_CHOICES, MAX_MEMBERS, Service, fmix64
 use crate::{
     family::Family,
     flows::live_flows,
-    maps::{BACKEND_LOAD, BACKENDS, MAGLEV, MEMBERS, REFUSED_AT, SCHED, VIP_STATS},
+    maps::{BACKEND_LOAD, BACKENDS, MAGLEV_V2, MEMBERS, REFUSED_AT, SCHED, VIP_STATS},
 };
 
 /// A backend as one family's data path uses it: its address in that family, its port, and
@@ -46,7 +46,7 @@ pub struct Target<A> {
 /// The backend in the service's Maglev slot for `hash`; `None` for an unprogrammed slot.
 #[inline(always)]
 pub fn maglev_pick<F: Family>(service: &Service, hash: u32) -> Option<(u32, Target<F::Addr>)> {
-    let id = *MAGLEV.get(maglev_index(service, hash))?;
+    let id = *MAGLEV_V2.get(maglev_index(service, hash))?;
     Some((id, lookup_backend::<F>(id)?))
 }
 
@@ -131,7 +131,7 @@ const LOAD_SHIFT: u32 = 24;
 /// rotate).
 #[inline(always)]
 pub fn decide<F: Family>(service: &Service, hash: u32, spread: u32, now: u64) -> Decision<F::Addr> {
-    let chose = gpulb_choose(service.id, service.table_size, hash, spread, now);
+    let chose = gpulb_choose(service.block, service.table_size, hash, spread, now);
     let id = chose as u32;
     if id == 0 {
         return if chose & CHOSE_FULL != 0 {
@@ -158,15 +158,18 @@ pub fn decide<F: Family>(service: &Service, hash: u32, spread: u32, now: u64) ->
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn gpulb_choose(
-    service_id: u32,
+    block: u32,
     table_size: u32,
     hash: u32,
     spread: u32,
     now: u64,
 ) -> u64 {
+    // The block names the service too (a global function takes at most five arguments).
     let service = Service {
-        id: service_id,
+        id: Service::id_of_block(block),
         table_size,
+        block,
+        _pad: 0,
     };
     if table_size == 0 {
         return CHOSE_NONE;
@@ -180,7 +183,7 @@ pub extern "C" fn gpulb_choose(
         sched.choices
     };
     let max_age = sched.max_age_ns;
-    let primary = MAGLEV
+    let primary = MAGLEV_V2
         .get(maglev_index(service, hash))
         .copied()
         .unwrap_or(0);
@@ -189,7 +192,7 @@ pub extern "C" fn gpulb_choose(
     // hold its prefix cache). Balanced: neither is weighed apart from the members, so ties
     // fall evenly.
     let (primary_score, second, second_score) = if sticky {
-        let second = MAGLEV
+        let second = MAGLEV_V2
             .get(maglev_index(
                 service,
                 fmix64(hash as u64 ^ SECOND_PICK) as u32,

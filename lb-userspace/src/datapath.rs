@@ -232,6 +232,29 @@ fn migrate_conntrack(pin_path: &Path, maps: &mut Maps) {
     }
 }
 
+/// Carries the VIP tables of the version before (`SERVICES`, `SERVICES6`, `MAGLEV`) into
+/// this one's maps and removes them: the first sync then finds every VIP with its ids and
+/// table, as a restart of the same version does. Not carried (logged): the daemon programs
+/// the tables anew from its config, and flows whose backend the scheduler chose away from
+/// the consistent hash keep it through conntrack.
+fn migrate_tables(pin_path: &Path, maps: &mut Maps) {
+    let open = |name: &str| {
+        MapData::from_pin(pin_path.join(name))
+            .ok()
+            .and_then(|d| aya::maps::Map::from_map_data(d).ok())
+    };
+    let Some(maglev) = open("MAGLEV") else {
+        return;
+    };
+    match maps.carry_tables(open("SERVICES"), open("SERVICES6"), maglev) {
+        Ok(n) => info!(services = n, "VIP tables carried over"),
+        Err(e) => warn!(error = %ErrorChain(&e), "VIP tables not carried over"),
+    }
+    for name in names::MIGRATED_TABLES {
+        let _ = fs::remove_file(pin_path.join(name));
+    }
+}
+
 /// The loaded programs and their maps, pinned under `pin_path`.
 pub struct Datapath {
     pub ebpf: Ebpf,
@@ -288,6 +311,7 @@ impl Datapath {
             p.load().map_err(prog(name))?;
         }
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
+        migrate_tables(pin_path, &mut maps);
         migrate_conntrack(pin_path, &mut maps);
         Ok(Self {
             ebpf,
@@ -668,6 +692,7 @@ pub fn remove_pins(pin_path: &Path) -> io::Result<()> {
         .map(|spec| spec.name)
         .chain(names::RETIRED)
         .chain(names::MIGRATED.iter().map(|(old, _)| *old))
+        .chain(names::MIGRATED_TABLES)
         .map(|name| pin_path.join(name));
     for path in links.collect::<Vec<_>>().into_iter().chain(maps) {
         match fs::remove_file(path) {

@@ -174,6 +174,9 @@ pub struct Maps {
     pub backend_load: Array<MapData, EngineLoad>,
     pub admit_stats: PerCpuArray<MapData, AdmitCounters>,
     pub sock_netns: Array<MapData, u64>,
+    /// What this process knows each `MAGLEV_V2` block holds (written or read back), by
+    /// block: a new table is written as a diff against it.
+    tables: std::collections::HashMap<u32, Vec<u32>>,
 }
 
 /// A backend's address and port with its VIP's protocol: its `VIP_OF` key.
@@ -310,6 +313,7 @@ impl Maps {
             backend_load: typed(maps::BACKEND_LOAD.name, get(maps::BACKEND_LOAD.name)?)?,
             admit_stats: typed(maps::ADMIT_STATS.name, get(maps::ADMIT_STATS.name)?)?,
             sock_netns: typed(maps::SOCK_NETNS.name, get(maps::SOCK_NETNS.name)?)?,
+            tables: std::collections::HashMap::new(),
         })
     }
 
@@ -532,10 +536,14 @@ impl Maps {
         Ok(())
     }
 
-    /// The Maglev table of a service (its first `table_size` slots).
+    /// The Maglev table of a service: the first `table_size` slots of its current block.
     pub fn maglev_table(&self, service: &Service) -> Result<Vec<u32>, MapsError> {
-        let base = service.id * MAGLEV_MAX_SIZE;
-        (base..base + service.table_size)
+        self.read_block(service.block, service.table_size)
+    }
+
+    fn read_block(&self, block: u32, size: u32) -> Result<Vec<u32>, MapsError> {
+        let base = block * MAGLEV_MAX_SIZE;
+        (base..base + size)
             .map(|i| {
                 self.maglev
                     .get(&i, 0)
@@ -544,15 +552,93 @@ impl Maps {
             .collect()
     }
 
-    /// Writes the given (slot, backend id) pairs of a service's table.
-    pub fn write_slots(&mut self, service_id: u32, slots: &[(u32, u32)]) -> Result<(), MapsError> {
-        let base = service_id * MAGLEV_MAX_SIZE;
+    /// The first `size` slots of a block: what this process last wrote there, else read
+    /// back (65537 reads for a full table).
+    pub fn block_table(&mut self, block: u32, size: u32) -> Result<Vec<u32>, MapsError> {
+        if let Some(t) = self.tables.get(&block).filter(|t| t.len() == size as usize) {
+            return Ok(t.clone());
+        }
+        let table = self.read_block(block, size)?;
+        self.tables.insert(block, table.clone());
+        Ok(table)
+    }
+
+    /// Makes a block hold `table`, writing only the slots that differ; returns how many it
+    /// wrote. The block must not be in use: the data path switches to it when the service's
+    /// entry names it (`set_service`).
+    pub fn write_table(&mut self, block: u32, table: &[u32]) -> Result<usize, MapsError> {
+        let old = self.block_table(block, table.len() as u32)?;
+        let changed = crate::maglev::diff(&old, table);
+        self.write_slots(block, &changed)?;
+        self.tables.insert(block, table.to_vec());
+        Ok(changed.len())
+    }
+
+    /// Writes the given (slot, backend id) pairs of a block.
+    pub fn write_slots(&mut self, block: u32, slots: &[(u32, u32)]) -> Result<(), MapsError> {
+        // Known again only once written whole (`write_table`).
+        self.tables.remove(&block);
+        let base = block * MAGLEV_MAX_SIZE;
         for &(slot, id) in slots {
             self.maglev
                 .set(base + slot, id, 0)
                 .map_err(op("writing", maps::MAGLEV.name))?;
         }
         Ok(())
+    }
+
+    /// Carries the VIP tables of the version before into this one's maps: each service of
+    /// the old `SERVICES`/`SERVICES6` (values: id, table size) gets its old block of `MAGLEV`
+    /// as its first block here, then its entry. Returns the services carried.
+    pub fn carry_tables(
+        &mut self,
+        services: Option<Map>,
+        services6: Option<Map>,
+        maglev: Map,
+    ) -> Result<usize, MapsError> {
+        let old_maglev: Array<MapData, u32> = typed("MAGLEV", maglev)?;
+        let read = |id: u32, size: u32| -> Result<Vec<u32>, MapsError> {
+            let base = id * MAGLEV_MAX_SIZE;
+            (base..base + size)
+                .map(|i| old_maglev.get(&i, 0).map_err(op("reading", "MAGLEV")))
+                .collect()
+        };
+        let mut carried = 0;
+        if let Some(map) = services {
+            let old: HashMap<MapData, VipKey, [u32; 2]> = typed("SERVICES", map)?;
+            for (key, [id, table_size]) in entries(&old, "SERVICES")? {
+                let service = Service {
+                    id,
+                    table_size,
+                    block: Service::first_block(id),
+                    _pad: 0,
+                };
+                let table = read(id, table_size)?;
+                self.write_table(service.block, &table)?;
+                self.services
+                    .insert(key, service, 0)
+                    .map_err(op("writing", maps::SERVICES.name))?;
+                carried += 1;
+            }
+        }
+        if let Some(map) = services6 {
+            let old: HashMap<MapData, VipKey6, [u32; 2]> = typed("SERVICES6", map)?;
+            for (key, [id, table_size]) in entries(&old, "SERVICES6")? {
+                let service = Service {
+                    id,
+                    table_size,
+                    block: Service::first_block(id),
+                    _pad: 0,
+                };
+                let table = read(id, table_size)?;
+                self.write_table(service.block, &table)?;
+                self.services6
+                    .insert(key, service, 0)
+                    .map_err(op("writing", maps::SERVICES6.name))?;
+                carried += 1;
+            }
+        }
+        Ok(carried)
     }
 
     /// Tracked flows (conntrack entries), client → VIP, both families.

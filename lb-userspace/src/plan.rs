@@ -138,6 +138,10 @@ pub fn plan(
 ) -> Result<Plan, PlanError> {
     let service_ids: HashMap<VipAddr, u32> =
         current_services.iter().map(|(k, s)| (*k, s.id)).collect();
+    let blocks: HashMap<VipAddr, u32> = current_services
+        .iter()
+        .map(|(k, s)| (*k, s.block))
+        .collect();
     // Existing backends by (service id, address and port).
     let backend_ids: HashMap<(u8, SocketAddr), (u32, u8)> = current_backends
         .iter()
@@ -199,9 +203,15 @@ pub fn plan(
         services.push(PlannedService {
             name: vip.name.clone(),
             key,
+            // The block in use; `apply` moves a changed table to the other one.
             service: Service {
                 id: sid,
                 table_size: vip.maglev_table_size,
+                block: blocks
+                    .get(&key)
+                    .copied()
+                    .unwrap_or(Service::first_block(sid)),
+                _pad: 0,
             },
             backends,
             table,
@@ -289,26 +299,32 @@ pub fn apply(
             }
         }
     }
-    for s in &plan.services {
-        // A service whose id is new or whose size changed starts from a clean block.
-        let same = current_services.iter().any(|(k, c)| {
-            *k == s.key && c.id == s.service.id && c.table_size == s.service.table_size
-        });
-        let cached = previous
-            .and_then(|p| {
-                p.services
-                    .iter()
-                    .find(|c| c.key == s.key && c.service == s.service)
-            })
-            .map(|c| c.table.clone());
-        let old = match (same, cached) {
-            (true, Some(table)) => table,
-            (true, None) => maps.maglev_table(&s.service)?,
-            (false, _) => vec![u32::MAX; s.table.len()],
+    for s in &mut plan.services {
+        // A changed table goes into the service's other block, and the service's entry,
+        // written last, switches to it at once: the data path never sees half a table.
+        let current = current_services
+            .iter()
+            .find(|(k, c)| *k == s.key && c.id == s.service.id)
+            .map(|(_, c)| *c);
+        s.service.block = match current {
+            Some(c)
+                if c.table_size == s.service.table_size
+                    && maps.block_table(c.block, c.table_size)? == s.table =>
+            {
+                c.block
+            }
+            Some(c) => {
+                let block = Service::other_block(c.block);
+                applied.slots_written += maps.write_table(block, &s.table)?;
+                block
+            }
+            // Not visible yet: its first block.
+            None => {
+                let block = Service::first_block(s.service.id);
+                applied.slots_written += maps.write_table(block, &s.table)?;
+                block
+            }
         };
-        let changed = maglev::diff(&old, &s.table);
-        maps.write_slots(s.service.id, &changed)?;
-        applied.slots_written += changed.len();
         let before =
             previous.and_then(|p| p.services.iter().find(|c| c.service.id == s.service.id));
         if before.is_none_or(|b| b.members != s.members) {

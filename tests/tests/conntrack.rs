@@ -464,6 +464,80 @@ fn replies_find_their_vip_after_moves_and_takeovers() {
     drop(pins);
 }
 
+/// A VIP's new Maglev table is written into its other block while the data path reads the
+/// old one, untouched, and the service's entry then switches to it in one write.
+#[test]
+fn a_new_table_is_switched_to_whole() {
+    as_root();
+    let (pins, mut dp, plan) = load("ct-swap", CONFIG);
+    let first = plan.services[1].clone();
+    let config = Config::parse(Path::new("conntrack.toml"), CONFIG).expect("config");
+    let replan = |dp: &mut Datapath, out_of_table: Option<u16>| {
+        let mut desired = plan::static_backends(&config);
+        for b in &mut desired[1].backends {
+            b.in_table = Some(b.port) != out_of_table;
+        }
+        let current = (
+            dp.maps.services().expect("services"),
+            dp.maps.backends().expect("backends"),
+        );
+        let mut p = plan::plan(&desired, &current.0, &current.1).expect("plan");
+        plan::apply(&mut dp.maps, &mut p, None).expect("apply");
+        p.services[1].clone()
+    };
+    let service_now = |dp: &Datapath| {
+        dp.maps
+            .services()
+            .expect("services")
+            .into_iter()
+            .find(|(k, _)| *k == first.key)
+            .expect("guarded")
+            .1
+    };
+    // 8502 leaves the table: the new table in the other block, the old one as it was.
+    let second = replan(&mut dp, Some(8502));
+    assert_ne!(second.table, first.table);
+    assert_eq!(
+        second.service.block,
+        lb_common::Service::other_block(first.service.block)
+    );
+    assert_eq!(
+        service_now(&dp),
+        second.service,
+        "the entry names the new block"
+    );
+    assert_eq!(
+        dp.maps.maglev_table(&first.service).expect("old block"),
+        first.table,
+        "the block in use until the switch was never written"
+    );
+    assert_eq!(
+        dp.maps.maglev_table(&second.service).expect("new block"),
+        second.table
+    );
+    for port in 39000..39010 {
+        let (_, out, _) = connect(&mut dp, "flow", CLIENT, GUARDED, port);
+        assert_ne!(nat_port(&out), 8502, "new flows by the new table");
+    }
+    // Back in: the first block again, now with the third table; the second one untouched.
+    let third = replan(&mut dp, None);
+    assert_eq!(third.service.block, first.service.block);
+    assert_eq!(service_now(&dp), third.service);
+    assert_eq!(
+        dp.maps.maglev_table(&third.service).expect("block"),
+        third.table
+    );
+    assert_eq!(
+        dp.maps.maglev_table(&second.service).expect("block"),
+        second.table
+    );
+    // Nothing changed: no write, the same block.
+    let fourth = replan(&mut dp, None);
+    assert_eq!(fourth.service, third.service);
+    drop(dp);
+    drop(pins);
+}
+
 /// A TCP socket pair on loopback: the backend's end and the client's.
 struct Connection {
     _listener: TcpListener,
@@ -580,10 +654,11 @@ fn ipv6_rate_limit_prefix_is_configurable() {
     }
 }
 
-/// An upgrade from the version with one shared-LRU `CONNS` keeps its flows: the entries are
-/// copied into `CONNS_V2` at load and the old map is removed.
+/// An upgrade from the version before keeps its flows and its VIP tables: the conntrack
+/// entries are copied into `CONNS_V2`, each VIP's table into its first block of `MAGLEV_V2`
+/// with its `SERVICES_V2` entry, and the old maps are removed.
 #[test]
-fn an_upgrade_carries_conntrack_over() {
+fn an_upgrade_carries_conntrack_and_tables_over() {
     as_root();
     let pins = PinDir::new("ct-upgrade");
     std::fs::create_dir_all(&pins.path).expect("pin dir");
@@ -613,8 +688,56 @@ fn an_upgrade_carries_conntrack_over() {
     args.extend(value.split(' '));
     bpftool(&args);
 
+    // Its VIP table: 198.18.100.7:80/TCP is service 0, table size 251, in MAGLEV block 0
+    // (slots 0-2 set here).
+    let services = pins.path.join("SERVICES");
+    let services = services.to_str().expect("UTF-8 path");
+    let maglev = pins.path.join("MAGLEV");
+    let maglev = maglev.to_str().expect("UTF-8 path");
+    bpftool(&[
+        "map", "create", services, "type", "hash", "key", "8", "value", "8", "entries", "32",
+        "name", "SERVICES",
+    ]);
+    bpftool(&[
+        "map", "update", "pinned", services, "key", "hex", "c6", "12", "64", "07", "00", "50",
+        "06", "00", "value", "hex", "00", "00", "00", "00", "fb", "00", "00", "00",
+    ]);
+    let maglev_entries = lb_common::MAGLEV_MAX_SIZE.to_string();
+    bpftool(&[
+        "map",
+        "create",
+        maglev,
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "4",
+        "entries",
+        &maglev_entries,
+        "name",
+        "MAGLEV",
+    ]);
+    for (slot, id) in [("00", "01"), ("01", "02"), ("02", "01")] {
+        bpftool(&[
+            "map", "update", "pinned", maglev, "key", "hex", slot, "00", "00", "00", "value",
+            "hex", id, "00", "00", "00",
+        ]);
+    }
+
     let config = Config::parse(Path::new("conntrack.toml"), CONFIG).expect("config");
-    let dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
+    let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
+    let carried = dp.maps.services().expect("services");
+    assert_eq!(carried.len(), 1, "{carried:?}");
+    let service = carried[0].1;
+    assert_eq!((service.id, service.table_size, service.block), (0, 251, 0));
+    let table = dp.maps.block_table(service.block, 251).expect("table");
+    assert_eq!(
+        &table[..4],
+        &[1, 2, 1, 0],
+        "the table carried into its first block"
+    );
+    assert!(!Path::new(services).exists() && !Path::new(maglev).exists());
     let flows = dp.maps.flows().expect("flows");
     assert_eq!(flows.len(), 1, "{flows:?}");
     let (addrs, flow) = &flows[0];

@@ -109,7 +109,7 @@ fn xdp_fixture_table() {
     let empty = &plan.services[2];
     let cleared: Vec<(u32, u32)> = (0..empty.service.table_size).map(|s| (s, 0)).collect();
     dp.maps
-        .write_slots(empty.service.id, &cleared)
+        .write_slots(empty.service.block, &cleared)
         .expect("clear table");
     dp.maps
         .set_members(empty.service.id, &[])
