@@ -177,7 +177,14 @@ pub struct Maps {
     /// What this process knows each `MAGLEV_V2` block holds (written or read back), by
     /// block: a new table is written as a diff against it.
     tables: std::collections::HashMap<u32, Vec<u32>>,
+    /// When each service's entry was last written (by service id): its other block is
+    /// brought up to date only once no packet can still be reading it.
+    switched: std::collections::HashMap<u32, std::time::Instant>,
 }
+
+/// How long after a service's entry changed its old block may be written again: far longer
+/// than any XDP program run that read the entry before the change (microseconds).
+const BLOCK_GRACE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A backend's address and port with its VIP's protocol: its `VIP_OF` key.
 fn backend_vip_addr(backend: &BackendEntry, vip: &VipAddr) -> VipAddr {
@@ -314,6 +321,7 @@ impl Maps {
             admit_stats: typed(maps::ADMIT_STATS.name, get(maps::ADMIT_STATS.name)?)?,
             sock_netns: typed(maps::SOCK_NETNS.name, get(maps::SOCK_NETNS.name)?)?,
             tables: std::collections::HashMap::new(),
+            switched: std::collections::HashMap::new(),
         })
     }
 
@@ -347,6 +355,7 @@ impl Maps {
     }
 
     pub fn set_service(&mut self, vip: VipAddr, service: Service) -> Result<(), MapsError> {
+        self.switched.insert(service.id, std::time::Instant::now());
         match vip.addr.ip() {
             IpAddr::V4(ip) => self
                 .services
@@ -572,6 +581,30 @@ impl Maps {
         self.write_slots(block, &changed)?;
         self.tables.insert(block, table.to_vec());
         Ok(changed.len())
+    }
+
+    /// Brings the block `service` does not use up to the table it uses, so that the next
+    /// change writes only the slots it changes; not within `BLOCK_GRACE` of the entry's last
+    /// change (a packet may still be reading that block). Returns the slots written.
+    pub fn catch_up(&mut self, service: &Service) -> Result<usize, MapsError> {
+        if self
+            .switched
+            .get(&service.id)
+            .is_some_and(|t| t.elapsed() < BLOCK_GRACE)
+        {
+            return Ok(0);
+        }
+        let active = self.block_table(service.block, service.table_size)?;
+        self.write_table(Service::other_block(service.block), &active)
+    }
+
+    /// `catch_up` for every VIP (the state task's tick).
+    pub fn catch_up_all(&mut self) -> Result<usize, MapsError> {
+        let mut written = 0;
+        for (_, service) in self.services()? {
+            written += self.catch_up(&service)?;
+        }
+        Ok(written)
     }
 
     /// Writes the given (slot, backend id) pairs of a block.

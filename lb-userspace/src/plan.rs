@@ -314,14 +314,21 @@ pub fn apply(
                 c.block
             }
             Some(c) => {
+                // Brought up to the table in use first (if the tick has not yet), so that
+                // only this change's slots are written below.
+                if c.table_size == s.service.table_size {
+                    maps.catch_up(&c)?;
+                }
                 let block = Service::other_block(c.block);
                 applied.slots_written += maps.write_table(block, &s.table)?;
                 block
             }
-            // Not visible yet: its first block.
+            // Not visible yet: its first block, and the same table in the other, so that the
+            // next change writes only the slots it changes.
             None => {
                 let block = Service::first_block(s.service.id);
                 applied.slots_written += maps.write_table(block, &s.table)?;
+                maps.write_table(Service::other_block(block), &s.table)?;
                 block
             }
         };

@@ -35,6 +35,8 @@ use charts::{bar_chart, line_chart};
 use tools::{memlock, nginx, sh_err, sh_out, wrk};
 
 const NGINX_PORT: u16 = 8080;
+/// HAProxy in `mode tcp` in the http case.
+const HAPROXY_TCP_PORT: u16 = 8090;
 const BACKENDS: usize = 4;
 
 struct Opts {
@@ -75,30 +77,39 @@ fn main() {
             .push_str("\n**Quick run** (`--quick`): shorter cases, fewer points.\n");
     }
 
-    let only_steering = std::env::var("GPULB_BENCH_ONLY").is_ok_and(|v| v == "steering");
-    if !only_steering {
+    // One section alone (`cargo xtask bench steering | failover | http`), or everything.
+    let only = std::env::var("GPULB_BENCH_ONLY").ok();
+    let all = only.is_none();
+    if all {
         datapath(&mut report);
+    }
+    if all || only.as_deref() == Some("failover") {
         eprintln!("[bench] control plane");
         control_plane(&opts, &mut report);
+    }
+    if all || only.as_deref() == Some("http") {
         eprintln!("[bench] http, streaming, saturation");
         traffic(&opts, &mut report);
+    }
+    if all || only.as_deref() == Some("failover") {
         eprintln!("[bench] failover");
         failover(&opts, &mut report);
     }
-    eprintln!("[bench] steering");
-    steering::steering(&opts, &mut report);
+    if all || only.as_deref() == Some("steering") {
+        eprintln!("[bench] steering");
+        steering::steering(&opts, &mut report);
+    }
 
     let _ = write!(
         report.md,
         "\n---\nWhole run: {:.0} s. Reproduce: `cargo xtask bench{}{}`.\n",
         started.elapsed().as_secs_f64(),
         if opts.quick { " --quick" } else { "" },
-        if only_steering { " steering" } else { "" }
+        only.as_deref().map(|o| format!(" {o}")).unwrap_or_default()
     );
-    let path = opts.out.join(if only_steering {
-        "steering.md"
-    } else {
-        "report.md"
+    let path = opts.out.join(match &only {
+        Some(o) => format!("{o}.md"),
+        None => "report.md".to_owned(),
     });
     fs::write(&path, &report.md).expect("write report");
     println!("{}", report.md);
@@ -402,6 +413,8 @@ fn traffic(opts: &Opts, report: &mut Report) {
     let stack = Stack::start("bench", BACKENDS, PinDir::new("bench"), &[]).expect("stack");
     let ports: Vec<u16> = (0..BACKENDS).map(sim_port).collect();
     let _nginx = nginx(&stack.topo.lb, &stack.dir.path, &ports);
+    let weighted: Vec<(u16, u32)> = ports.iter().map(|p| (*p, 1)).collect();
+    let _haproxy = tools::haproxy_tcp(&stack.topo.lb, &stack.dir.path, HAPROXY_TCP_PORT, &weighted);
     let client = &stack.topo.client;
     let direct = |path: &str, i: usize| format!("http://{LB_ADDR}:{}{path}", sim_port(i));
     let via_nginx = |path: &str| format!("http://{LB_ADDR}:{NGINX_PORT}{path}");
@@ -409,24 +422,44 @@ fn traffic(opts: &Opts, report: &mut Report) {
     // http: short requests (GET /v1/models), 32 keep-alive connections.
     let secs = if opts.quick { 3 } else { 10 };
     let mut t = format!(
-        "Short requests (`GET /v1/models`), wrk with 2 threads and 32 keep-alive connections \
-         for {secs} s from the client namespace. *direct* is one instance without a balancer.\n\n\
+        "Short requests (`GET /v1/models`), 32 keep-alive connections for {secs} s from the \
+         client namespace (wrk, 2 threads). *direct* is client-side round-robin over the same 4 \
+         instances (four wrk at once, 8 connections each; p50/p99 the worst of the four); \
+         *HAProxy (tcp)* is HAProxy in `mode tcp`, `leastconn`.\n\n\
          | path | requests/s | p50 | p99 | errors |\n|---|---:|---:|---:|---:|\n"
     );
     let mut bars = Vec::new();
+    let direct_urls: Vec<String> = (0..BACKENDS).map(|i| direct("/v1/models", i)).collect();
+    let mut rates = Vec::new();
     for (name, url) in [
-        ("direct", direct("/v1/models", 0)),
-        ("gpulb", vip_url("/v1/models")),
-        ("nginx", via_nginx("/v1/models")),
+        ("direct", None),
+        ("gpulb", Some(vip_url("/v1/models"))),
+        ("nginx", Some(via_nginx("/v1/models"))),
+        (
+            "HAProxy (tcp)",
+            Some(format!("http://{LB_ADDR}:{HAPROXY_TCP_PORT}/v1/models")),
+        ),
     ] {
-        let w = wrk(client, &url, secs);
+        let w = match url {
+            Some(url) => wrk(client, &url, secs),
+            None => tools::wrk_round_robin(client, &direct_urls, secs),
+        };
         let _ = writeln!(
             t,
             "| {name} | {:.0} | {:.2} ms | {:.2} ms | {} |",
             w.rps, w.p50_ms, w.p99_ms, w.errors
         );
         bars.push((name.to_owned(), w.rps));
+        rates.push(w.rps);
     }
+    let share = rates[1] / rates[0];
+    let _ = writeln!(
+        t,
+        "\ngpulb: {:.1}% of direct's requests/s (target ≥ 97%: {}); {:.2}× HAProxy (tcp)'s.",
+        share * 100.0,
+        if share >= 0.97 { "met" } else { "NOT met" },
+        rates[1] / rates[3]
+    );
     bar_chart(
         &opts.out.join("http.svg"),
         "short requests/s (higher is better)",
@@ -619,7 +652,10 @@ fn failover(opts: &Opts, report: &mut Report) {
         .wait_ready(BACKENDS, Duration::from_secs(40))
         .expect("victim restarted");
 
-    // gpulb: the table no longer holds the victim once its slots are rewritten.
+    // gpulb: the data path sends the victim no new flow once its entry is flagged out of the
+    // table (the scheduler never chooses such a backend); its VIP then switches to a table
+    // without it.
+    let gpulb_window;
     {
         let victim = format!("{MODEL}-1");
         let rows = stack.backends().expect("backends");
@@ -629,13 +665,7 @@ fn failover(opts: &Opts, report: &mut Report) {
             .and_then(|r| r["id"].as_u64())
             .expect("victim id") as u32;
         let maps = Maps::open_pinned(&stack.pins.path).expect("maps");
-        let (_, service) = maps.services().expect("services")[0];
-        let table = maps.maglev_table(&service).expect("table");
-        let base = service.id * MAGLEV_MAX_SIZE;
-        let watched: Vec<u32> = (0..table.len() as u32)
-            .filter(|&i| table[i as usize] == id)
-            .step_by(64)
-            .collect();
+        let (vip, service) = maps.services().expect("services")[0];
         let load = Load::start(
             &stack.topo.client,
             &vip_url("/v1/chat/completions"),
@@ -645,31 +675,72 @@ fn failover(opts: &Opts, report: &mut Report) {
         )
         .expect("load");
         thread::sleep(Duration::from_secs_f64(before));
-        kill(pid_of(&victim));
         let killed = Instant::now();
-        while watched
-            .iter()
-            .any(|&s| maps.maglev.get(&(base + s), 0).expect("slot") == id)
-        {
+        kill(pid_of(&victim));
+        while maps.backend(id).expect("backend").takes_new_flows() {
             assert!(killed.elapsed() < Duration::from_secs(5), "not ejected");
-            thread::sleep(Duration::from_micros(200));
+            thread::sleep(Duration::from_micros(100));
         }
-        let ejected = killed.elapsed();
-        let ejected_at = Instant::now();
+        let out_at = Instant::now();
+        let switched = loop {
+            let now = maps
+                .services()
+                .expect("services")
+                .into_iter()
+                .find(|(k, _)| *k == vip)
+                .map(|(_, s)| s);
+            if now.is_some_and(|s| s.block != service.block) {
+                break killed.elapsed();
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(5),
+                "table not switched"
+            );
+            thread::sleep(Duration::from_micros(100));
+        };
         thread::sleep(Duration::from_secs_f64(after));
         let results = load.stop();
-        let failed = results.iter().filter(|r| !r.complete(tokens)).count();
+        let failed: Vec<_> = results.iter().filter(|r| !r.complete(tokens)).collect();
         gpulb_failures = failure_kinds(&results, tokens);
+        let in_flight = failed.iter().filter(|r| r.started < killed).count();
+        let in_window = failed
+            .iter()
+            .filter(|r| r.started >= killed && r.started < out_at)
+            .count();
+        let after_out = failed.len() - in_flight - in_window;
+        gpulb_window = (in_flight, in_window, after_out);
         let late = results
             .iter()
-            .filter(|r| r.started > ejected_at)
+            .filter(|r| r.started > out_at)
             .filter(|r| r.result.as_ref().is_ok_and(|r| r.instance == victim))
             .count();
+        // The daemon's own clock: from the pidfd's wake-up to the flag written.
+        let log = stack.daemon.log_text();
+        let logged = |field: &str| -> f64 {
+            log.lines()
+                .rev()
+                .filter(|l| l.contains("backend ejected"))
+                .filter_map(|l| l.split(&format!("{field}=")).nth(1))
+                .find_map(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+                / 1000.0
+        };
+        let pidfd_to_flag = logged("flagged_out_in_us");
         let _ = writeln!(
             t,
-            "| gpulb | {} | {failed} | {late} after the ejection | {:.1} ms (pidfd → table) |",
+            "| gpulb | {} | {} | {late} after the ejection | {:.2} ms pidfd → flagged out (no \
+             new flow from then; target ≤ 2 ms: {}), {:.2} ms SIGKILL → flagged out seen, table \
+             switched {:.1} ms after the SIGKILL |",
             results.len(),
-            ejected.as_secs_f64() * 1000.0
+            failed.len(),
+            pidfd_to_flag,
+            if pidfd_to_flag <= 2.0 {
+                "met"
+            } else {
+                "NOT met"
+            },
+            (out_at - killed).as_secs_f64() * 1000.0,
+            switched.as_secs_f64() * 1000.0,
         );
     }
     let _ = write!(
@@ -686,6 +757,13 @@ fn failover(opts: &Opts, report: &mut Report) {
                 .collect::<Vec<_>>()
                 .join(", ")
         }
+    );
+    let (in_flight, in_window, after_out) = gpulb_window;
+    let _ = write!(
+        t,
+        "\ngpulb's failed requests by when they started: {in_flight} in flight on the killed \
+         instance (their streams were cut), {in_window} in the ejection window (between the \
+         SIGKILL and the flag: connection refused), {after_out} after it.\n"
     );
     for (name, kinds) in [("nginx", nginx_failures), ("gpulb", gpulb_failures)] {
         let _ = write!(t, "\nWhat the {name} clients saw fail: {kinds}.\n");

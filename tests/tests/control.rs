@@ -13,7 +13,6 @@ use gpulb_testbed::{
     LB_ADDR, Load, MODEL, PinDir, Proc, Stack, bin, burst, burst_in_background, gpulb_cli, metric,
     scrape, sim_port, vip_url, wait_until,
 };
-use lb_common::MAGLEV_MAX_SIZE;
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
@@ -159,31 +158,38 @@ fn killed_instance_is_ejected_at_once_and_gets_no_new_connection() {
 
     let before = table(&stack);
     let maps = Maps::open_pinned(&stack.pins.path).expect("maps");
-    let (_, service) = maps.services().expect("services")[0];
-    let base = service.id * MAGLEV_MAX_SIZE;
-    // Watch a sample of the victim's slots (reading all 65537 takes too long per poll).
-    let watched: Vec<u32> = (0..before.len() as u32)
-        .filter(|&i| before[i as usize] == victim_id)
-        .step_by(50)
-        .collect();
-    assert!(watched.len() > 100, "victim holds a quarter of the table");
+    let (vip, service) = maps.services().expect("services")[0];
 
     let url = vip_url("/v1/chat/completions");
     let load = Load::start(&stack.topo.client, &url, 8, 8, Duration::from_secs(30)).expect("load");
     thread::sleep(Duration::from_millis(800));
 
+    // Ejected: flagged out of the table (no new flow from that write on), then the VIP
+    // switched to a table without it (its other block).
     kill(Pid::from_raw(victim_pid as i32), Signal::SIGKILL).expect("kill instance");
     let killed = Instant::now();
+    while maps.backend(victim_id).expect("backend").takes_new_flows() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "not flagged out within 2 s"
+        );
+        thread::sleep(Duration::from_micros(200));
+    }
+    let flagged = killed.elapsed();
     loop {
-        let gone = watched
-            .iter()
-            .all(|&s| maps.maglev.get(&(base + s), 0).expect("slot") != victim_id);
-        if gone {
+        let now = maps
+            .services()
+            .expect("services")
+            .into_iter()
+            .find(|(k, _)| *k == vip)
+            .expect("the VIP")
+            .1;
+        if now.block != service.block {
             break;
         }
         assert!(
             killed.elapsed() < Duration::from_secs(2),
-            "not ejected within 2 s"
+            "no new table within 2 s"
         );
         thread::sleep(Duration::from_micros(500));
     }
@@ -202,8 +208,9 @@ fn killed_instance_is_ejected_at_once_and_gets_no_new_connection() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no ejection logged:\n{log}"));
     eprintln!(
-        "ejection: {:.1} ms from SIGKILL to the table without the instance (test), \
-         {:.3} ms from pidfd to table written (daemon)",
+        "ejection: {:.1} ms from SIGKILL to flagged out, {:.1} ms to the table without the \
+         instance (test), {:.3} ms from pidfd to table written (daemon)",
+        flagged.as_secs_f64() * 1000.0,
         ejected.as_secs_f64() * 1000.0,
         logged_us as f64 / 1000.0
     );

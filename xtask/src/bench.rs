@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick] [datapath | steering]`.
+//! `cargo xtask bench [--quick] [datapath | steering | failover | http]`.
 
 use std::path::PathBuf;
 
@@ -15,6 +15,12 @@ pub enum Case {
     /// least_conn), HAProxy (leastconn), client-side round-robin and an oracle, in six
     /// scenarios; target/bench/steering.md.
     Steering,
+    /// Only the failover section of the report (a killed instance, gpulb against nginx),
+    /// with the control plane's table build times and map memory; target/bench/failover.md.
+    Failover,
+    /// Only the http, streaming and saturation sections (gpulb against client-side
+    /// round-robin, nginx and HAProxy); target/bench/http.md.
+    Http,
 }
 
 /// With no case: the whole report (datapath, control plane, http, streaming, saturation,
@@ -38,9 +44,18 @@ pub fn run(case: Option<Case>, quick: bool) -> anyhow::Result<()> {
     report
         .env("GPULB_BENCH_OUT", &out)
         .env("GPULB_BENCH_QUICK", if quick { "1" } else { "0" });
-    if let Some(Case::Steering) = case {
-        exec(report.env("GPULB_BENCH_ONLY", "steering"))?;
-        println!("[bench] report: {}", out.join("steering.md").display());
+    let only = match case {
+        Some(Case::Steering) => Some("steering"),
+        Some(Case::Failover) => Some("failover"),
+        Some(Case::Http) => Some("http"),
+        _ => None,
+    };
+    if let Some(name) = only {
+        exec(report.env("GPULB_BENCH_ONLY", name))?;
+        println!(
+            "[bench] report: {}",
+            out.join(format!("{name}.md")).display()
+        );
         return Ok(());
     }
     println!("[bench] datapath");

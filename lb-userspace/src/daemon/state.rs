@@ -216,6 +216,11 @@ impl State {
                 if let Some(plan) = &self.applied {
                     self.reconciler.check(plan, &mut self.datapath.maps);
                 }
+                // Each VIP's spare table block up to date, so the next change writes only
+                // what it changes.
+                if let Err(e) = self.datapath.maps.catch_up_all() {
+                    warn!(error = %ErrorChain(&e), "updating the spare table blocks");
+                }
                 self.publish();
                 false
             }
@@ -268,12 +273,17 @@ impl State {
                 b.health = Health::default();
                 if was_in {
                     self.metrics.ejections.with_label_values(&labels).inc();
-                    // Rewrite the table now, and say how long that took from the exit.
+                    // One write first: from it on the scheduler chooses the backend for no
+                    // new flow, before the table is even planned.
+                    self.flag_out(&key);
+                    let flagged_out_in_us = at.elapsed().as_micros() as u64;
+                    // Rewrite the table now, and say how long each took from the exit.
                     self.sync();
                     info!(
                         backend = %key,
                         instance = %instance,
                         %status,
+                        flagged_out_in_us,
                         ejected_in_us = at.elapsed().as_micros() as u64,
                         "backend ejected"
                     );
@@ -281,6 +291,20 @@ impl State {
                 self.persist();
                 !was_in
             }
+        }
+    }
+
+    /// Flags a backend out of its table in `BACKENDS` (its established flows continue), the
+    /// one write an ejection needs before the table is rebuilt.
+    fn flag_out(&mut self, key: &BackendKey) {
+        let Some(id) = self.id_of(key) else { return };
+        let maps = &mut self.datapath.maps;
+        let flagged = maps.backend(id).and_then(|mut b| {
+            b.flags |= lb_common::BACKEND_OUT;
+            maps.set_backend(id, &b)
+        });
+        if let Err(e) = flagged {
+            error!(backend = %key, error = %ErrorChain(&e), "flagging an ejected backend out");
         }
     }
 

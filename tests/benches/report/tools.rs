@@ -89,6 +89,16 @@ pub fn nginx_with(
 /// Debian's HAProxy in the lb namespace, HTTP mode, `balance leastconn` over the instances
 /// (with weights), kept-alive server connections, no timeout a generation would hit.
 pub fn haproxy(ns: &NetNs, dir: &Path, port: u16, servers: &[(u16, u32)]) -> Proc {
+    haproxy_in(ns, dir, port, servers, "http")
+}
+
+/// HAProxy as the user-space L4 balancer (`mode tcp`, `leastconn`): what people put in front
+/// of instances when they want no HTTP handling.
+pub fn haproxy_tcp(ns: &NetNs, dir: &Path, port: u16, servers: &[(u16, u32)]) -> Proc {
+    haproxy_in(ns, dir, port, servers, "tcp")
+}
+
+fn haproxy_in(ns: &NetNs, dir: &Path, port: u16, servers: &[(u16, u32)], mode: &str) -> Proc {
     let servers: String = servers
         .iter()
         .enumerate()
@@ -96,15 +106,20 @@ pub fn haproxy(ns: &NetNs, dir: &Path, port: u16, servers: &[(u16, u32)]) -> Pro
         .collect();
     let conf = format!(
         "global\n  maxconn 4096\n\
-         defaults\n  mode http\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
+         defaults\n  mode {mode}\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
          frontend llm\n  bind {LB_ADDR}:{port}\n  default_backend instances\n\
-         backend instances\n  balance leastconn\n  http-reuse safe\n{servers}"
+         backend instances\n  balance leastconn\n{reuse}{servers}",
+        reuse = if mode == "http" {
+            "  http-reuse safe\n"
+        } else {
+            ""
+        },
     );
-    let path = dir.join("haproxy.cfg");
+    let path = dir.join(format!("haproxy-{mode}-{port}.cfg"));
     fs::write(&path, conf).expect("haproxy.cfg");
     let conf_arg = path.display().to_string();
     let p = Proc::spawn(
-        "haproxy",
+        &format!("haproxy-{mode}"),
         ns,
         Path::new("/usr/sbin/haproxy"),
         &["-f", &conf_arg, "-db"],
@@ -142,21 +157,57 @@ pub struct Wrk {
     pub errors: u64,
 }
 
-/// wrk from the client namespace: requests/s and latency percentiles.
+/// wrk from the client namespace: requests/s and latency percentiles (2 threads, 32
+/// keep-alive connections).
 pub fn wrk(ns: &NetNs, url: &str, secs: u64) -> Wrk {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path().display()))
-        .args([
-            "wrk",
-            "-t2",
-            "-c32",
-            &format!("-d{secs}s"),
-            "--latency",
-            url,
-        ])
-        .output()
-        .expect("run wrk");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    wrk_parse(
+        &wrk_command(ns, url, secs, 2, 32)
+            .output()
+            .expect("run wrk")
+            .stdout,
+    )
+}
+
+/// Client-side round-robin: one wrk per URL at once (1 thread, `32 / urls` connections
+/// each, 32 in all); requests/s summed, errors summed, the percentiles the worst of them.
+pub fn wrk_round_robin(ns: &NetNs, urls: &[String], secs: u64) -> Wrk {
+    let conns = 32 / urls.len().max(1);
+    let children: Vec<_> = urls
+        .iter()
+        .map(|u| {
+            wrk_command(ns, u, secs, 1, conns)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("run wrk")
+        })
+        .collect();
+    let runs: Vec<Wrk> = children
+        .into_iter()
+        .map(|c| wrk_parse(&c.wait_with_output().expect("wrk").stdout))
+        .collect();
+    Wrk {
+        rps: runs.iter().map(|w| w.rps).sum(),
+        p50_ms: runs.iter().map(|w| w.p50_ms).fold(0.0, f64::max),
+        p99_ms: runs.iter().map(|w| w.p99_ms).fold(0.0, f64::max),
+        errors: runs.iter().map(|w| w.errors).sum(),
+    }
+}
+
+fn wrk_command(ns: &NetNs, url: &str, secs: u64, threads: usize, conns: usize) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", ns.path().display())).args([
+        "wrk",
+        &format!("-t{threads}"),
+        &format!("-c{conns}"),
+        &format!("-d{secs}s"),
+        "--latency",
+        url,
+    ]);
+    cmd
+}
+
+fn wrk_parse(stdout: &[u8]) -> Wrk {
+    let text = String::from_utf8_lossy(stdout).into_owned();
     let ms = |s: &str| -> f64 {
         let s = s.trim();
         if let Some(v) = s.strip_suffix("us") {
