@@ -32,7 +32,7 @@ mod steering;
 mod tools;
 
 use charts::{bar_chart, line_chart};
-use tools::{memlock, nginx, sh_err, sh_out, wrk};
+use tools::{memlock, nginx, sh_err, sh_out};
 
 const NGINX_PORT: u16 = 8080;
 /// HAProxy in `mode tcp` in the http case.
@@ -423,9 +423,10 @@ fn traffic(opts: &Opts, report: &mut Report) {
     let secs = if opts.quick { 3 } else { 10 };
     let mut t = format!(
         "Short requests (`GET /v1/models`), 32 keep-alive connections for {secs} s from the \
-         client namespace (wrk, 2 threads). *direct* is client-side round-robin over the same 4 \
-         instances (four wrk at once, 8 connections each; p50/p99 the worst of the four); \
-         *HAProxy (tcp)* is HAProxy in `mode tcp`, `leastconn`.\n\n\
+         client namespace: four wrk processes at once (1 thread, 8 connections each; p50/p99 \
+         the worst of the four) on every path. *direct* is client-side round-robin over the \
+         same 4 instances (each wrk on one); *HAProxy (tcp)* is HAProxy in `mode tcp`, \
+         `leastconn`.\n\n\
          | path | requests/s | p50 | p99 | errors |\n|---|---:|---:|---:|---:|\n"
     );
     let mut bars = Vec::new();
@@ -440,8 +441,9 @@ fn traffic(opts: &Opts, report: &mut Report) {
             Some(format!("http://{LB_ADDR}:{HAPROXY_TCP_PORT}/v1/models")),
         ),
     ] {
+        // Every path under the same load generator: four wrk at once, 8 connections each.
         let w = match url {
-            Some(url) => wrk(client, &url, secs),
+            Some(url) => tools::wrk_round_robin(client, &vec![url; BACKENDS], secs),
             None => tools::wrk_round_robin(client, &direct_urls, secs),
         };
         let _ = writeln!(
@@ -674,9 +676,10 @@ fn failover(opts: &Opts, report: &mut Report) {
             Duration::from_secs(60),
         )
         .expect("load");
+        let pid = pid_of(&victim);
         thread::sleep(Duration::from_secs_f64(before));
         let killed = Instant::now();
-        kill(pid_of(&victim));
+        kill(pid);
         while maps.backend(id).expect("backend").takes_new_flows() {
             assert!(killed.elapsed() < Duration::from_secs(5), "not ejected");
             thread::sleep(Duration::from_micros(100));

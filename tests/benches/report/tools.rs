@@ -157,19 +157,9 @@ pub struct Wrk {
     pub errors: u64,
 }
 
-/// wrk from the client namespace: requests/s and latency percentiles (2 threads, 32
-/// keep-alive connections).
-pub fn wrk(ns: &NetNs, url: &str, secs: u64) -> Wrk {
-    wrk_parse(
-        &wrk_command(ns, url, secs, 2, 32)
-            .output()
-            .expect("run wrk")
-            .stdout,
-    )
-}
-
-/// Client-side round-robin: one wrk per URL at once (1 thread, `32 / urls` connections
-/// each, 32 in all); requests/s summed, errors summed, the percentiles the worst of them.
+/// One wrk per URL at once (1 thread, `32 / urls` connections each, 32 in all): with the
+/// instances' URLs, client-side round-robin; requests/s summed, errors summed, the
+/// percentiles the worst of them.
 pub fn wrk_round_robin(ns: &NetNs, urls: &[String], secs: u64) -> Wrk {
     let conns = 32 / urls.len().max(1);
     let children: Vec<_> = urls
