@@ -57,18 +57,17 @@ pub enum Refusal {
 }
 
 /// Lets a packet without a conntrack entry through the VIP's allow-list and, if it opens a
-/// flow, its rate limit; the `Err` is the refusal's verdict. A subprogram: its keys take
-/// stack the scheduler's call must not carry.
+/// flow, its rate limit; the `Err` says why not (the caller refuses). A subprogram: its keys
+/// take stack the scheduler's call must not carry.
 #[inline(never)]
 pub fn admit<F: Family>(
-    ctx: &XdpContext,
     pkt: &L4Packet<F::Addr>,
     service: &Service,
     limits: &ServiceLimits,
     now: u64,
-) -> Result<(), Reason> {
+) -> Result<(), Refusal> {
     if limits.has_allowlist() && !F::is_allowed(service.id, &pkt.flow.src_be) {
-        return Err(refuse::<F>(ctx, pkt, service, limits, Refusal::NotAllowed));
+        return Err(Refusal::NotAllowed);
     }
     // Established flows are never refused: only packets that open a flow are rate limited
     // (a mid-flow packet that lost its conntrack entry is re-hashed, unlimited).
@@ -76,7 +75,7 @@ pub fn admit<F: Family>(
         && limits.has_rate_limit()
         && F::is_over_rate(service.id, &pkt.flow, limits, now)
     {
-        return Err(refuse::<F>(ctx, pkt, service, limits, Refusal::RateLimited));
+        return Err(Refusal::RateLimited);
     }
     Ok(())
 }

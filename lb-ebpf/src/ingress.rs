@@ -81,7 +81,10 @@ fn select_backend<F: Family>(
     }
     // Limits of a service the daemon never configured read as all zero: none.
     let limits = LIMITS.get(service.id).copied().unwrap_or_default();
-    admit::<F>(ctx, pkt, service, &limits, now)?;
+    // Refused here, not inside `admit`: the RST's subprogram then stacks on this frame
+    // alone (Linux 6.1's verifier counts the whole call chain against 512 bytes).
+    admit::<F>(pkt, service, &limits, now)
+        .map_err(|why| refuse::<F>(ctx, pkt, service, &limits, why))?;
     let stateful = has_insert_budget(now);
     let (id, backend) = choose::<F>(ctx, pkt, service, &limits, now, stateful)?;
     if !stateful {
