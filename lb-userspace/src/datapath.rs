@@ -17,7 +17,7 @@ use aya::{
     },
 };
 use lb_common::{
-    maps::{self as names, ConntrackSizes},
+    maps::{self as names, ConntrackSizes, MapSpec},
     programs,
 };
 use tracing::{info, warn};
@@ -30,6 +30,12 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub enum DatapathError {
     #[error("{} is not on a bpf filesystem and could not be mounted", path.display())]
     BpfFs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("moving the resized conntrack map aside to {}", path.display())]
+    SetAside {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -206,9 +212,15 @@ fn possible_cpus() -> u32 {
 /// Copies the conntrack entries of an earlier version's table (same key and value layout)
 /// into this one's and removes it: an upgrade keeps its flows. Entries that do not fit or
 /// vanish meanwhile are left to the consistent hash, like evicted ones.
-fn migrate_conntrack(pin_path: &Path, maps: &mut Maps) {
-    for (old, new) in names::MIGRATED {
-        let path = pin_path.join(old);
+fn migrate_conntrack(pin_path: &Path, maps: &mut Maps, resized: &[(PathBuf, MapSpec)]) {
+    let earlier = names::MIGRATED
+        .iter()
+        .map(|(old, new)| (pin_path.join(old), *new));
+    for (path, new) in earlier.chain(resized.iter().cloned()) {
+        let old = path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let old = old.as_str();
         let Ok(data) = MapData::from_pin(&path) else {
             continue;
         };
@@ -230,6 +242,41 @@ fn migrate_conntrack(pin_path: &Path, maps: &mut Maps) {
         }
         let _ = fs::remove_file(&path);
     }
+}
+
+/// Moves aside the pinned conntrack tables whose size is not the config's (`conntrack_size`
+/// changed, or `conntrack_size_v6` followed a first or last IPv6 VIP), so that new ones are
+/// made; their entries are copied over after the load (`migrate_conntrack`).
+fn set_aside_resized(
+    pin_path: &Path,
+    sizes: &ConntrackSizes,
+) -> Result<Vec<(PathBuf, MapSpec)>, DatapathError> {
+    let cpus = possible_cpus();
+    let mut aside = Vec::new();
+    for spec in [names::CONNS, names::CONNS6] {
+        let path = pin_path.join(spec.name);
+        let Ok(map) = MapData::from_pin(&path) else {
+            continue;
+        };
+        let entries = map.info().map(|i| i.max_entries()).unwrap_or(0);
+        if entries == spec.kernel_entries(sizes, cpus) {
+            continue;
+        }
+        // No dot: bpffs refuses names with one.
+        let moved = pin_path.join(format!("{}_RESIZED", spec.name));
+        fs::rename(&path, &moved).map_err(|source| DatapathError::SetAside {
+            path: moved.clone(),
+            source,
+        })?;
+        info!(
+            map = spec.name,
+            from = entries,
+            to = spec.kernel_entries(sizes, cpus),
+            "conntrack resized: its entries are carried over"
+        );
+        aside.push((moved, spec));
+    }
+    Ok(aside)
 }
 
 /// Carries the VIP tables of the version before (`SERVICES`, `SERVICES6`, `MAGLEV`) into
@@ -274,6 +321,7 @@ impl Datapath {
             path: pin_path.to_owned(),
             source,
         })?;
+        let resized = set_aside_resized(pin_path, &sizes)?;
         check_pinned(pin_path, &sizes)?;
         // Maps of older versions that nothing reads any more.
         for name in names::RETIRED {
@@ -312,7 +360,7 @@ impl Datapath {
         }
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
         migrate_tables(pin_path, &mut maps);
-        migrate_conntrack(pin_path, &mut maps);
+        migrate_conntrack(pin_path, &mut maps, &resized);
         Ok(Self {
             ebpf,
             maps,
@@ -693,7 +741,8 @@ pub fn remove_pins(pin_path: &Path) -> io::Result<()> {
         .chain(names::RETIRED)
         .chain(names::MIGRATED.iter().map(|(old, _)| *old))
         .chain(names::MIGRATED_TABLES)
-        .map(|name| pin_path.join(name));
+        .map(|name| pin_path.join(name))
+        .chain([names::CONNS, names::CONNS6].map(|m| pin_path.join(format!("{}_RESIZED", m.name))));
     for path in links.collect::<Vec<_>>().into_iter().chain(maps) {
         match fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),

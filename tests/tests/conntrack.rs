@@ -538,6 +538,55 @@ fn a_new_table_is_switched_to_whole() {
     drop(pins);
 }
 
+/// A restart with another `conntrack_size` makes new tables and carries the flows over
+/// (the config's size, the same entries), instead of refusing the pinned maps.
+#[test]
+fn a_resized_conntrack_keeps_its_flows() {
+    as_root();
+    let (pins, mut dp, _plan) = load("ct-resize", CONFIG);
+    for port in 40000..40010 {
+        connect(&mut dp, "flow", CLIENT, GUARDED, port);
+    }
+    let before: Vec<_> = dp
+        .maps
+        .flows()
+        .expect("flows")
+        .into_iter()
+        .map(|(k, f)| (k, f.backend))
+        .collect();
+    assert_eq!(before.len(), 10);
+    drop(dp);
+    let bigger = CONFIG.replacen("conntrack_size = 4096", "conntrack_size = 8192", 1);
+    let config = Config::parse(Path::new("conntrack.toml"), &bigger).expect("config");
+    let dp = Datapath::load(&pins.path, config.conntrack).expect("load with a new size");
+    let mut after: Vec<_> = dp
+        .maps
+        .flows()
+        .expect("flows")
+        .into_iter()
+        .map(|(k, f)| (k, f.backend))
+        .collect();
+    let mut before = before;
+    before.sort_by_key(|(k, _)| k.client);
+    after.sort_by_key(|(k, _)| k.client);
+    assert_eq!(after, before, "every flow carried over, on its backend");
+    let info = aya::maps::MapData::from_pin(pins.path.join(lb_common::maps::CONNS.name))
+        .expect("pinned")
+        .info()
+        .expect("info");
+    assert!(
+        info.max_entries() >= 8192,
+        "the new size: {}",
+        info.max_entries()
+    );
+    assert!(
+        !pins.path.join("CONNS_V2_RESIZED").exists(),
+        "the old table is gone"
+    );
+    drop(dp);
+    drop(pins);
+}
+
 /// A TCP socket pair on loopback: the backend's end and the client's.
 struct Connection {
     _listener: TcpListener,

@@ -169,6 +169,8 @@ pub struct Config {
     pub log_dir: PathBuf,
     /// Entries of the IPv4 and IPv6 conntrack tables.
     pub conntrack: ConntrackSizes,
+    /// `conntrack_size_v6` was set (else it follows whether any VIP is IPv6).
+    pub conntrack_v6_set: bool,
     /// Conntrack entries one CPU may insert per second; past that it is in flood mode (new
     /// flows by the consistent hash, no state) until the second is over. 0: no limit.
     pub conntrack_inserts_per_cpu: u64,
@@ -313,6 +315,7 @@ impl RawConfig {
             xdp_mode: self.xdp_mode,
             tc_attach: self.tc_attach,
             conntrack,
+            conntrack_v6_set: self.conntrack_size_v6.is_some(),
             conntrack_inserts_per_cpu,
             drain_timeout: parse_ms("drain_timeout_ms", self.drain_timeout_ms, 0, 3_600_000)?,
             kill_timeout: parse_ms("kill_timeout_ms", self.kill_timeout_ms, 0, 600_000)?,

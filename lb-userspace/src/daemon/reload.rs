@@ -46,8 +46,14 @@ fn fixed_field_changed(old: &Config, new: &Config) -> Option<&'static str> {
         ("state_dir", new.state_dir != old.state_dir),
         ("conntrack_size", new.conntrack.v4 != old.conntrack.v4),
         // Its default follows whether any VIP is IPv6: the first IPv6 VIP takes a restart
-        // unless the size is set.
-        ("conntrack_size_v6", new.conntrack.v6 != old.conntrack.v6),
+        // unless the size is set; after the last one the table just stays as it is until
+        // the next restart.
+        (
+            "conntrack_size_v6",
+            new.conntrack.v6 > old.conntrack.v6
+                || (new.conntrack.v6 != old.conntrack.v6
+                    && (new.conntrack_v6_set || old.conntrack_v6_set)),
+        ),
         ("socket_lb", new.socket_lb != old.socket_lb),
     ];
     fixed.iter().find(|(_, changed)| *changed).map(|(f, _)| *f)
@@ -217,5 +223,30 @@ base_port = 8001
             let e = plan(BASE, &BASE.replace(from, to)).expect_err("needs a restart");
             assert_eq!(e, ReloadError::NeedsRestart { field });
         }
+    }
+
+    /// The IPv6 conntrack table follows the first IPv6 VIP (a restart, to size it), not the
+    /// last one's removal (the table stays until the next restart).
+    #[test]
+    fn the_first_ipv6_vip_needs_a_restart_the_last_ones_removal_does_not() {
+        let v6 = format!(
+            "{BASE}[[vip]]\nname = \"chat6\"\naddress = \"2001:db8:1::1\"\nport = 80\n\
+             [[vip.backend]]\naddress = \"2001:db8::1\"\nport = 9000\n"
+        );
+        assert_eq!(
+            plan(BASE, &v6).expect_err("sizes the IPv6 table"),
+            ReloadError::NeedsRestart {
+                field: "conntrack_size_v6"
+            }
+        );
+        plan(&v6, BASE).expect("the table stays as it is");
+        let set = |t: &str| {
+            t.replacen(
+                "interface = \"lo\"",
+                "interface = \"lo\"\nconntrack_size_v6 = 131072",
+                1,
+            )
+        };
+        plan(&set(BASE), &set(&v6)).expect("a set size does not change");
     }
 }
