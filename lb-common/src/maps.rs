@@ -95,7 +95,8 @@ impl MapSpec {
     }
 }
 
-/// `BPF_F_NO_PREALLOC`: LPM tries must be created with it.
+/// `BPF_F_NO_PREALLOC`: LPM tries must be created with it; hash maps with it free a replaced
+/// entry only after an RCU grace period.
 pub const F_NO_PREALLOC: u32 = 1;
 
 const fn spec(
@@ -133,14 +134,19 @@ use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
 /// The 4-byte prefix length an LPM trie key starts with.
 const LPM_PREFIX: usize = 4;
 
-/// `_V2`: the value names the service's current Maglev block.
-pub const SERVICES: MapSpec = spec(
-    "SERVICES_V2",
-    Hash,
-    size_of::<VipKey>(),
-    size_of::<Service>(),
-    Fixed(MAX_SERVICES),
-);
+/// `_V2`: the value names the service's current Maglev block. Not preallocated: a replaced
+/// entry is freed only after every program that may be reading it has finished (RCU), so a
+/// reader copies the old value or the new one whole, never half of each.
+pub const SERVICES: MapSpec = MapSpec {
+    flags: F_NO_PREALLOC,
+    ..spec(
+        "SERVICES_V2",
+        Hash,
+        size_of::<VipKey>(),
+        size_of::<Service>(),
+        Fixed(MAX_SERVICES),
+    )
+};
 pub const BACKENDS: MapSpec = spec(
     "BACKENDS",
     Array,
@@ -234,13 +240,16 @@ pub const SOCK_REVNAT: MapSpec = spec(
     Fixed(SOCK_REVNAT_ENTRIES),
 );
 pub const SOCK_NETNS: MapSpec = spec("SOCK_NETNS", Array, 4, 8, Fixed(1));
-pub const SERVICES6: MapSpec = spec(
-    "SERVICES6_V2",
-    Hash,
-    size_of::<VipKey6>(),
-    size_of::<Service>(),
-    Fixed(MAX_SERVICES),
-);
+pub const SERVICES6: MapSpec = MapSpec {
+    flags: F_NO_PREALLOC,
+    ..spec(
+        "SERVICES6_V2",
+        Hash,
+        size_of::<VipKey6>(),
+        size_of::<Service>(),
+        Fixed(MAX_SERVICES),
+    )
+};
 pub const BACKEND_ADDR6: MapSpec = spec(
     "BACKEND_ADDR6",
     Array,

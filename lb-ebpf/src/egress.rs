@@ -128,7 +128,8 @@ fn hash_pick<F: Family>(key: &FlowKeyOf<F::Addr>, owner: &BackendVipOf<F::Addr>)
         proto: key.proto,
         _pad: 0,
     };
-    // SAFETY: SERVICES values are replaced whole; copied out at once.
+    // SAFETY: replaced whole; a replaced entry stays intact until this program has finished
+    // (the map is not preallocated).
     let service = *unsafe { F::services().get(&vip) }?;
     let limits = LIMITS.get(service.id).copied().unwrap_or_default();
     let hash = if limits.has_affinity() {

@@ -51,8 +51,8 @@ fn ingress<F: Family>(ctx: &XdpContext, pkt: &L4Packet<F::Addr>) -> Result<Reaso
         proto: pkt.flow.proto,
         _pad: 0,
     };
-    // SAFETY: SERVICES entries are only replaced whole by userspace; a torn read is not
-    // possible for an 8-byte value copied out at once.
+    // SAFETY: SERVICES_V2 entries are only replaced whole by userspace, and (not
+    // preallocated) a replaced entry stays intact until this program has finished.
     let service = *unsafe { F::services().get(&vip) }.ok_or(Reason::PassNotVip)?;
     let (backend_id, backend, reason) = select_backend::<F>(ctx, pkt, &service)?;
 

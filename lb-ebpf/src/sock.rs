@@ -49,7 +49,8 @@ pub fn sock_forward<F: Family>(ctx: &SockAddrContext) {
         proto: proto as u8,
         _pad: 0,
     };
-    // SAFETY: an 8-byte value written whole by userspace.
+    // SAFETY: replaced whole by userspace; a replaced entry stays intact until this program
+    // has finished (the map is not preallocated).
     let Some(service) = (unsafe { F::services().get(&vip) }).copied() else {
         return;
     };

@@ -209,50 +209,61 @@ fn possible_cpus() -> u32 {
     aya::util::nr_cpus().map_or(1, |n| n as u32)
 }
 
-/// Copies the conntrack entries of an earlier version's table (same key and value layout)
-/// into this one's and removes it: an upgrade keeps its flows. Entries that do not fit or
-/// vanish meanwhile are left to the consistent hash, like evicted ones.
-fn migrate_conntrack(pin_path: &Path, maps: &mut Maps, resized: &[(PathBuf, MapSpec)]) {
+/// The conntrack tables to carry into this one's: an earlier version's (`CONNS`, `CONNS6`),
+/// and tables of another size set aside at this load or a load that did not finish
+/// (`<name>_RESIZED_<pid>`), each with the table its entries go into.
+fn tables_to_carry(pin_path: &Path) -> Vec<(PathBuf, MapSpec)> {
     let earlier = names::MIGRATED
         .iter()
         .map(|(old, new)| (pin_path.join(old), *new));
-    for (path, new) in earlier.chain(resized.iter().cloned()) {
+    let aside = fs::read_dir(pin_path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            [names::CONNS, names::CONNS6]
+                .into_iter()
+                .find(|m| name.starts_with(&format!("{}_RESIZED", m.name)))
+                .map(|m| (e.path(), m))
+        });
+    earlier.chain(aside).filter(|(p, _)| p.exists()).collect()
+}
+
+/// Copies the entries of the tables to carry (same key and value layout) into this one's:
+/// an upgrade or a resize keeps its flows. The first pass runs at load; the second after
+/// this version's programs took over (`Datapath::finish_carry`), adding only the flows the
+/// old programs opened meanwhile, then the old tables go. Entries that do not fit are left
+/// to the consistent hash, like evicted ones.
+fn carry_conntrack(maps: &mut Maps, tables: &[(PathBuf, MapSpec)], only_new: bool) {
+    for (path, new) in tables {
         let old = path
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        let old = old.as_str();
-        let Ok(data) = MapData::from_pin(&path) else {
+        let Ok(data) = MapData::from_pin(path) else {
             continue;
         };
         let copied = match aya::maps::Map::from_map_data(data) {
-            Ok(map) => maps.copy_flows_from(map, new.name),
+            Ok(map) => maps.copy_flows_from(map, new.name, only_new),
             Err(e) => Err(crate::maps::MapsError::Layout {
                 name: new.name,
                 source: e,
             }),
         };
         match copied {
-            Ok(n) => info!(
-                from = old,
-                to = new.name,
-                flows = n,
-                "conntrack carried over"
-            ),
-            Err(e) => warn!(from = old, error = %ErrorChain(&e), "conntrack not carried over"),
+            Ok(n) => {
+                info!(from = %old, to = new.name, flows = n, only_new, "conntrack carried over")
+            }
+            Err(e) => warn!(from = %old, error = %ErrorChain(&e), "conntrack not carried over"),
         }
-        let _ = fs::remove_file(&path);
     }
 }
 
 /// Moves aside the pinned conntrack tables whose size is not the config's (`conntrack_size`
 /// changed, or `conntrack_size_v6` followed a first or last IPv6 VIP), so that new ones are
 /// made; their entries are copied over after the load (`migrate_conntrack`).
-fn set_aside_resized(
-    pin_path: &Path,
-    sizes: &ConntrackSizes,
-) -> Result<Vec<(PathBuf, MapSpec)>, DatapathError> {
+fn set_aside_resized(pin_path: &Path, sizes: &ConntrackSizes) -> Result<(), DatapathError> {
     let cpus = possible_cpus();
-    let mut aside = Vec::new();
     for spec in [names::CONNS, names::CONNS6] {
         let path = pin_path.join(spec.name);
         let Ok(map) = MapData::from_pin(&path) else {
@@ -263,7 +274,7 @@ fn set_aside_resized(
             continue;
         }
         // No dot: bpffs refuses names with one.
-        let moved = pin_path.join(format!("{}_RESIZED", spec.name));
+        let moved = pin_path.join(format!("{}_RESIZED_{}", spec.name, std::process::id()));
         fs::rename(&path, &moved).map_err(|source| DatapathError::SetAside {
             path: moved.clone(),
             source,
@@ -274,9 +285,8 @@ fn set_aside_resized(
             to = spec.kernel_entries(sizes, cpus),
             "conntrack resized: its entries are carried over"
         );
-        aside.push((moved, spec));
     }
-    Ok(aside)
+    Ok(())
 }
 
 /// Carries the VIP tables of the version before (`SERVICES`, `SERVICES6`, `MAGLEV`) into
@@ -309,6 +319,8 @@ pub struct Datapath {
     pin_path: PathBuf,
     /// Links this process pinned (taken-over links live in the programs' link sets).
     links: Vec<PinnedLink>,
+    /// Conntrack tables carried over at load, copied once more and removed by `finish_carry`.
+    carry: Vec<(PathBuf, MapSpec)>,
 }
 
 impl Datapath {
@@ -321,7 +333,7 @@ impl Datapath {
             path: pin_path.to_owned(),
             source,
         })?;
-        let resized = set_aside_resized(pin_path, &sizes)?;
+        set_aside_resized(pin_path, &sizes)?;
         check_pinned(pin_path, &sizes)?;
         // Maps of older versions that nothing reads any more.
         for name in names::RETIRED {
@@ -360,13 +372,28 @@ impl Datapath {
         }
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
         migrate_tables(pin_path, &mut maps);
-        migrate_conntrack(pin_path, &mut maps, &resized);
+        let carry = tables_to_carry(pin_path);
+        carry_conntrack(&mut maps, &carry, false);
         Ok(Self {
             ebpf,
             maps,
             pin_path: pin_path.to_owned(),
             links: Vec::new(),
+            carry,
         })
+    }
+
+    /// Once this version's programs run: copies the flows the old programs opened since the
+    /// load (only keys this table lacks), then removes the old tables.
+    pub fn finish_carry(&mut self) {
+        let carry = std::mem::take(&mut self.carry);
+        if carry.is_empty() {
+            return;
+        }
+        carry_conntrack(&mut self.maps, &carry, true);
+        for (path, _) in carry {
+            let _ = fs::remove_file(path);
+        }
     }
 
     /// Instructions the verifier processed for each program when it loaded (the kernel's
@@ -627,11 +654,13 @@ impl Datapath {
 
     /// Detaches everything and removes the pinned maps and links and their directory.
     pub fn unpin(self) -> io::Result<()> {
+        // The tables still to carry are pinned files `remove_pins` finds.
         let Self {
             ebpf,
             maps,
             pin_path,
             links,
+            carry: _,
         } = self;
         // Links detach when the pin is gone and the last fd is closed.
         remove_pins(&pin_path)?;
@@ -742,7 +771,12 @@ pub fn remove_pins(pin_path: &Path) -> io::Result<()> {
         .chain(names::MIGRATED.iter().map(|(old, _)| *old))
         .chain(names::MIGRATED_TABLES)
         .map(|name| pin_path.join(name))
-        .chain([names::CONNS, names::CONNS6].map(|m| pin_path.join(format!("{}_RESIZED", m.name))));
+        .chain(
+            tables_to_carry(pin_path)
+                .into_iter()
+                .map(|(path, _)| path)
+                .collect::<Vec<_>>(),
+        );
     for path in links.collect::<Vec<_>>().into_iter().chain(maps) {
         match fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),

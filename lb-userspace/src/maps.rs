@@ -598,6 +598,20 @@ impl Maps {
         self.write_table(Service::other_block(service.block), &active)
     }
 
+    /// Waits out what is left of `BLOCK_GRACE` since the service's entry last changed, so its
+    /// spare block (the one in use until then) may be written: two table changes within
+    /// 10 ms (instances exiting together) keep the second one's writes off a block that
+    /// packets may still be reading.
+    pub fn await_spare(&self, service_id: u32) {
+        if let Some(left) = self
+            .switched
+            .get(&service_id)
+            .and_then(|t| BLOCK_GRACE.checked_sub(t.elapsed()))
+        {
+            std::thread::sleep(left);
+        }
+    }
+
     /// `catch_up` for every VIP (the state task's tick).
     pub fn catch_up_all(&mut self) -> Result<usize, MapsError> {
         let mut written = 0;
@@ -876,11 +890,20 @@ impl Maps {
     /// online CPU in turn (this thread moves, then gets its CPUs back). A TCP flow the old
     /// version had not counted (it counted from the SYN, so such a flow has ended) is marked
     /// done, never to be counted.
-    pub fn copy_flows_from(&mut self, map: Map, into: &'static str) -> Result<usize, MapsError> {
+    ///
+    /// `only_new`: entries the table already has are left as they are (the second pass, after
+    /// this version's programs took over and may have updated them).
+    pub fn copy_flows_from(
+        &mut self,
+        map: Map,
+        into: &'static str,
+        only_new: bool,
+    ) -> Result<usize, MapsError> {
         fn copy<A: Copy>(
             from: &HashMap<MapData, FlowKeyOf<A>, Flow>,
             to: &mut HashMap<MapData, FlowKeyOf<A>, Flow>,
             name: &'static str,
+            only_new: bool,
         ) -> Result<usize, MapsError>
         where
             FlowKeyOf<A>: aya::Pod,
@@ -902,7 +925,13 @@ impl Maps {
                     }
                 }
                 for (k, v) in chunk {
-                    to.insert(k, v, 0).map_err(op("writing", name))?;
+                    // BPF_NOEXIST (1): fails with EEXIST on a key the table has.
+                    match to.insert(k, v, u64::from(only_new)) {
+                        Ok(()) => {}
+                        Err(MapError::SyscallError(e))
+                            if only_new && e.io_error.raw_os_error() == Some(17) => {}
+                        Err(e) => return Err(op("writing", name)(e)),
+                    }
                 }
             }
             if let Some(mine) = mine {
@@ -912,10 +941,10 @@ impl Maps {
         }
         if into == maps::CONNS.name {
             let from: HashMap<MapData, FlowKey, Flow> = typed(into, map)?;
-            copy(&from, &mut self.conns, into)
+            copy(&from, &mut self.conns, into, only_new)
         } else {
             let from: HashMap<MapData, FlowKey6, Flow> = typed(into, map)?;
-            copy(&from, &mut self.conns6, into)
+            copy(&from, &mut self.conns6, into, only_new)
         }
     }
 

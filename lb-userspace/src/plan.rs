@@ -314,6 +314,7 @@ pub fn apply(
                 c.block
             }
             Some(c) => {
+                maps.await_spare(c.id);
                 // Brought up to the table in use first (if the tick has not yet), so that
                 // only this change's slots are written below.
                 if c.table_size == s.service.table_size {
@@ -326,6 +327,8 @@ pub fn apply(
             // Not visible yet: its first block, and the same table in the other, so that the
             // next change writes only the slots it changes.
             None => {
+                // The id may have been a removed VIP's a moment ago.
+                maps.await_spare(s.service.id);
                 let block = Service::first_block(s.service.id);
                 applied.slots_written += maps.write_table(block, &s.table)?;
                 maps.write_table(Service::other_block(block), &s.table)?;

@@ -558,7 +558,42 @@ fn a_resized_conntrack_keeps_its_flows() {
     drop(dp);
     let bigger = CONFIG.replacen("conntrack_size = 4096", "conntrack_size = 8192", 1);
     let config = Config::parse(Path::new("conntrack.toml"), &bigger).expect("config");
-    let dp = Datapath::load(&pins.path, config.conntrack).expect("load with a new size");
+    let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load with a new size");
+    // What the old programs open between the load and the takeover joins too: a flow put
+    // into the old table now (as its programs would) is carried by the second pass.
+    let old = std::fs::read_dir(&pins.path)
+        .expect("pins")
+        .flatten()
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("CONNS_V2_RESIZED")
+        })
+        .expect("the old table is kept until the takeover")
+        .path();
+    let data = aya::maps::MapData::from_pin(&old).expect("old table");
+    let mut old_table: aya::maps::HashMap<_, lb_common::FlowKey, lb_common::Flow> =
+        aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data).expect("map"))
+            .expect("typed");
+    let late = frames::flow_of(&tcp_flags(CLIENT, GUARDED, 40099, false, false));
+    let late_flow = lb_common::Flow {
+        backend: before[0].1,
+        service: 1,
+        generation: 1,
+        flags: 0,
+        last_seen_ns: 0,
+    };
+    old_table.insert(late, late_flow, 0).expect("a late flow");
+    dp.finish_carry();
+    let late_addr: SocketAddr = "198.18.0.2:40099".parse().expect("addr");
+    assert!(
+        dp.maps
+            .flows()
+            .expect("flows")
+            .iter()
+            .any(|(k, f)| k.client == late_addr && f.backend == before[0].1),
+        "the flow opened after the load was carried too"
+    );
     let mut after: Vec<_> = dp
         .maps
         .flows()
@@ -569,6 +604,7 @@ fn a_resized_conntrack_keeps_its_flows() {
     let mut before = before;
     before.sort_by_key(|(k, _)| k.client);
     after.sort_by_key(|(k, _)| k.client);
+    after.retain(|(k, _)| k.client != late_addr);
     assert_eq!(after, before, "every flow carried over, on its backend");
     let info = aya::maps::MapData::from_pin(pins.path.join(lb_common::maps::CONNS.name))
         .expect("pinned")
@@ -580,7 +616,10 @@ fn a_resized_conntrack_keeps_its_flows() {
         info.max_entries()
     );
     assert!(
-        !pins.path.join("CONNS_V2_RESIZED").exists(),
+        !std::fs::read_dir(&pins.path)
+            .expect("pins")
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains("RESIZED")),
         "the old table is gone"
     );
     drop(dp);
@@ -776,6 +815,7 @@ fn an_upgrade_carries_conntrack_and_tables_over() {
 
     let config = Config::parse(Path::new("conntrack.toml"), CONFIG).expect("config");
     let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
+    dp.finish_carry();
     let carried = dp.maps.services().expect("services");
     assert_eq!(carried.len(), 1, "{carried:?}");
     let service = carried[0].1;

@@ -137,6 +137,8 @@ pub async fn run(
             interface: interface.clone(),
             source: Box::new(e),
         })?;
+    // The old programs are gone now: the flows they opened since the load join the rest.
+    state.datapath.finish_carry();
     let cgroup = state
         .datapath
         .attach_sockets(&socket_lb)

@@ -256,6 +256,10 @@ impl State {
             b.probe.stop();
             stop(b.process.as_ref());
         }
+        // The maps keep the sizes they were made with (a change of them was refused above;
+        // a default that shrank with the last IPv6 VIP applies at the next restart).
+        let mut new = new;
+        new.conntrack = self.config.conntrack;
         self.config = new;
         self.write_ct_config();
         let (added, replaced) = (plan.count(Change::Added), plan.count(Change::Replaced));

@@ -305,6 +305,18 @@ impl State {
         });
         if let Err(e) = flagged {
             error!(backend = %key, error = %ErrorChain(&e), "flagging an ejected backend out");
+            return;
+        }
+        // The applied plan says what the maps hold: so it does, should the next sync not
+        // get to write (its backend entry then differs and is written when it returns).
+        let planned = self
+            .applied
+            .iter_mut()
+            .flat_map(|p| p.services.iter_mut())
+            .flat_map(|s| s.backends.iter_mut())
+            .find(|(i, _)| *i == id);
+        if let Some((_, b)) = planned {
+            b.flags |= lb_common::BACKEND_OUT;
         }
     }
 
