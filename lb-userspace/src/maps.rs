@@ -650,41 +650,51 @@ impl Maps {
                 .map(|i| old_maglev.get(&i, 0).map_err(op("reading", "MAGLEV")))
                 .collect()
         };
-        let mut carried = 0;
-        if let Some(map) = services {
-            let old: HashMap<MapData, VipKey, [u32; 2]> = typed("SERVICES", map)?;
-            for (key, [id, table_size]) in entries(&old, "SERVICES")? {
-                let service = Service {
-                    id,
-                    table_size,
-                    block: Service::first_block(id),
-                    _pad: 0,
-                };
-                let table = read(id, table_size)?;
-                self.write_table(service.block, &table)?;
-                self.services
-                    .insert(key, service, 0)
-                    .map_err(op("writing", maps::SERVICES.name))?;
-                carried += 1;
+        // Each old service in its first block, with its old table.
+        let carry = |id: u32, table_size: u32| -> Result<(Service, Vec<u32>), MapsError> {
+            let service = Service {
+                id,
+                table_size,
+                block: Service::first_block(id),
+                _pad: 0,
+            };
+            Ok((service, read(id, table_size)?))
+        };
+        let v4 = match services {
+            Some(map) => {
+                let old: HashMap<MapData, VipKey, [u32; 2]> = typed("SERVICES", map)?;
+                entries(&old, "SERVICES")?
+                    .into_iter()
+                    .map(|(k, [id, size])| Ok((k, carry(id, size)?)))
+                    .collect::<Result<Vec<_>, MapsError>>()?
             }
-        }
-        if let Some(map) = services6 {
-            let old: HashMap<MapData, VipKey6, [u32; 2]> = typed("SERVICES6", map)?;
-            for (key, [id, table_size]) in entries(&old, "SERVICES6")? {
-                let service = Service {
-                    id,
-                    table_size,
-                    block: Service::first_block(id),
-                    _pad: 0,
-                };
-                let table = read(id, table_size)?;
-                self.write_table(service.block, &table)?;
-                self.services6
-                    .insert(key, service, 0)
-                    .map_err(op("writing", maps::SERVICES6.name))?;
-                carried += 1;
+            None => Vec::new(),
+        };
+        let v6 = match services6 {
+            Some(map) => {
+                let old: HashMap<MapData, VipKey6, [u32; 2]> = typed("SERVICES6", map)?;
+                entries(&old, "SERVICES6")?
+                    .into_iter()
+                    .map(|(k, [id, size])| Ok((k, carry(id, size)?)))
+                    .collect::<Result<Vec<_>, MapsError>>()?
             }
+            None => Vec::new(),
+        };
+        // Tables first, then the entries that make them visible.
+        for (service, table) in v4.iter().map(|(_, c)| c).chain(v6.iter().map(|(_, c)| c)) {
+            self.write_table(service.block, table)?;
         }
+        for (key, (service, _)) in &v4 {
+            self.services
+                .insert(key, service, 0)
+                .map_err(op("writing", maps::SERVICES.name))?;
+        }
+        for (key, (service, _)) in &v6 {
+            self.services6
+                .insert(key, service, 0)
+                .map_err(op("writing", maps::SERVICES6.name))?;
+        }
+        let carried = v4.len() + v6.len();
         Ok(carried)
     }
 
