@@ -24,6 +24,10 @@ use tracing::{info, warn};
 
 use crate::{config, kernel::TcPath, maps::Maps, tc};
 
+mod carry;
+
+use carry::{carry_conntrack, migrate_tables, set_aside_resized, tables_to_carry};
+
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
@@ -205,111 +209,8 @@ fn check_pinned(pin_path: &Path, sizes: &ConntrackSizes) -> Result<(), DatapathE
 }
 
 /// Possible CPUs (what per-CPU maps are sized by); 1 if the kernel does not say.
-fn possible_cpus() -> u32 {
+pub(super) fn possible_cpus() -> u32 {
     aya::util::nr_cpus().map_or(1, |n| n as u32)
-}
-
-/// The conntrack tables to carry into this one's: an earlier version's (`CONNS`, `CONNS6`),
-/// and tables of another size set aside at this load or a load that did not finish
-/// (`<name>_RESIZED_<pid>`), each with the table its entries go into.
-fn tables_to_carry(pin_path: &Path) -> Vec<(PathBuf, MapSpec)> {
-    let earlier = names::MIGRATED
-        .iter()
-        .map(|(old, new)| (pin_path.join(old), *new));
-    let aside = fs::read_dir(pin_path)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            [names::CONNS, names::CONNS6]
-                .into_iter()
-                .find(|m| name.starts_with(&format!("{}_RESIZED", m.name)))
-                .map(|m| (e.path(), m))
-        });
-    earlier.chain(aside).filter(|(p, _)| p.exists()).collect()
-}
-
-/// Copies the entries of the tables to carry (same key and value layout) into this one's:
-/// an upgrade or a resize keeps its flows. The first pass runs at load; the second after
-/// this version's programs took over (`Datapath::finish_carry`), adding only the flows the
-/// old programs opened meanwhile, then the old tables go. Entries that do not fit are left
-/// to the consistent hash, like evicted ones.
-fn carry_conntrack(maps: &mut Maps, tables: &[(PathBuf, MapSpec)], only_new: bool) {
-    for (path, new) in tables {
-        let old = path
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        let Ok(data) = MapData::from_pin(path) else {
-            continue;
-        };
-        let copied = match aya::maps::Map::from_map_data(data) {
-            Ok(map) => maps.copy_flows_from(map, new.name, only_new),
-            Err(e) => Err(crate::maps::MapsError::Layout {
-                name: new.name,
-                source: e,
-            }),
-        };
-        match copied {
-            Ok(n) => {
-                info!(from = %old, to = new.name, flows = n, only_new, "conntrack carried over")
-            }
-            Err(e) => warn!(from = %old, error = %ErrorChain(&e), "conntrack not carried over"),
-        }
-    }
-}
-
-/// Moves aside the pinned conntrack tables whose size is not the config's (`conntrack_size`
-/// changed, or `conntrack_size_v6` followed a first or last IPv6 VIP), so that new ones are
-/// made; their entries are copied over after the load (`migrate_conntrack`).
-fn set_aside_resized(pin_path: &Path, sizes: &ConntrackSizes) -> Result<(), DatapathError> {
-    let cpus = possible_cpus();
-    for spec in [names::CONNS, names::CONNS6] {
-        let path = pin_path.join(spec.name);
-        let Ok(map) = MapData::from_pin(&path) else {
-            continue;
-        };
-        let entries = map.info().map(|i| i.max_entries()).unwrap_or(0);
-        if entries == spec.kernel_entries(sizes, cpus) {
-            continue;
-        }
-        // No dot: bpffs refuses names with one.
-        let moved = pin_path.join(format!("{}_RESIZED_{}", spec.name, std::process::id()));
-        fs::rename(&path, &moved).map_err(|source| DatapathError::SetAside {
-            path: moved.clone(),
-            source,
-        })?;
-        info!(
-            map = spec.name,
-            from = entries,
-            to = spec.kernel_entries(sizes, cpus),
-            "conntrack resized: its entries are carried over"
-        );
-    }
-    Ok(())
-}
-
-/// Carries the VIP tables of the version before (`SERVICES`, `SERVICES6`, `MAGLEV`) into
-/// this one's maps and removes them: the first sync then finds every VIP with its ids and
-/// table, as a restart of the same version does. Not carried (logged): the daemon programs
-/// the tables anew from its config, and flows whose backend the scheduler chose away from
-/// the consistent hash keep it through conntrack.
-fn migrate_tables(pin_path: &Path, maps: &mut Maps) {
-    let open = |name: &str| {
-        MapData::from_pin(pin_path.join(name))
-            .ok()
-            .and_then(|d| aya::maps::Map::from_map_data(d).ok())
-    };
-    let Some(maglev) = open("MAGLEV") else {
-        return;
-    };
-    match maps.carry_tables(open("SERVICES"), open("SERVICES6"), maglev) {
-        Ok(n) => info!(services = n, "VIP tables carried over"),
-        Err(e) => warn!(error = %ErrorChain(&e), "VIP tables not carried over"),
-    }
-    for name in names::MIGRATED_TABLES {
-        let _ = fs::remove_file(pin_path.join(name));
-    }
 }
 
 /// The loaded programs and their maps, pinned under `pin_path`.

@@ -19,9 +19,14 @@ use aya::{
 use lb_common::{
     Addr6, AdmitCounters, AllowKey, AllowKey6, AllowKeyOf, BACKEND_IPV6, Backend, BackendVip,
     BackendVip6, BackendVipOf, Counters, CtConfig, EngineLoad, FloodState, Flow, FlowKey, FlowKey6,
-    FlowKeyOf, MAGLEV_MAX_SIZE, MAX_MEMBERS, Members, PROTO_TCP, Reason, Sched, Service,
-    ServiceLimits, VipKey, VipKey6, VipKeyOf, addr6_of, ipv6_of, maps,
+    MAX_MEMBERS, Members, PROTO_TCP, Reason, Sched, Service, ServiceLimits, VipKey, VipKey6,
+    VipKeyOf, addr6_of, ipv6_of, maps,
 };
+
+mod conntrack;
+mod tables;
+
+pub use conntrack::{FloodTotals, LiveCount};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -117,30 +122,6 @@ impl BackendEntry {
     }
 }
 
-/// A backend's live-flow count in its two halves: what the data path counted (atomic adds
-/// only) and the daemon's correction.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LiveCount {
-    pub counted: i64,
-    pub fix: i64,
-}
-
-impl LiveCount {
-    /// What decisions read (before the data path's clamp at 0).
-    pub fn effective(&self) -> i64 {
-        self.counted.wrapping_add(self.fix)
-    }
-}
-
-/// `FLOOD`, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FloodTotals {
-    /// Packets forwarded by the consistent hash without conntrack state.
-    pub stateless: u64,
-    /// Seconds any CPU spent in flood mode (one per CPU and second).
-    pub flood_seconds: u64,
-}
-
 /// A conntrack entry's key, either family: client → VIP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowAddrs {
@@ -181,10 +162,6 @@ pub struct Maps {
     /// brought up to date only once no packet can still be reading it.
     switched: std::collections::HashMap<u32, std::time::Instant>,
 }
-
-/// How long after a service's entry changed its old block may be written again: far longer
-/// than any XDP program run that read the entry before the change (microseconds).
-const BLOCK_GRACE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A backend's address and port with its VIP's protocol: its `VIP_OF` key.
 fn backend_vip_addr(backend: &BackendEntry, vip: &VipAddr) -> VipAddr {
@@ -545,184 +522,6 @@ impl Maps {
         Ok(())
     }
 
-    /// The Maglev table of a service: the first `table_size` slots of its current block.
-    pub fn maglev_table(&self, service: &Service) -> Result<Vec<u32>, MapsError> {
-        self.read_block(service.block, service.table_size)
-    }
-
-    fn read_block(&self, block: u32, size: u32) -> Result<Vec<u32>, MapsError> {
-        let base = block * MAGLEV_MAX_SIZE;
-        (base..base + size)
-            .map(|i| {
-                self.maglev
-                    .get(&i, 0)
-                    .map_err(op("reading", maps::MAGLEV.name))
-            })
-            .collect()
-    }
-
-    /// The first `size` slots of a block: what this process last wrote there, else read
-    /// back (65537 reads for a full table).
-    pub fn block_table(&mut self, block: u32, size: u32) -> Result<Vec<u32>, MapsError> {
-        if let Some(t) = self.tables.get(&block).filter(|t| t.len() == size as usize) {
-            return Ok(t.clone());
-        }
-        let table = self.read_block(block, size)?;
-        self.tables.insert(block, table.clone());
-        Ok(table)
-    }
-
-    /// Makes a block hold `table`, writing only the slots that differ; returns how many it
-    /// wrote. The block must not be in use: the data path switches to it when the service's
-    /// entry names it (`set_service`).
-    pub fn write_table(&mut self, block: u32, table: &[u32]) -> Result<usize, MapsError> {
-        let old = self.block_table(block, table.len() as u32)?;
-        let changed = crate::maglev::diff(&old, table);
-        self.write_slots(block, &changed)?;
-        self.tables.insert(block, table.to_vec());
-        Ok(changed.len())
-    }
-
-    /// Brings the block `service` does not use up to the table it uses, so that the next
-    /// change writes only the slots it changes; not within `BLOCK_GRACE` of the entry's last
-    /// change (a packet may still be reading that block). Returns the slots written.
-    pub fn catch_up(&mut self, service: &Service) -> Result<usize, MapsError> {
-        if self
-            .switched
-            .get(&service.id)
-            .is_some_and(|t| t.elapsed() < BLOCK_GRACE)
-        {
-            return Ok(0);
-        }
-        let active = self.block_table(service.block, service.table_size)?;
-        self.write_table(Service::other_block(service.block), &active)
-    }
-
-    /// Waits out what is left of `BLOCK_GRACE` since the service's entry last changed, so its
-    /// spare block (the one in use until then) may be written: two table changes within
-    /// 10 ms (instances exiting together) keep the second one's writes off a block that
-    /// packets may still be reading.
-    pub fn await_spare(&self, service_id: u32) {
-        if let Some(left) = self
-            .switched
-            .get(&service_id)
-            .and_then(|t| BLOCK_GRACE.checked_sub(t.elapsed()))
-        {
-            std::thread::sleep(left);
-        }
-    }
-
-    /// `catch_up` for every VIP (the state task's tick).
-    pub fn catch_up_all(&mut self) -> Result<usize, MapsError> {
-        let mut written = 0;
-        for (_, service) in self.services()? {
-            written += self.catch_up(&service)?;
-        }
-        Ok(written)
-    }
-
-    /// Writes the given (slot, backend id) pairs of a block.
-    pub fn write_slots(&mut self, block: u32, slots: &[(u32, u32)]) -> Result<(), MapsError> {
-        // Known again only once written whole (`write_table`).
-        self.tables.remove(&block);
-        let base = block * MAGLEV_MAX_SIZE;
-        for &(slot, id) in slots {
-            self.maglev
-                .set(base + slot, id, 0)
-                .map_err(op("writing", maps::MAGLEV.name))?;
-        }
-        Ok(())
-    }
-
-    /// Carries the VIP tables of the version before into this one's maps: each service of
-    /// the old `SERVICES`/`SERVICES6` (values: id, table size) gets its old block of `MAGLEV`
-    /// as its first block here, then its entry. Returns the services carried.
-    pub fn carry_tables(
-        &mut self,
-        services: Option<Map>,
-        services6: Option<Map>,
-        maglev: Map,
-    ) -> Result<usize, MapsError> {
-        let old_maglev: Array<MapData, u32> = typed("MAGLEV", maglev)?;
-        let read = |id: u32, size: u32| -> Result<Vec<u32>, MapsError> {
-            let base = id * MAGLEV_MAX_SIZE;
-            (base..base + size)
-                .map(|i| old_maglev.get(&i, 0).map_err(op("reading", "MAGLEV")))
-                .collect()
-        };
-        // Each old service in its first block, with its old table.
-        let carry = |id: u32, table_size: u32| -> Result<(Service, Vec<u32>), MapsError> {
-            let service = Service {
-                id,
-                table_size,
-                block: Service::first_block(id),
-                _pad: 0,
-            };
-            Ok((service, read(id, table_size)?))
-        };
-        let v4 = match services {
-            Some(map) => {
-                let old: HashMap<MapData, VipKey, [u32; 2]> = typed("SERVICES", map)?;
-                entries(&old, "SERVICES")?
-                    .into_iter()
-                    .map(|(k, [id, size])| Ok((k, carry(id, size)?)))
-                    .collect::<Result<Vec<_>, MapsError>>()?
-            }
-            None => Vec::new(),
-        };
-        let v6 = match services6 {
-            Some(map) => {
-                let old: HashMap<MapData, VipKey6, [u32; 2]> = typed("SERVICES6", map)?;
-                entries(&old, "SERVICES6")?
-                    .into_iter()
-                    .map(|(k, [id, size])| Ok((k, carry(id, size)?)))
-                    .collect::<Result<Vec<_>, MapsError>>()?
-            }
-            None => Vec::new(),
-        };
-        // Tables first, then the entries that make them visible.
-        for (service, table) in v4.iter().map(|(_, c)| c).chain(v6.iter().map(|(_, c)| c)) {
-            self.write_table(service.block, table)?;
-        }
-        for (key, (service, _)) in &v4 {
-            self.services
-                .insert(key, service, 0)
-                .map_err(op("writing", maps::SERVICES.name))?;
-        }
-        for (key, (service, _)) in &v6 {
-            self.services6
-                .insert(key, service, 0)
-                .map_err(op("writing", maps::SERVICES6.name))?;
-        }
-        let carried = v4.len() + v6.len();
-        Ok(carried)
-    }
-
-    /// Tracked flows (conntrack entries), client → VIP, both families.
-    pub fn flows(&self) -> Result<Vec<(FlowAddrs, Flow)>, MapsError> {
-        let v4 = entries(&self.conns, maps::CONNS.name)?
-            .into_iter()
-            .map(|(k, f)| {
-                let flow = FlowAddrs {
-                    client: sock_of(k.src_be, k.sport_be).into(),
-                    vip: sock_of(k.dst_be, k.dport_be).into(),
-                    proto: k.proto,
-                };
-                (flow, f)
-            });
-        let v6 = entries(&self.conns6, maps::CONNS6.name)?
-            .into_iter()
-            .map(|(k, f)| {
-                let flow = FlowAddrs {
-                    client: SocketAddr::new(ipv6_of(&k.src_be).into(), port_of(k.sport_be)),
-                    vip: SocketAddr::new(ipv6_of(&k.dst_be).into(), port_of(k.dport_be)),
-                    proto: k.proto,
-                };
-                (flow, f)
-            });
-        Ok(v4.chain(v6).collect())
-    }
-
     pub fn limits(&self, service_id: u32) -> Result<ServiceLimits, MapsError> {
         self.limits
             .get(&service_id, 0)
@@ -823,161 +622,6 @@ impl Maps {
                 .remove(&allow_key(service_id, addr6_of(ip), len))
                 .map_err(op("removing from", maps::ALLOW6.name)),
         }
-    }
-
-    /// Live TCP flows of a backend as decisions read them (the data path's count plus the
-    /// daemon's correction; a sum below zero reads as 0, as in the data path).
-    pub fn live_flows(&self, backend_id: u32) -> Result<u64, MapsError> {
-        Ok(self.live_count(backend_id)?.effective().max(0) as u64)
-    }
-
-    /// Both halves of a backend's live-flow count.
-    pub fn live_count(&self, backend_id: u32) -> Result<LiveCount, MapsError> {
-        let counted = self
-            .live_flows
-            .get(&backend_id, 0)
-            .map_err(op("reading", maps::LIVE_FLOWS.name))?;
-        let fix = self
-            .live_fix
-            .get(&backend_id, 0)
-            .map_err(op("reading", maps::LIVE_FIX.name))?;
-        Ok(LiveCount {
-            counted: counted as i64,
-            fix: fix as i64,
-        })
-    }
-
-    /// Sets the daemon's correction of a backend's count (never the data path's counter,
-    /// whose concurrent increments a write would lose).
-    pub fn set_live_fix(&mut self, backend_id: u32, fix: i64) -> Result<(), MapsError> {
-        self.live_fix
-            .set(backend_id, fix as u64, 0)
-            .map_err(op("writing", maps::LIVE_FIX.name))
-    }
-
-    /// A fresh id starts at zero live flows: no flow can name it yet (its generation is new),
-    /// so nothing races with these writes.
-    pub fn reset_live(&mut self, backend_id: u32) -> Result<(), MapsError> {
-        self.live_flows
-            .set(backend_id, 0, 0)
-            .map_err(op("writing", maps::LIVE_FLOWS.name))?;
-        self.set_live_fix(backend_id, 0)
-    }
-
-    /// The conntrack entry of a client's flow to a VIP, if it has one.
-    pub fn flow(&self, client: SocketAddr, vip: &VipAddr) -> Result<Option<Flow>, MapsError> {
-        fn key<A>(src_be: A, dst_be: A, client: SocketAddr, vip: &VipAddr) -> FlowKeyOf<A> {
-            FlowKeyOf {
-                src_be,
-                dst_be,
-                sport_be: port_be(client.port()),
-                dport_be: port_be(vip.addr.port()),
-                proto: vip.proto,
-                _pad: [0; 3],
-            }
-        }
-        let found = match (client.ip().to_canonical(), vip.addr.ip()) {
-            (IpAddr::V4(c), IpAddr::V4(v)) => {
-                let k = key(addr_be(c), addr_be(v), client, vip);
-                self.conns.get(&k, 0)
-            }
-            (IpAddr::V6(c), IpAddr::V6(v)) => {
-                let k = key(addr6_of(c), addr6_of(v), client, vip);
-                self.conns6.get(&k, 0)
-            }
-            _ => return Ok(None),
-        };
-        match found {
-            Ok(f) => Ok(Some(f)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(op("reading", maps::CONNS.name)(e)),
-        }
-    }
-
-    /// Copies every entry of an earlier version's conntrack table (`map`, same layout as
-    /// `into`'s) into `into`; returns how many. A per-CPU LRU puts an entry inserted from
-    /// userspace on the inserting CPU's list, so the entries are inserted a share from each
-    /// online CPU in turn (this thread moves, then gets its CPUs back). A TCP flow the old
-    /// version had not counted (it counted from the SYN, so such a flow has ended) is marked
-    /// done, never to be counted.
-    ///
-    /// `only_new`: entries the table already has are left as they are (the second pass, after
-    /// this version's programs took over and may have updated them).
-    pub fn copy_flows_from(
-        &mut self,
-        map: Map,
-        into: &'static str,
-        only_new: bool,
-    ) -> Result<usize, MapsError> {
-        fn copy<A: Copy>(
-            from: &HashMap<MapData, FlowKeyOf<A>, Flow>,
-            to: &mut HashMap<MapData, FlowKeyOf<A>, Flow>,
-            name: &'static str,
-            only_new: bool,
-        ) -> Result<usize, MapsError>
-        where
-            FlowKeyOf<A>: aya::Pod,
-        {
-            let mut entries = entries(from, name)?;
-            for (k, v) in &mut entries {
-                if k.proto == PROTO_TCP && !v.is_counted() {
-                    v.flags |= lb_common::FLOW_DONE;
-                }
-            }
-            let cpus = aya::util::online_cpus().unwrap_or_default();
-            let mine = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok();
-            let share = entries.len().div_ceil(cpus.len().max(1)).max(1);
-            for (i, chunk) in entries.chunks(share).enumerate() {
-                if let Some(&cpu) = cpus.get(i) {
-                    let mut set = nix::sched::CpuSet::new();
-                    if set.set(cpu as usize).is_ok() {
-                        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
-                    }
-                }
-                for (k, v) in chunk {
-                    // BPF_NOEXIST (1): fails with EEXIST on a key the table has.
-                    match to.insert(k, v, u64::from(only_new)) {
-                        Ok(()) => {}
-                        Err(MapError::SyscallError(e))
-                            if only_new && e.io_error.raw_os_error() == Some(17) => {}
-                        Err(e) => return Err(op("writing", name)(e)),
-                    }
-                }
-            }
-            if let Some(mine) = mine {
-                let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &mine);
-            }
-            Ok(entries.len())
-        }
-        if into == maps::CONNS.name {
-            let from: HashMap<MapData, FlowKey, Flow> = typed(into, map)?;
-            copy(&from, &mut self.conns, into, only_new)
-        } else {
-            let from: HashMap<MapData, FlowKey6, Flow> = typed(into, map)?;
-            copy(&from, &mut self.conns6, into, only_new)
-        }
-    }
-
-    /// Sets the conntrack insert budget (`CT_CONFIG`).
-    pub fn set_ct_config(&mut self, config: CtConfig) -> Result<(), MapsError> {
-        self.ct_config
-            .set(0, config, 0)
-            .map_err(op("writing", maps::CT_CONFIG.name))
-    }
-
-    /// Flood-mode counters, summed over CPUs: (packets forwarded without state, seconds a
-    /// CPU spent in flood mode).
-    pub fn flood(&self) -> Result<FloodTotals, MapsError> {
-        let values = self
-            .flood
-            .get(&0, 0)
-            .map_err(op("reading", maps::FLOOD.name))?;
-        Ok(values
-            .iter()
-            .fold(FloodTotals::default(), |t, c| FloodTotals {
-                stateless: t.stateless + c.stateless,
-                flood_seconds: t.flood_seconds + c.flood_windows,
-            }))
     }
 
     /// The network namespace whose sockets the socket programs balance.
