@@ -179,6 +179,14 @@ pub const BACKEND_STATS: MapSpec = spec(
     size_of::<Counters>(),
     Fixed(MAX_BACKENDS),
 );
+/// Replies NATed back to the VIP, by backend id: the bytes clients are sent.
+pub const BACKEND_EGRESS: MapSpec = spec(
+    "BACKEND_EGRESS",
+    PerCpuArray,
+    4,
+    size_of::<Counters>(),
+    Fixed(MAX_BACKENDS),
+);
 /// `_V3`: room for reasons to come (`Reason::COUNT` of them are used).
 pub const REASONS: MapSpec = spec("REASONS_V3", PerCpuArray, 4, 8, Fixed(REASON_SLOTS));
 /// `REASONS` entries.
@@ -289,7 +297,7 @@ pub const SOCK_REVNAT6: MapSpec = spec(
 );
 
 /// Every map the daemon pins; the layout check, the CLI and the clean-up use this list.
-pub const ALL: [MapSpec; 30] = [
+pub const ALL: [MapSpec; 31] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -297,6 +305,7 @@ pub const ALL: [MapSpec; 30] = [
     VIP_OF,
     VIP_STATS,
     BACKEND_STATS,
+    BACKEND_EGRESS,
     REASONS,
     LIMITS,
     RATE_LIMIT,

@@ -13,9 +13,10 @@ use crate::{
     family::{Family, V4, V6},
     flood::was_flooded,
     flows::track_live,
-    maps::{LIMITS, REFUSED_AT},
+    maps::{BACKEND_EGRESS, LIMITS, REFUSED_AT},
     parse::{IP_CHECK_OFF, L4Packet, Parsed, TCP_CHECK_OFF, UDP_CHECK_OFF, parse_l4},
     sched::maglev_pick,
+    stats::count_traffic,
 };
 
 /// Replies of NATed flows get the VIP back as their source. Uses the skb helpers so that
@@ -85,6 +86,7 @@ fn egress<F: Family>(ctx: &TcContext, pkt: &L4Packet<F::Addr>) -> Result<Reason,
         .store(pkt.l3 + F::SRC_OFF, &owner.vip_be, 0)
         .map_err(fail)?;
     ctx.skb.store(pkt.l4, &new_port, 0).map_err(fail)?;
+    count_traffic(&BACKEND_EGRESS, owner.backend, u64::from(ctx.len()), false);
     Ok(Reason::EgressRevNat)
 }
 

@@ -55,6 +55,13 @@ pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(
     spec::BACKEND_STATS.flags,
 );
 
+/// Replies NATed back to the VIP, by backend id (`BACKEND_STATS` counts the other way).
+#[map]
+pub static BACKEND_EGRESS: PerCpuArray<Counters> = PerCpuArray::pinned(
+    spec::BACKEND_EGRESS.default_entries(),
+    spec::BACKEND_EGRESS.flags,
+);
+
 /// One count per packet, by `Reason`.
 #[map]
 pub static REASONS_V3: PerCpuArray<u64> =

@@ -37,10 +37,13 @@ pub async fn probe(
         }
         CheckKind::Http => {
             let get = |path: &str| {
-                client
+                let mut request = client
                     .get(format!("http://{addr}{path}"))
-                    .timeout(check.timeout)
-                    .send()
+                    .timeout(check.timeout);
+                for h in &check.headers {
+                    request = request.header(&h.name, &h.value);
+                }
+                request.send()
             };
             let resp = get(&check.path)
                 .await
@@ -146,6 +149,8 @@ mod tests {
             kind: CheckKind::Http,
             path: "/health".into(),
             model: None,
+            headers: Vec::new(),
+            start_timeout: None,
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
             rise,

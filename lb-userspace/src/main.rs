@@ -6,7 +6,7 @@ use std::{
     process::ExitCode,
 };
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use gpulb::{
     EXIT_USAGE, cli,
     config::{CONTROL_SOCKET, Config, DEFAULT_PIN_PATH, DEFAULT_STATE_DIR},
@@ -21,6 +21,15 @@ use gpulb::{
     about = "XDP layer-4 load balancer for GPU inference hosts"
 )]
 struct Args {
+    /// Log lines as text or as JSON objects (one per line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "GPULB_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: gpulb::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -56,7 +65,13 @@ enum Command {
         config: PathBuf,
     },
     /// Validate a config (and find its GPUs) without touching the kernel (exit 64 if invalid).
-    CheckConfig { file: PathBuf },
+    CheckConfig {
+        file: PathBuf,
+        /// Print the effective config: every default filled in (probe header values as
+        /// written, `${VAR}`s not expanded).
+        #[arg(long)]
+        print: bool,
+    },
     /// What this kernel has of what gpulb needs (program, map and attach types, helpers,
     /// BTF), and whether gpulb's programs load (with the verifier's instruction counts).
     /// Attaches nothing (exit 1 if gpulb cannot run here).
@@ -122,6 +137,35 @@ enum Command {
     Maglev(Read),
     /// Packets by verdict reason.
     Stats(Read),
+    /// A live view, redrawn 4 times a second: VIPs' new flows and refusals, backends'
+    /// state, flows, scheduler inputs and new flows (sparkline), and recent events. `q` quits.
+    Top {
+        #[arg(long, env = "GPULB_PIN_PATH", default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+        #[command(flatten)]
+        socket: Socket,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) of gpulb and its subcommands.
+    #[command(hide = true)]
+    Man,
+}
+
+/// gpulb(1), with a section per subcommand.
+fn man() -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let command = Args::command();
+    let mut out = std::io::stdout().lock();
+    clap_mangen::Man::new(command.clone()).render(&mut out)?;
+    for sub in command.get_subcommands().filter(|c| !c.is_hide_set()) {
+        writeln!(out, ".SH \"GPULB {}\"", sub.get_name().to_uppercase())?;
+        let man = clap_mangen::Man::new(sub.clone().bin_name(format!("gpulb {}", sub.get_name())));
+        man.render_synopsis_section(&mut out)?;
+        man.render_description_section(&mut out)?;
+        man.render_options_section(&mut out)?;
+    }
+    Ok(())
 }
 
 /// The config and the instances it asks for (GPUs found), or exit 64.
@@ -139,7 +183,7 @@ fn load_config(path: &Path) -> Result<(Config, Vec<InstanceSpec>), ExitCode> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    gpulb::init_logging();
+    gpulb::init_logging(args.log_format);
 
     let result = match args.command {
         Command::Run { config: path } => {
@@ -153,7 +197,11 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| Ok(rt.block_on(gpulb::daemon::run(config, path, specs))?))
         }
-        Command::CheckConfig { file } => match load_config(&file) {
+        Command::CheckConfig { file, print } => match load_config(&file) {
+            Ok((c, _)) if print => {
+                print!("{}", c.effective());
+                Ok(())
+            }
             Ok((c, specs)) => {
                 println!(
                     "{}: ok ({} VIPs, {} static backends, {} models with {} instances)",
@@ -200,6 +248,12 @@ fn main() -> ExitCode {
         Command::Flows { read, limit } => cli::flows::run(&read.pin_path, limit, read.json),
         Command::Maglev(r) => cli::maglev::run(&r.pin_path, r.json),
         Command::Stats(r) => cli::stats::run(&r.pin_path, r.json),
+        Command::Top { pin_path, socket } => cli::top::run(&pin_path, socket.socket.as_ref()),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Args::command(), "gpulb", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => man(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

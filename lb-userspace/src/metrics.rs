@@ -6,7 +6,11 @@
 //! backends' status from the snapshot the state task publishes, joined by backend id. No
 //! client address is ever a label.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus::{
@@ -19,8 +23,18 @@ use tracing::{info, warn};
 
 use crate::{
     control::{BackendState, BackendStatus},
-    maps::{Maps, MapsError},
+    maps::{ConntrackFill, Maps, MapsError},
 };
+
+/// `gpulb_ejections_total`'s causes: every backend has a series for each from the start, so
+/// that `increase()` sees its first ejection.
+pub const EJECTION_CAUSES: [&str; 2] = ["exit", "unhealthy"];
+
+/// How long a conntrack fill reading is reused: counting walks every entry.
+const FILL_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// The last conntrack fill reading and when it was taken.
+type FillCache = Mutex<Option<(Instant, [ConntrackFill; 2])>>;
 
 /// What the state task counts.
 pub struct DaemonMetrics {
@@ -39,7 +53,7 @@ impl DaemonMetrics {
                 "gpulb_ejections_total",
                 "Backends taken out of the table because their process exited or they failed probes.",
             ),
-            &["vip", "backend", "instance", "cause"],
+            &["vip", "backend", "backend_instance", "cause"],
         )
         .expect("valid metric");
         let rebuilds = IntCounter::new(
@@ -88,6 +102,7 @@ struct Scrape {
     daemon: Arc<DaemonMetrics>,
     maps: Arc<Maps>,
     snapshot: watch::Receiver<Snapshot>,
+    fill: Arc<FillCache>,
 }
 
 /// Serves `/metrics` on `listen` until `cancel`; `maps` are handles of the daemon's maps.
@@ -112,6 +127,7 @@ pub async fn serve(
             daemon,
             maps: Arc::new(maps),
             snapshot,
+            fill: Arc::default(),
         });
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
@@ -120,8 +136,23 @@ pub async fn serve(
 
 async fn metrics(State(scrape): State<Scrape>) -> impl IntoResponse {
     let snapshot = scrape.snapshot.borrow().clone();
+    for s in snapshot.0.iter() {
+        for cause in EJECTION_CAUSES {
+            scrape.daemon.ejections.with_label_values(&[
+                &s.vip_address.to_string(),
+                &s.backend.to_string(),
+                s.instance.as_deref().unwrap_or(""),
+                cause,
+            ]);
+        }
+    }
     let maps = scrape.maps.clone();
-    let maps_part = tokio::task::spawn_blocking(move || scrape_maps(&maps, &snapshot.0)).await;
+    let fill = scrape.fill.clone();
+    let maps_part = tokio::task::spawn_blocking(move || {
+        let fill = conntrack_fill(&maps, &fill)?;
+        scrape_maps(&maps, &snapshot.0, fill)
+    })
+    .await;
     let mut text = match maps_part {
         Ok(Ok(text)) => text,
         Ok(Err(e)) => {
@@ -144,8 +175,28 @@ fn encode(registry: &Registry) -> String {
     String::from_utf8(buf).expect("metrics text is UTF-8")
 }
 
+/// The conntrack tables' fill, counted at most every `FILL_MAX_AGE`.
+fn conntrack_fill(
+    maps: &Maps,
+    cache: &FillCache,
+) -> Result<[ConntrackFill; 2], MapsError> {
+    let mut cache = cache.lock().expect("no panic while holding the fill cache");
+    if let Some((at, fill)) = *cache
+        && at.elapsed() < FILL_MAX_AGE
+    {
+        return Ok(fill);
+    }
+    let fill = maps.conntrack_fill()?;
+    *cache = Some((Instant::now(), fill));
+    Ok(fill)
+}
+
 /// Builds the scrape-time metrics from the maps and the daemon's status.
-fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsError> {
+fn scrape_maps(
+    maps: &Maps,
+    status: &[BackendStatus],
+    fill: [ConntrackFill; 2],
+) -> Result<String, MapsError> {
     let r = Registry::new();
     let counter = |name: &str, help: &str, labels: &[&str]| {
         let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -174,6 +225,21 @@ fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsErro
     flood
         .with_label_values(&[] as &[&str])
         .inc_by(maps.flood()?.flood_seconds);
+
+    let entries = gauge(
+        "gpulb_conntrack_entries",
+        "Entries in the conntrack table (counted at most every 10 s). Near capacity, the LRU evicts the least recently active flows.",
+        &["family"],
+    );
+    let capacity = gauge(
+        "gpulb_conntrack_capacity",
+        "Entries the conntrack table holds (conntrack_size, conntrack_size_v6).",
+        &["family"],
+    );
+    for (family, f) in ["ipv4", "ipv6"].into_iter().zip(fill) {
+        entries.with_label_values(&[family]).set(f.entries as i64);
+        capacity.with_label_values(&[family]).set(f.capacity as i64);
+    }
 
     let vip_labels = ["vip"];
     let vip_packets = counter(
@@ -223,7 +289,7 @@ fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsErro
             .set(i64::from(maps.sched(service.id)?.is_sticky()));
     }
 
-    let labels = ["vip", "backend", "instance"];
+    let labels = ["vip", "backend", "backend_instance"];
     let packets = counter(
         "gpulb_backend_packets_total",
         "Packets NATed to the backend.",
@@ -232,6 +298,16 @@ fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsErro
     let bytes = counter(
         "gpulb_backend_bytes_total",
         "Bytes NATed to the backend.",
+        &labels,
+    );
+    let egress_packets = counter(
+        "gpulb_backend_egress_packets_total",
+        "Replies from the backend NATed back to clients as the VIP.",
+        &labels,
+    );
+    let egress_bytes = counter(
+        "gpulb_backend_egress_bytes_total",
+        "Bytes of replies from the backend NATed back to clients as the VIP.",
         &labels,
     );
     let new_flows = counter(
@@ -268,7 +344,7 @@ fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsErro
     let state = gauge(
         "gpulb_backend_state",
         "1 for the backend's current state, 0 for the others.",
-        &["vip", "backend", "instance", "state"],
+        &["vip", "backend", "backend_instance", "state"],
     );
     let probe = GaugeVec::new(
         Opts::new(
@@ -317,7 +393,7 @@ fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsErro
         &[
             "vip",
             "backend",
-            "instance",
+            "backend_instance",
             "model",
             "gpu_index",
             "gpu_uuid",
@@ -335,6 +411,9 @@ fn scrape_maps(maps: &Maps, status: &[BackendStatus]) -> Result<String, MapsErro
         let c = maps.backend_counters(id)?;
         packets.with_label_values(&l).inc_by(c.packets);
         bytes.with_label_values(&l).inc_by(c.bytes);
+        let e = maps.backend_egress(id)?;
+        egress_packets.with_label_values(&l).inc_by(e.packets);
+        egress_bytes.with_label_values(&l).inc_by(e.bytes);
         new_flows.with_label_values(&l).inc_by(c.new_flows);
         counted
             .with_label_values(&l)

@@ -90,6 +90,10 @@ pub struct SimConfig {
     /// Share of the prefill time that cached prefix tokens still cost (0-1).
     #[arg(long, default_value_t = 0.1)]
     pub prefix_hit_factor: f64,
+    /// As vLLM's `--api-key`: `/v1/*` answers 401 without `Authorization: Bearer <key>`
+    /// (`/health` and `/metrics` stay open).
+    #[arg(long)]
+    pub api_key: Option<String>,
 }
 
 struct Metrics {
@@ -427,6 +431,28 @@ async fn health() -> &'static str {
     "ok"
 }
 
+/// `--api-key`: a `/v1` request without the key gets vLLM's 401.
+async fn require_key(
+    State(sim): State<Arc<Sim>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(key) = &sim.cfg.api_key {
+        let sent = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if sent != Some(format!("Bearer {key}").as_str()) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": "Unauthorized"})),
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
 async fn models(State(sim): State<Arc<Sim>>) -> Json<Value> {
     let data = if sim.is_ready() {
         json!([{"id": sim.cfg.model, "object": "model", "owned_by": "gpulb-sim", "max_model_len": 4096}])
@@ -570,12 +596,18 @@ pub async fn serve(
         metrics: Metrics::new(),
         cfg,
     });
-    let app = Router::new()
-        .route("/health", get(health))
+    let v1 = Router::new()
         .route("/v1/models", get(models))
-        .route("/metrics", get(metrics))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route_layer(axum::middleware::from_fn_with_state(
+            sim.clone(),
+            require_key,
+        ));
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .merge(v1)
         .with_state(sim);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

@@ -141,6 +141,9 @@ pub enum Command {
     Restart(oneshot::Sender<()>),
     /// Stop and do not start again; the supervisor ends.
     Stop(oneshot::Sender<()>),
+    /// It did not become ready in time: stop it and count a failed start (restart after
+    /// the backoff; a crash loop after a few in a row). The text says why.
+    FailStart(String),
 }
 
 /// A running instance: our child, or one adopted from a previous daemon.
@@ -253,11 +256,12 @@ fn spawn(spec: &InstanceSpec, log_dir: &Path) -> Result<Running, SupervisorError
         source,
     };
     fs::create_dir_all(log_dir).map_err(log_err)?;
-    // A file, not a pipe: the server keeps writing if the daemon dies or restarts.
+    // A file, not a pipe: the server keeps writing if the daemon dies or restarts. Appended
+    // across restarts (the last crash's output stays), and O_APPEND lets `follow_log`
+    // rotate it under the running server (copy, then truncate).
     let log = OpenOptions::new()
         .create(true)
-        .write(true)
-        .truncate(true)
+        .append(true)
         .open(&path)
         .map_err(log_err)?;
     let err = log.try_clone().map_err(log_err)?;
@@ -321,10 +325,14 @@ pub async fn supervise(
     if adopt_from.is_some() && adopted.is_none() {
         warn!(instance = %spec.name, "recorded instance is gone; starting a new one");
     }
+    // The log is appended to: what earlier processes (or an adopted one) wrote is not
+    // copied into the daemon's log again.
+    let path = log_path(&ctx.log_dir, &spec.name);
+    let written = fs::metadata(&path).map_or(0, |m| m.len());
     let tail = tokio::spawn(follow_log(
         spec.name.clone(),
-        log_path(&ctx.log_dir, &spec.name),
-        adopted.is_some(),
+        path,
+        written,
         ctx.cancel.clone(),
     ));
     loop {
@@ -405,6 +413,25 @@ pub async fn supervise(
                 let (done, again) = match command {
                     Command::Restart(done) => (Some(done), true),
                     Command::Stop(done) => (Some(done), false),
+                    Command::FailStart(why) => {
+                        failures += 1;
+                        let delay = policy.backoff(failures);
+                        let crash_loop = failures >= CRASH_LOOP_AFTER;
+                        error!(instance = %spec.name, pid, why = %why, %status, failures, restart_in = ?delay, "instance failed to start");
+                        let _ = ctx.events.send(Event::Exited {
+                            instance: spec.name.clone(),
+                            at: Instant::now(),
+                            status: why,
+                            restarts,
+                            crash_loop,
+                            restart_in: Some(delay),
+                        });
+                        if !pause(delay, &mut commands, &ctx.cancel).await {
+                            break;
+                        }
+                        restarts += 1;
+                        continue;
+                    }
                 };
                 info!(instance = %spec.name, pid, %status, restart = again, "instance stopped");
                 let _ = ctx.events.send(Event::Exited {
@@ -434,43 +461,63 @@ async fn pause(
     commands: &mut mpsc::UnboundedReceiver<Command>,
     cancel: &CancellationToken,
 ) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(delay) => true,
-        () = cancel.cancelled() => false,
-        command = commands.recv() => match command {
-            // Restart: go now.
-            Some(Command::Restart(done)) => {
-                let _ = done.send(());
-                true
-            }
-            Some(Command::Stop(done)) => {
-                let _ = done.send(());
-                false
-            }
-            None => false,
-        },
+    let sleep = tokio::time::sleep(delay);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            () = &mut sleep => return true,
+            () = cancel.cancelled() => return false,
+            command = commands.recv() => match command {
+                // Restart: go now.
+                Some(Command::Restart(done)) => {
+                    let _ = done.send(());
+                    return true;
+                }
+                Some(Command::Stop(done)) => {
+                    let _ = done.send(());
+                    return false;
+                }
+                // Nothing is running to fail: keep waiting out the delay.
+                Some(Command::FailStart(_)) => {}
+                None => return false,
+            },
+        }
     }
 }
 
+/// An instance log is rotated once it reaches this size ...
+const LOG_MAX_BYTES: u64 = 64 << 20;
+/// ... keeping this many older files (`<instance>.log.1` the newest).
+const LOG_KEEP: usize = 3;
+
+/// Shifts `path.1`.. up by one (dropping the oldest past `keep`), copies `path` to `path.1`
+/// and truncates it: the server writes on through its O_APPEND descriptor. Lines written
+/// between the copy and the truncation are lost (as with logrotate's copytruncate).
+fn rotate_log(path: &Path, keep: usize) -> io::Result<()> {
+    let numbered = |i: usize| PathBuf::from(format!("{}.{i}", path.display()));
+    for i in (1..keep).rev() {
+        match fs::rename(numbered(i), numbered(i + 1)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    fs::copy(path, numbered(1))?;
+    OpenOptions::new().write(true).open(path)?.set_len(0)
+}
+
 /// Copies the instance's output into the daemon's log, a line at a time, tagged with the
-/// instance. `from_end`: skip what an adopted instance wrote before this daemon started.
-async fn follow_log(instance: String, path: PathBuf, from_end: bool, cancel: CancellationToken) {
+/// instance, from byte `pos` on; rotates the file once it is past `LOG_MAX_BYTES`.
+async fn follow_log(instance: String, path: PathBuf, mut pos: u64, cancel: CancellationToken) {
     let mut file: Option<File> = None;
-    let mut pos = 0u64;
     let mut pending = String::new();
-    let mut skip = from_end;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         if file.is_none() {
             file = File::open(&path).ok();
-            if let (Some(f), true) = (&mut file, skip) {
-                pos = f.seek(SeekFrom::End(0)).unwrap_or(0);
-                skip = false;
-            }
         }
         let mut read_any = false;
         if let Some(f) = &mut file {
-            // A restart truncates the file: start over from its beginning.
+            // Truncated (rotated, or by hand): start over from its beginning.
             if f.metadata().map(|m| m.len()).unwrap_or(0) < pos {
                 pos = 0;
                 pending.clear();
@@ -491,6 +538,14 @@ async fn follow_log(instance: String, path: PathBuf, from_end: bool, cancel: Can
                 }
             }
         }
+        if !read_any && pos >= LOG_MAX_BYTES {
+            match rotate_log(&path, LOG_KEEP) {
+                Ok(()) => pos = 0,
+                Err(e) => {
+                    warn!(instance = %instance, path = %path.display(), error = %e, "rotating the instance log failed")
+                }
+            }
+        }
         if !read_any {
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -503,6 +558,23 @@ async fn follow_log(instance: String, path: PathBuf, from_end: bool, cancel: Can
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rotation_keeps_the_newest_files_and_empties_the_log() {
+        let dir = std::env::temp_dir().join(format!("gpulb-rotate-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("temp dir");
+        let log = dir.join("m-0.log");
+        for round in 1..=3 {
+            fs::write(&log, format!("round {round}\n")).expect("write");
+            rotate_log(&log, 2).expect("rotate");
+        }
+        let read = |name: &str| fs::read_to_string(dir.join(name)).expect(name);
+        assert_eq!(read("m-0.log"), "");
+        assert_eq!(read("m-0.log.1"), "round 3\n");
+        assert_eq!(read("m-0.log.2"), "round 2\n");
+        assert!(!dir.join("m-0.log.3").exists(), "only `keep` old files");
+        fs::remove_dir_all(&dir).expect("clean up");
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

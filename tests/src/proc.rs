@@ -75,9 +75,22 @@ impl Proc {
         args: &[&str],
         log_dir: &Path,
     ) -> anyhow::Result<Self> {
+        Self::spawn_with_env(name, ns, program, args, log_dir, &[])
+    }
+
+    /// `spawn` with more environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        ns: &NetNs,
+        program: &Path,
+        args: &[&str],
+        log_dir: &Path,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let log = log_dir.join(format!("{name}.log"));
         let file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new("nsenter")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .arg(format!("--net={}", ns.path().display()))
             .arg(program)
             .args(args)

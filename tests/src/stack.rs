@@ -54,6 +54,8 @@ pub struct Stack {
     pub socket: PathBuf,
     /// In the environment of every instance the daemon starts (found and killed on drop).
     pub marker: String,
+    /// More environment for the daemon (and so its instances), from `managed_env`.
+    pub daemon_env: Vec<(String, String)>,
     daemons: u32,
 }
 
@@ -158,7 +160,16 @@ impl Stack {
             ));
         }
         vip.push_str(extra.tail);
-        let stack = Self::launch(topo, dir, pins, sims, extra.top, extra.vip, &vip)?;
+        let stack = Self::launch(
+            topo,
+            dir,
+            pins,
+            sims,
+            extra.top,
+            extra.vip,
+            &vip,
+            Vec::new(),
+        )?;
         // At least: `tail` may add backends of its own.
         stack.wait_ready_by(instances.len(), Duration::from_secs(30), |ready, n| {
             ready >= n
@@ -188,6 +199,18 @@ impl Stack {
         vip_extra: &str,
         model_extra: &str,
     ) -> anyhow::Result<Self> {
+        Self::managed_env(tag, backends, pins, vip_extra, model_extra, Vec::new())
+    }
+
+    /// `managed_with`, the daemon started with `env` added to its environment.
+    pub fn managed_env(
+        tag: &str,
+        backends: usize,
+        pins: PinDir,
+        vip_extra: &str,
+        model_extra: &str,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let topo = Topology::new(tag)?;
         let dir = TempDir::new(tag)?;
         let marker = format!("{}", dir.path.display());
@@ -198,9 +221,13 @@ impl Stack {
             sim_port(0),
             model_extra.replace("{marker}", &marker)
         );
-        Self::launch(topo, dir, pins, Vec::new(), "", vip_extra, &model)
+        Self::launch(topo, dir, pins, Vec::new(), "", vip_extra, &model, env)
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "private; each caller names its parts"
+    )]
     fn launch(
         topo: Topology,
         dir: TempDir,
@@ -209,6 +236,7 @@ impl Stack {
         top_extra: &str,
         vip_extra: &str,
         rest: &str,
+        daemon_env: Vec<(String, String)>,
     ) -> anyhow::Result<Self> {
         // 65536 unless the test sizes conntrack itself.
         let conntrack = if top_extra.contains("conntrack_size =") {
@@ -237,6 +265,7 @@ impl Stack {
             dir,
             topo,
             config: config_path,
+            daemon_env,
             daemons: 0,
         };
         stack.start_daemon()?;
@@ -252,12 +281,13 @@ impl Stack {
             format!("gpulb-{}", self.daemons)
         };
         let config_arg = self.config.to_str().context("UTF-8 path")?.to_owned();
-        self.daemon = Proc::spawn(
+        self.daemon = Proc::spawn_with_env(
             &name,
             &self.topo.lb,
             &bin("gpulb"),
             &["run", "--config", &config_arg],
             &self.dir.path,
+            &self.daemon_env,
         )?;
         self.daemon
             .wait_for_log("gpulb ready", Duration::from_secs(30))

@@ -265,7 +265,7 @@ fn killed_instance_is_ejected_at_once_and_gets_no_new_connection() {
     let ejections = metric(
         &text,
         "gpulb_ejections_total",
-        &[&format!("instance=\"{victim}\""), "cause=\"exit\""],
+        &[&format!("backend_instance=\"{victim}\""), "cause=\"exit\""],
     );
     assert_eq!(ejections, Some(1.0), "{text}");
     // Every metric the shipped Grafana dashboard queries exists.

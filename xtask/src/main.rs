@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod dist;
 mod kernels;
 mod setup;
 
@@ -41,6 +42,8 @@ enum Cmd {
         #[arg(long, default_value = "all")]
         kernels: String,
     },
+    /// Set up, build release binaries, and package them as a .deb in target/dist/.
+    Dist,
     /// Set up, build, and start the demo: 4 simulated GPU instances behind gpulb.
     Run {
         /// Stop after this many seconds instead of waiting for Ctrl-C.
@@ -83,10 +86,12 @@ pub fn build(release: bool) -> anyhow::Result<()> {
 
 /// Runs `cargo test` over the default members, echoing its output, and ends with one
 /// summary line over every test binary ("N passed, N failed"), which it also returns.
-fn test() -> anyhow::Result<String> {
+/// `deb`: the package the package test installs (`GPULB_TEST_DEB`).
+fn test(deb: &std::path::Path) -> anyhow::Result<String> {
     use std::io::{BufRead as _, BufReader};
     let mut child = cargo()
         .args(["test", "--no-fail-fast"])
+        .env("GPULB_TEST_DEB", deb)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("spawning cargo test")?;
@@ -143,8 +148,11 @@ fn main() -> anyhow::Result<()> {
             setup::ensure_all()?;
             setup::ensure_test_tools()?;
             build(false)?;
+            // The package test installs a package of the debug binaries just built.
+            let root = dist::workspace_root();
+            let deb = dist::package(&root.join("target/debug"), &root.join("target/dist-test"))?;
             println!("[xtask] running all tests");
-            let host = test();
+            let host = test(&deb);
             let matrix = matrix(&kernels);
             // Again at the end, after the matrix's long output.
             match &host {
@@ -158,6 +166,10 @@ fn main() -> anyhow::Result<()> {
             setup::ensure_all()?;
             build(false)?;
             matrix(&kernels)
+        }
+        Cmd::Dist => {
+            setup::ensure_all()?;
+            dist::run().map(drop)
         }
         Cmd::Run { duration } => {
             setup::ensure_all()?;

@@ -26,7 +26,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_TOOLCHAIN: &str = "gpulb-bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-fn say(msg: &str) {
+pub fn say(msg: &str) {
     println!("[setup] {msg}");
 }
 
@@ -57,11 +57,28 @@ fn apt_installed(pkg: &str) -> bool {
 const BENCH_PACKAGES: &[&str] = &["nginx-light", "haproxy", "wrk"];
 
 /// hping3: the conntrack flood test's SYN and ACK floods (one spoofed source per run, all in
-/// 198.18.0.0/15); bpftool: the upgrade test makes an earlier version's conntrack map.
-const TEST_PACKAGES: &[&str] = &["hping3", "bpftool"];
+/// 198.18.0.0/15); bpftool: the upgrade test makes an earlier version's conntrack map;
+/// prometheus (with promtool): the monitoring test scrapes the daemon and loads the alert
+/// rules; tmux: the `gpulb top` test reads its screen; systemd: `systemd-analyze verify` of
+/// the packaged unit.
+const TEST_PACKAGES: &[&str] = &[
+    "hping3",
+    "bpftool",
+    "prometheus",
+    "tmux",
+    "systemd",
+    "man-db",
+];
 
 pub fn ensure_test_tools() -> anyhow::Result<()> {
-    ensure_packages(TEST_PACKAGES)
+    let fresh_prometheus = !apt_installed("prometheus");
+    ensure_packages(TEST_PACKAGES)?;
+    // The package may start its service; the test runs its own, in its namespace.
+    if fresh_prometheus {
+        say("stopping the prometheus service the package started");
+        let _ = Command::new("pkill").args(["-x", "prometheus"]).status();
+    }
+    Ok(())
 }
 
 fn ensure_apt() -> anyhow::Result<()> {

@@ -19,7 +19,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    gpulb::init_logging();
+    gpulb::init_logging(gpulb::LogFormat::Text);
     let shutdown = gpulb::daemon::shutdown_signal()?;
     serve(args.sim, async move {
         let signal = shutdown.await;

@@ -69,6 +69,7 @@ impl TableRow for BackendRow {
         "WEIGHT",
         "SHARE",
         "NEW_FLOWS",
+        "LAST_ERROR",
     ];
     fn cells(&self) -> Vec<String> {
         let d = self.daemon.as_ref();
@@ -122,6 +123,14 @@ impl TableRow for BackendRow {
             self.weight.to_string(),
             self.share.clone(),
             self.new_flows.to_string(),
+            dash(d.and_then(|d| d.last_error.as_deref()).map(|e| {
+                // The table stays readable; `--json` has it whole.
+                if e.chars().count() > 60 {
+                    format!("{}…", e.chars().take(59).collect::<String>())
+                } else {
+                    e.to_owned()
+                }
+            })),
         ]
     }
 }

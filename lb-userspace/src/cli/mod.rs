@@ -6,6 +6,7 @@ pub mod flows;
 pub mod kernel;
 pub mod maglev;
 pub mod stats;
+pub mod top;
 pub mod vips;
 
 use std::path::Path;

@@ -7,6 +7,7 @@
 mod fields;
 mod health;
 mod model;
+mod print;
 mod vip;
 
 use std::{
@@ -188,6 +189,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// The config with every default filled in, as TOML (`gpulb check-config --print`).
+    pub fn effective(&self) -> String {
+        print::effective(self)
+    }
+
     pub fn control_socket(&self) -> PathBuf {
         self.state_dir.join(CONTROL_SOCKET)
     }

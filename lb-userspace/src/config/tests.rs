@@ -1,7 +1,5 @@
 //! Config errors name the field and the value; good configs parse with their defaults.
 
-use std::net::Ipv6Addr;
-
 use super::*;
 
 const GOOD: &str = r#"
@@ -88,7 +86,7 @@ port = 8001
 name = "sim"
 vip = "chat6"
 gpus = "simulated:2"
-address = "::1"
+address = "2001:db8::20"
 base_port = 9000
 "#;
 
@@ -99,7 +97,10 @@ fn ipv6_vips_backends_and_prefixes_parse() {
     assert_eq!(v.address, "2001:db8:1::1".parse::<IpAddr>().expect("v6"));
     assert_eq!(v.backends[0].address.to_string(), "2001:db8::10");
     assert_eq!(v.admission.allow[0].to_string(), "2001:db8::/48");
-    assert_eq!(c.models[0].address, IpAddr::V6(Ipv6Addr::LOCALHOST));
+    assert_eq!(
+        c.models[0].address,
+        "2001:db8::20".parse::<IpAddr>().expect("v6")
+    );
     assert_eq!(c.conntrack.v6, lb_common::CONNTRACK6_DEFAULT_SIZE);
 }
 
@@ -118,9 +119,19 @@ fn ipv6_errors_name_field_and_value() {
             "vip[0].backend[0].address: 198.18.0.1 is IPv4, but the VIP 2001:db8:1::1 is IPv6",
         ),
         (
+            "address = \"2001:db8::20\"",
+            "address = \"198.18.0.2\"",
+            "model[0].address: 198.18.0.2 is IPv4, but the VIP 2001:db8:1::1 is IPv6",
+        ),
+        (
+            "address = \"2001:db8::20\"",
             "address = \"::1\"",
-            "address = \"127.0.0.1\"",
-            "model[0].address: 127.0.0.1 is IPv4, but the VIP 2001:db8:1::1 is IPv6",
+            "model[0].address: \"::1\" is a loopback address",
+        ),
+        (
+            "address = \"2001:db8::10\"",
+            "address = \"::1\"",
+            "vip[0].backend[0].address: \"::1\" is a loopback address",
         ),
         (
             "\"2001:db8::/48\"",

@@ -143,6 +143,9 @@ pub struct Process {
     pub restarts: u32,
     pub phase: Phase,
     pub commands: mpsc::UnboundedSender<Command>,
+    /// When this daemon saw it start, until it is ready or its start timed out (an adopted
+    /// process has none: it was started long ago).
+    pub starting_since: Option<std::time::Instant>,
 }
 
 pub struct Backend {
@@ -156,6 +159,9 @@ pub struct Backend {
     pub engine: Engine,
     /// Its probe (and load) task; results of older tasks are dropped.
     pub probe: ProbeTask,
+    /// What a reload changed its command, environment or GPUs to: started at its turn of
+    /// the reload's rolling replacement.
+    pub replacement: Option<BackendSpec>,
 }
 
 impl Backend {
@@ -169,6 +175,7 @@ impl Backend {
                 // Until the supervisor reports: an adopted process keeps its slots meanwhile.
                 phase: Phase::Running,
                 commands,
+                starting_since: None,
             }
         });
         Self {
@@ -179,6 +186,7 @@ impl Backend {
             process,
             engine: Engine::default(),
             probe: ProbeTask::default(),
+            replacement: None,
         }
     }
 

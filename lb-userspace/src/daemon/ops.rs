@@ -120,6 +120,16 @@ impl State {
             .filter(|b| b.spec.instance.as_ref().is_some_and(|i| i.model == model))
             .filter_map(|b| b.instance_name().map(str::to_owned))
             .collect();
+        self.start_rolling(model, instances, reply);
+    }
+
+    /// Starts a rolling restart of `instances`; `model` names it in messages.
+    fn start_rolling(
+        &mut self,
+        model: &str,
+        instances: Vec<String>,
+        reply: oneshot::Sender<Response>,
+    ) {
         let (machine, first) = match RollingRestart::start(
             model,
             instances,
@@ -170,6 +180,14 @@ impl State {
             let actions = r.machine.step(view.as_ref(), now);
             match self.carry_out(&mut r, actions) {
                 Some(done) => {
+                    match &done.error {
+                        None => {
+                            info!(model = %r.machine.model, message = done.message.as_deref().unwrap_or(""), "rolling restart done")
+                        }
+                        Some(e) => {
+                            warn!(model = %r.machine.model, error = %e, "rolling restart stopped")
+                        }
+                    }
                     let _ = r.reply.send(done);
                 }
                 None => self.restarts.push(r),
@@ -191,6 +209,10 @@ impl State {
                     info!(instance = %name, "rolling restart: draining");
                 }
                 Action::Restart(name) => {
+                    if self.replace(&name) {
+                        info!(instance = %name, "rolling restart: started with the reloaded command");
+                        continue;
+                    }
                     let sent = self
                         .instance_mut(&name)
                         .and_then(|b| b.process.as_ref())
@@ -263,23 +285,24 @@ impl State {
         self.config = new;
         self.write_ct_config();
         let (added, replaced) = (plan.count(Change::Added), plan.count(Change::Replaced));
+        let mut rolling = Vec::new();
         for (spec, change) in plan.backends {
             let Some(mut b) = old.remove(&spec.key) else {
                 info!(backend = %spec.key, "backend added by reload");
                 self.add(Backend::new(spec), &[]);
                 continue;
             };
-            if change == Change::Replaced {
-                stop(b.process.take().as_ref());
-                b.process = Backend::new(spec.clone()).process;
-                if let (Some(instance), Some(process)) = (&spec.instance, &mut b.process) {
-                    // The old process is stopped first: it holds the port.
-                    let addr = SocketAddr::new(instance.address, instance.port);
-                    let limit = self.config.kill_timeout + Duration::from_secs(1);
-                    process.commands =
-                        self.supervise(instance.clone(), None, port_free(addr, limit));
+            if change == Change::Replaced && b.process.is_some() {
+                // Replaced in turn, like `gpulb restart`: the model never loses more than one
+                // instance, and each is drained first. Until its turn it runs as it was.
+                let name = b.instance_name().unwrap_or_default().to_owned();
+                info!(backend = %spec.key, instance = %name, "reload: command changed, replaced in turn");
+                b.replacement = Some(spec);
+                if !self.restarts.iter().any(|r| r.machine.will_restart(&name)) {
+                    rolling.push(name);
                 }
-                b.health = Health::default();
+                self.backends.push(b);
+                continue;
             }
             b.spec = spec;
             self.tasks.start_probe(&mut b);
@@ -287,13 +310,52 @@ impl State {
         }
         self.sync();
         self.persist();
+        if !rolling.is_empty() {
+            let (reply, _) = oneshot::channel();
+            self.start_rolling(RELOAD, rolling, reply);
+        }
         let removed = plan.removed.len();
         info!(added, removed, replaced, "config reloaded");
         Response::ok(format!(
-            "config reloaded: {added} backends added, {removed} removed, {replaced} restarted with a new command"
+            "config reloaded: {added} backends added, {removed} removed, {replaced} to be \
+             replaced one at a time with their new command (drain, restart, ready, undrain)"
         ))
     }
+
+    /// Stops a backend's process and starts its replacement spec's (a reload changed its
+    /// command, environment or GPUs); the backend keeps its drain and its table slots.
+    fn replace(&mut self, name: &str) -> bool {
+        let Some(index) = self
+            .backends
+            .iter()
+            .position(|b| b.instance_name() == Some(name))
+        else {
+            return false;
+        };
+        let mut b = self.backends.swap_remove(index);
+        let Some(spec) = b.replacement.take() else {
+            self.backends.push(b);
+            return false;
+        };
+        stop(b.process.take().as_ref());
+        b.process = Backend::new(spec.clone()).process;
+        if let (Some(instance), Some(process)) = (&spec.instance, &mut b.process) {
+            // The old process is stopped first: it holds the port.
+            let addr = SocketAddr::new(instance.address, instance.port);
+            let limit = self.config.kill_timeout + Duration::from_secs(1);
+            process.commands = self.supervise(instance.clone(), None, port_free(addr, limit));
+        }
+        b.health = Health::default();
+        b.spec = spec;
+        self.tasks.start_probe(&mut b);
+        self.backends.push(b);
+        self.sync();
+        true
+    }
 }
+
+/// The "model" a reload's rolling replacement names in its messages.
+const RELOAD: &str = "the reload";
 
 /// Stops a process for good, without waiting.
 fn stop(process: Option<&Process>) {

@@ -85,6 +85,13 @@ impl RollingRestart {
         Ok((restart, Action::Drain(first)))
     }
 
+    /// Whether `name` is still to be restarted (not begun, or being drained).
+    pub fn will_restart(&self, name: &str) -> bool {
+        let pending = |i: usize| self.instances.get(i).is_some_and(|n| n == name);
+        matches!(self.phase, Phase::Draining { .. }) && pending(self.current)
+            || (self.current + 1..self.instances.len()).any(pending)
+    }
+
     /// The instance being restarted.
     pub fn instance(&self) -> &str {
         &self.instances[self.current]

@@ -169,7 +169,13 @@ impl State {
                 };
                 let error = result.as_ref().err().cloned();
                 let was_in = b.in_table();
+                let error_before = b.health.last_error.clone();
                 let changed = b.health.record(result, &b.spec.check);
+                if !b.health.seen_up && error.is_some() && error != error_before {
+                    // Starting: say why it is not ready yet, once per new reason.
+                    info!(backend = %key, error = error.as_deref().unwrap_or(""), "backend not ready yet");
+                }
+                check_start_timeout(b);
                 if was_in && !b.in_table() {
                     self.metrics
                         .ejections
@@ -245,6 +251,7 @@ impl State {
                 process.start_time = start_time;
                 process.restarts = restarts;
                 process.phase = Phase::Running;
+                process.starting_since = (!adopted).then(Instant::now);
                 if !adopted {
                     // A new process must prove itself ready again.
                     b.health = Health::default();
@@ -270,7 +277,10 @@ impl State {
                 process.phase = Phase::Exited { crash_loop };
                 process.restarts = restarts;
                 process.pid = None;
-                b.health = Health::default();
+                b.health = Health {
+                    last_error: Some(format!("exited: {status}")),
+                    ..Health::default()
+                };
                 if was_in {
                     self.metrics.ejections.with_label_values(&labels).inc();
                     // One write first: from it on the scheduler chooses the backend for no
@@ -537,7 +547,34 @@ fn current<'a>(
         .filter(|b| b.probe.generation == generation)
 }
 
-/// `vip`, `backend`, `instance`, `cause` as `gpulb_ejections_total` has them (the VIP and
+/// A model instance still not ready `start_timeout` after its start is failed: its
+/// supervisor stops it and counts a failed start.
+fn check_start_timeout(b: &mut Backend) {
+    let (Some(limit), Some(process)) = (b.spec.check.start_timeout, b.process.as_mut()) else {
+        return;
+    };
+    if b.health.up {
+        process.starting_since = None;
+        return;
+    }
+    let Some(since) = process.starting_since else {
+        return;
+    };
+    if since.elapsed() < limit {
+        return;
+    }
+    process.starting_since = None;
+    let why = format!(
+        "not ready {limit:?} after its start (start_timeout_ms): {}",
+        b.health
+            .last_error
+            .as_deref()
+            .unwrap_or("no probe succeeded")
+    );
+    let _ = process.commands.send(Command::FailStart(why));
+}
+
+/// `vip`, `backend`, `backend_instance`, `cause` as `gpulb_ejections_total` has them (the VIP and
 /// backend as `address:port`, like the map-derived metrics).
 fn ejection_labels(b: &Backend, cause: &'static str) -> [String; 4] {
     [

@@ -32,6 +32,14 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
+    #[error(
+        "running under `ip netns exec {0}`, which mounts a fresh /sys for the command: \
+         /sys/fs/bpf there is not the host's bpffs, so gpulb would not find its pinned maps \
+         and links (attaching fails with \"File exists\") and would leave the data path \
+         unreachable to the CLI. Run it as `nsenter --net=/run/netns/{0} gpulb run ...`, which \
+         enters only the network namespace"
+    )]
+    NetnsExec(String),
     #[error("{} is not on a bpf filesystem and could not be mounted", path.display())]
     BpfFs {
         path: PathBuf,
@@ -148,6 +156,9 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<(), DatapathError> {
     if is_bpffs(root) {
         return Ok(());
     }
+    if let Some(name) = named_netns() {
+        return Err(DatapathError::NetnsExec(name));
+    }
     info!(path = %root.display(), "mounting bpffs");
     fs::create_dir_all(root)
         .and_then(|()| {
@@ -164,6 +175,20 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<(), DatapathError> {
             path: root.to_owned(),
             source,
         })
+}
+
+/// The name under /run/netns of this process's network namespace, if it has one: with no
+/// bpffs at /sys/fs/bpf that means `ip netns exec` (which remounts /sys).
+fn named_netns() -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let own = fs::metadata("/proc/self/ns/net").ok()?;
+    fs::read_dir("/run/netns")
+        .ok()?
+        .flatten()
+        .find(|e| {
+            fs::metadata(e.path()).is_ok_and(|m| m.dev() == own.dev() && m.ino() == own.ino())
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
 }
 
 /// Whether a bpf filesystem is mounted at (or holds) `path`.

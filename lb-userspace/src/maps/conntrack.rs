@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError};
 use lb_common::{CtConfig, Flow, FlowKey, FlowKey6, FlowKeyOf, PROTO_TCP, addr6_of, ipv6_of, maps};
 
 use super::{
@@ -35,6 +35,13 @@ pub struct FloodTotals {
     pub flood_seconds: u64,
 }
 
+/// How full a conntrack table is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConntrackFill {
+    pub entries: u64,
+    pub capacity: u64,
+}
+
 impl Maps {
     /// Tracked flows (conntrack entries), client → VIP, both families.
     pub fn flows(&self) -> Result<Vec<(FlowAddrs, Flow)>, MapsError> {
@@ -59,6 +66,24 @@ impl Maps {
                 (flow, f)
             });
         Ok(v4.chain(v6).collect())
+    }
+
+    /// Entries and capacity of the IPv4 and IPv6 conntrack tables. Walks every key (about a
+    /// second per million entries): callers cache it.
+    pub fn conntrack_fill(&self) -> Result<[ConntrackFill; 2], MapsError> {
+        let fill = |map: &MapData, name: &'static str, entries: usize| {
+            let info = map.info().map_err(op("reading", name))?;
+            Ok(ConntrackFill {
+                entries: entries as u64,
+                capacity: u64::from(info.max_entries()),
+            })
+        };
+        let v4 = self.conns.keys().filter(Result::is_ok).count();
+        let v6 = self.conns6.keys().filter(Result::is_ok).count();
+        Ok([
+            fill(self.conns.map(), maps::CONNS.name, v4)?,
+            fill(self.conns6.map(), maps::CONNS6.name, v6)?,
+        ])
     }
 
     /// Live TCP flows of a backend as decisions read them (the data path's count plus the

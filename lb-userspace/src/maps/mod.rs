@@ -26,7 +26,7 @@ use lb_common::{
 mod conntrack;
 mod tables;
 
-pub use conntrack::{FloodTotals, LiveCount};
+pub use conntrack::{ConntrackFill, FloodTotals, LiveCount};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -142,6 +142,7 @@ pub struct Maps {
     pub vip_of6: HashMap<MapData, VipKey6, BackendVip6>,
     pub vip_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
+    pub backend_egress: PerCpuArray<MapData, Counters>,
     pub reasons: PerCpuArray<MapData, u64>,
     pub limits: Array<MapData, ServiceLimits>,
     pub allow: LpmTrie<MapData, AllowKey, u32>,
@@ -230,6 +231,7 @@ impl Maps {
             (maps::VIP_OF6.name, self.vip_of6.map()),
             (maps::VIP_STATS.name, self.vip_stats.map()),
             (maps::BACKEND_STATS.name, self.backend_stats.map()),
+            (maps::BACKEND_EGRESS.name, self.backend_egress.map()),
             (maps::REASONS.name, self.reasons.map()),
             (maps::LIMITS.name, self.limits.map()),
             (maps::ALLOW.name, self.allow.map()),
@@ -284,6 +286,7 @@ impl Maps {
             vip_of6: typed(maps::VIP_OF6.name, get(maps::VIP_OF6.name)?)?,
             vip_stats: typed(maps::VIP_STATS.name, get(maps::VIP_STATS.name)?)?,
             backend_stats: typed(maps::BACKEND_STATS.name, get(maps::BACKEND_STATS.name)?)?,
+            backend_egress: typed(maps::BACKEND_EGRESS.name, get(maps::BACKEND_EGRESS.name)?)?,
             reasons: typed(maps::REASONS.name, get(maps::REASONS.name)?)?,
             limits: typed(maps::LIMITS.name, get(maps::LIMITS.name)?)?,
             allow: typed(maps::ALLOW.name, get(maps::ALLOW.name)?)?,
@@ -667,6 +670,11 @@ impl Maps {
 
     pub fn backend_counters(&self, backend_id: u32) -> Result<Counters, MapsError> {
         Self::summed(&self.backend_stats, maps::BACKEND_STATS.name, backend_id)
+    }
+
+    /// Replies NATed back to clients from the backend, summed over CPUs.
+    pub fn backend_egress(&self, backend_id: u32) -> Result<Counters, MapsError> {
+        Self::summed(&self.backend_egress, maps::BACKEND_EGRESS.name, backend_id)
     }
 
     /// Packets per reason, summed over CPUs (`REASONS_V3` has room for more reasons than
