@@ -176,10 +176,7 @@ fn encode(registry: &Registry) -> String {
 }
 
 /// The conntrack tables' fill, counted at most every `FILL_MAX_AGE`.
-fn conntrack_fill(
-    maps: &Maps,
-    cache: &FillCache,
-) -> Result<[ConntrackFill; 2], MapsError> {
+fn conntrack_fill(maps: &Maps, cache: &FillCache) -> Result<[ConntrackFill; 2], MapsError> {
     let mut cache = cache.lock().expect("no panic while holding the fill cache");
     if let Some((at, fill)) = *cache
         && at.elapsed() < FILL_MAX_AGE
