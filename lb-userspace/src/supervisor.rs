@@ -9,6 +9,10 @@ use std::{
     os::fd::OwnedFd,
     path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -141,9 +145,10 @@ pub enum Command {
     Restart(oneshot::Sender<()>),
     /// Stop and do not start again; the supervisor ends.
     Stop(oneshot::Sender<()>),
-    /// It did not become ready in time: stop it and count a failed start (restart after
-    /// the backoff; a crash loop after a few in a row). The text says why.
-    FailStart(String),
+    /// Process `pid` did not become ready in time: stop it and count a failed start (restart
+    /// after the backoff; a crash loop after a few in a row); `why` says why. Ignored once
+    /// another process runs.
+    FailStart { pid: u32, why: String },
 }
 
 /// A running instance: our child, or one adopted from a previous daemon.
@@ -329,10 +334,12 @@ pub async fn supervise(
     // copied into the daemon's log again.
     let path = log_path(&ctx.log_dir, &spec.name);
     let written = fs::metadata(&path).map_or(0, |m| m.len());
+    let writer = Arc::new(AtomicU32::new(0));
     let tail = tokio::spawn(follow_log(
         spec.name.clone(),
         path,
         written,
+        writer.clone(),
         ctx.cancel.clone(),
     ));
     loop {
@@ -362,6 +369,7 @@ pub async fn supervise(
             },
         };
         let pid = running.pid();
+        writer.store(pid, Ordering::Relaxed);
         let started = Instant::now();
         let _ = ctx.events.send(Event::Started {
             instance: spec.name.clone(),
@@ -405,7 +413,7 @@ pub async fn supervise(
                 }
                 restarts += 1;
             }
-            command = commands.recv() => {
+            command = next_command(&mut commands, pid) => {
                 // No sender left: the daemon is going away (hand-over, crash); the process
                 // keeps serving for the next daemon. Only an explicit command stops it.
                 let Some(command) = command else { break };
@@ -413,7 +421,7 @@ pub async fn supervise(
                 let (done, again) = match command {
                     Command::Restart(done) => (Some(done), true),
                     Command::Stop(done) => (Some(done), false),
-                    Command::FailStart(why) => {
+                    Command::FailStart { why, .. } => {
                         failures += 1;
                         let delay = policy.backoff(failures);
                         let crash_loop = failures >= CRASH_LOOP_AFTER;
@@ -455,6 +463,20 @@ pub async fn supervise(
     tail.abort();
 }
 
+/// The next command for the process `pid`: a failed start meant for an earlier process is
+/// dropped. Cancel-safe (as `recv`).
+async fn next_command(
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    pid: u32,
+) -> Option<Command> {
+    loop {
+        match commands.recv().await {
+            Some(Command::FailStart { pid: of, .. }) if of != pid => {}
+            other => return other,
+        }
+    }
+}
+
 /// Sleeps `delay` before a restart; false if told to stop (or cancelled) meanwhile.
 async fn pause(
     delay: Duration,
@@ -478,7 +500,7 @@ async fn pause(
                     return false;
                 }
                 // Nothing is running to fail: keep waiting out the delay.
-                Some(Command::FailStart(_)) => {}
+                Some(Command::FailStart { .. }) => {}
                 None => return false,
             },
         }
@@ -489,6 +511,23 @@ async fn pause(
 const LOG_MAX_BYTES: u64 = 64 << 20;
 /// ... keeping this many older files (`<instance>.log.1` the newest).
 const LOG_KEEP: usize = 3;
+
+/// Whether process `pid` writes its stdout in append mode (`O_APPEND`), so that truncating
+/// its log under it is safe. An adopted process of an earlier gpulb, which opened its log
+/// with truncate, does not: it would write on at its old offset, leaving a hole. No process
+/// (0): nothing writes.
+fn appends(pid: u32) -> bool {
+    if pid == 0 {
+        return true;
+    }
+    let Ok(info) = fs::read_to_string(format!("/proc/{pid}/fdinfo/1")) else {
+        return false;
+    };
+    info.lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        .is_some_and(|flags| flags & libc::O_APPEND as u32 != 0)
+}
 
 /// Shifts `path.1`.. up by one (dropping the oldest past `keep`), copies `path` to `path.1`
 /// and truncates it: the server writes on through its O_APPEND descriptor. Lines written
@@ -506,8 +545,15 @@ fn rotate_log(path: &Path, keep: usize) -> io::Result<()> {
 }
 
 /// Copies the instance's output into the daemon's log, a line at a time, tagged with the
-/// instance, from byte `pos` on; rotates the file once it is past `LOG_MAX_BYTES`.
-async fn follow_log(instance: String, path: PathBuf, mut pos: u64, cancel: CancellationToken) {
+/// instance, from byte `pos` on; rotates the file once it is past `LOG_MAX_BYTES`, if its
+/// writer (`writer`, the pid) appends.
+async fn follow_log(
+    instance: String,
+    path: PathBuf,
+    mut pos: u64,
+    writer: Arc<AtomicU32>,
+    cancel: CancellationToken,
+) {
     let mut file: Option<File> = None;
     let mut pending = String::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -538,11 +584,15 @@ async fn follow_log(instance: String, path: PathBuf, mut pos: u64, cancel: Cance
                 }
             }
         }
-        if !read_any && pos >= LOG_MAX_BYTES {
-            match rotate_log(&path, LOG_KEEP) {
-                Ok(()) => pos = 0,
+        if !read_any && pos >= LOG_MAX_BYTES && appends(writer.load(Ordering::Relaxed)) {
+            let rotate = path.clone();
+            match tokio::task::spawn_blocking(move || rotate_log(&rotate, LOG_KEEP)).await {
+                Ok(Ok(())) => pos = 0,
+                Ok(Err(e)) => {
+                    warn!(instance = %instance, path = %path.display(), error = %e, "rotating the instance log failed");
+                }
                 Err(e) => {
-                    warn!(instance = %instance, path = %path.display(), error = %e, "rotating the instance log failed")
+                    warn!(instance = %instance, error = %e, "rotating the instance log failed")
                 }
             }
         }

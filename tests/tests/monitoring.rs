@@ -149,7 +149,12 @@ fn prometheus_scrapes_the_daemon_loads_the_rules_and_finds_a_backend_by_label() 
         rules.len() == 8 && rules.iter().all(|r| r["health"] == "ok")
     });
     assert!(ok, "alert rules not all evaluated ok: {last:#}");
-    // With every backend in the table, no-backend does not fire.
+    // The no-backend rule's expression sees the VIP with both backends in the table (so a
+    // misspelled expression, which would see nothing, fails here), and does not fire.
+    let query = encode("sum by (job, vip) (gpulb_backend_in_table)");
+    let v = api(&format!("/api/v1/query?query={query}")).expect("query");
+    let result = v["data"]["result"].as_array().expect("result");
+    assert!(result.len() == 1 && result[0]["value"][1] == "2", "{v:#}");
     let alerts = api("/api/v1/alerts").expect("alerts");
     let firing: Vec<&Value> = alerts["data"]["alerts"]
         .as_array()

@@ -160,6 +160,47 @@ fn a_reload_replaces_a_changed_command_one_instance_at_a_time_without_failing_re
     }
     let log = stack.daemon.log_text();
     assert!(log.contains("rolling restart done"), "{log}");
+
+    // A change reverted by the next reload, before the replacement reached most instances:
+    // those keep running (the first one, already in its turn, restarts with the reverted
+    // command), and every instance ends up with the config's command.
+    let rows = stack.backends().expect("backends");
+    let before: Vec<u64> = names.iter().map(|n| pid_of(&rows, n)).collect();
+    let text = fs::read_to_string(&stack.config).expect("config");
+    fs::write(&stack.config, text.replace("\"50\"", "\"60\"")).expect("write config");
+    stack.ctl(&["reload"]).expect("reload to 60");
+    fs::write(&stack.config, &text).expect("write config");
+    let out = stack.ctl(&["reload"]).expect("reload back to 50");
+    assert!(out.contains("0 to be replaced"), "{out}");
+    let done = wait_until(Duration::from_secs(30), || {
+        stack
+            .daemon
+            .log_text()
+            .matches("rolling restart done")
+            .count()
+            >= 2
+            && stack
+                .backends()
+                .is_ok_and(|rows| rows.iter().all(|r| r["state"] == "ready"))
+    });
+    assert!(done, "{}", stack.daemon.log_text());
+    let rows = stack.backends().expect("backends");
+    let restarted = names
+        .iter()
+        .zip(&before)
+        .filter(|(n, b)| pid_of(&rows, n) != **b)
+        .count();
+    assert!(
+        restarted <= 1,
+        "{restarted} instances restarted for a reverted change"
+    );
+    for pid in stack.instance_pids() {
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(
+            !cmdline.split(|&b| b == 0).any(|a| a == b"60"),
+            "no instance runs the reverted command"
+        );
+    }
 }
 
 #[test]
@@ -232,11 +273,12 @@ fn probes_send_the_api_key_and_a_start_timeout_fails_a_stuck_start() {
 
     // The instance log is appended to across restarts, not truncated.
     let instance_log = stack.dir.path.join(format!("instances/{stuck}.log"));
-    let text = fs::read_to_string(&instance_log).expect("instance log");
-    assert!(
-        text.matches("simulated GPU instance serving").count() >= 2,
-        "both processes' output is kept:\n{text}"
-    );
+    let mut text = String::new();
+    let both = wait_until(Duration::from_secs(10), || {
+        text = fs::read_to_string(&instance_log).unwrap_or_default();
+        text.matches("simulated GPU instance serving").count() >= 2
+    });
+    assert!(both, "both processes' output is kept:\n{text}");
     let text = scrape(&stack.topo.lb).expect("metrics");
     // Every backend has its ejection series from the start.
     assert_eq!(

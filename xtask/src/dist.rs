@@ -20,11 +20,16 @@ pub const PACKAGE: &str = "gpulb";
 pub fn run() -> anyhow::Result<PathBuf> {
     crate::build(true)?;
     let root = workspace_root();
-    package(&root.join("target/release"), &root.join("target/dist"))
+    package(
+        &root.join("target/release"),
+        &root.join("target/dist"),
+        true,
+    )
 }
 
-/// Packages the binaries in `bin_dir` into `out_dir`; returns the `.deb`'s path.
-pub fn package(bin_dir: &Path, out_dir: &Path) -> anyhow::Result<PathBuf> {
+/// Packages the binaries in `bin_dir` into `out_dir`; returns the `.deb`'s path. `compress`:
+/// xz, as Debian's own packages (off for the test's package of 400 MB of debug binaries).
+pub fn package(bin_dir: &Path, out_dir: &Path, compress: bool) -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     let version = env!("CARGO_PKG_VERSION");
     let arch = output(Command::new("dpkg").arg("--print-architecture"))?
@@ -95,6 +100,7 @@ pub fn package(bin_dir: &Path, out_dir: &Path) -> anyhow::Result<PathBuf> {
         0o644,
     )?;
     let size_kib = du_kib(&stage)?;
+    let glibc = glibc_needed(&gpulb)?;
     write(
         &stage.join("DEBIAN/control"),
         &format!(
@@ -103,7 +109,7 @@ pub fn package(bin_dir: &Path, out_dir: &Path) -> anyhow::Result<PathBuf> {
              Architecture: {arch}\n\
              Maintainer: gpulb developers <gpulb@example.invalid>\n\
              Installed-Size: {size_kib}\n\
-             Depends: libc6 (>= 2.34)\n\
+             Depends: libc6 (>= {glibc})\n\
              Recommends: iproute2\n\
              Suggests: prometheus, bpftool\n\
              Section: net\n\
@@ -127,10 +133,19 @@ pub fn package(bin_dir: &Path, out_dir: &Path) -> anyhow::Result<PathBuf> {
     let reload = "#!/bin/sh\nset -e\nif [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi\n";
     write(&stage.join("DEBIAN/postinst"), reload, 0o755)?;
     write(&stage.join("DEBIAN/postrm"), reload, 0o755)?;
+    // Removal stops the daemon (it drains, stops the model servers, detaches and unpins); an
+    // upgrade does not: the new binary takes over with a SIGUSR2 hand-over when asked.
+    write(
+        &stage.join("DEBIAN/prerm"),
+        "#!/bin/sh\nset -e\nif [ \"$1\" = remove ] && [ -d /run/systemd/system ]; then\n    \
+         systemctl stop gpulb.service || true\nfi\n",
+        0o755,
+    )?;
     let deb = out_dir.join(format!("{PACKAGE}_{version}_{arch}.deb"));
     exec(
         Command::new("dpkg-deb")
             .args(["--build", "--root-owner-group"])
+            .arg(if compress { "-Zxz" } else { "-Znone" })
             .arg(&stage)
             .arg(&deb),
     )?;
@@ -187,4 +202,23 @@ fn du_kib(dir: &Path) -> anyhow::Result<u64> {
         .next()
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("du -sk {}: {text}", dir.display()))
+}
+
+/// The newest glibc symbol version `binary` links against (what `Depends: libc6` needs).
+fn glibc_needed(binary: &Path) -> anyhow::Result<String> {
+    let symbols = output(Command::new("objdump").arg("-T").arg(binary))?;
+    symbols
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+        .filter_map(|w| w.strip_prefix("GLIBC_"))
+        .filter_map(|v| {
+            let parts: Vec<u32> = v
+                .split('.')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            Some((parts, v.to_owned()))
+        })
+        .max()
+        .map(|(_, v)| v)
+        .with_context(|| format!("no glibc symbol versions in {}", binary.display()))
 }

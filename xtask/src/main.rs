@@ -150,7 +150,11 @@ fn main() -> anyhow::Result<()> {
             build(false)?;
             // The package test installs a package of the debug binaries just built.
             let root = dist::workspace_root();
-            let deb = dist::package(&root.join("target/debug"), &root.join("target/dist-test"))?;
+            let deb = dist::package(
+                &root.join("target/debug"),
+                &root.join("target/dist-test"),
+                false,
+            )?;
             println!("[xtask] running all tests");
             let host = test(&deb);
             let matrix = matrix(&kernels);

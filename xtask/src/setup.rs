@@ -60,7 +60,7 @@ const BENCH_PACKAGES: &[&str] = &["nginx-light", "haproxy", "wrk"];
 /// 198.18.0.0/15); bpftool: the upgrade test makes an earlier version's conntrack map;
 /// prometheus (with promtool): the monitoring test scrapes the daemon and loads the alert
 /// rules; tmux: the `gpulb top` test reads its screen; systemd: `systemd-analyze verify` of
-/// the packaged unit.
+/// the packaged unit; man-db: the package test reads its man page.
 const TEST_PACKAGES: &[&str] = &[
     "hping3",
     "bpftool",
@@ -76,7 +76,10 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
     // The package may start its service; the test runs its own, in its namespace.
     if fresh_prometheus {
         say("stopping the prometheus service the package started");
-        let _ = Command::new("pkill").args(["-x", "prometheus"]).status();
+        // Only the service's (it runs as the package's user), not another Prometheus.
+        let _ = Command::new("pkill")
+            .args(["-x", "-u", "prometheus", "prometheus"])
+            .status();
     }
     Ok(())
 }

@@ -114,26 +114,38 @@ impl State {
     }
 
     pub(super) fn start_restart(&mut self, model: &str, reply: oneshot::Sender<Response>) {
+        // One rolling restart at a time: two would take two instances out at once and undrain
+        // each other's.
+        if let Some(running) = self.restarts.first() {
+            let _ = reply.send(Response::error(format!(
+                "restart of {model:?}: a rolling restart ({}) is running; wait for it to end",
+                running.machine.model
+            )));
+            return;
+        }
         let instances = self
             .backends
             .iter()
             .filter(|b| b.spec.instance.as_ref().is_some_and(|i| i.model == model))
             .filter_map(|b| b.instance_name().map(str::to_owned))
             .collect();
-        self.start_rolling(model, instances, reply);
+        self.start_rolling(model, instances, false, reply);
     }
 
-    /// Starts a rolling restart of `instances`; `model` names it in messages.
+    /// Starts a rolling restart of `instances` (selectors: names or keys); `model` names it
+    /// in messages. `skip_gone`: an instance removed meanwhile is skipped, not an error.
     fn start_rolling(
         &mut self,
         model: &str,
         instances: Vec<String>,
+        skip_gone: bool,
         reply: oneshot::Sender<Response>,
     ) {
         let (machine, first) = match RollingRestart::start(
             model,
             instances,
             self.config.drain_timeout,
+            skip_gone,
             Instant::now(),
         ) {
             Ok(started) => started,
@@ -143,7 +155,11 @@ impl State {
             }
         };
         info!(model, "rolling restart: one instance at a time");
-        let mut restart = Restart { machine, reply };
+        let mut restart = Restart {
+            machine,
+            reply,
+            kept_drained: Vec::new(),
+        };
         if let Some(done) = self.carry_out(&mut restart, vec![first]) {
             let _ = restart.reply.send(done);
             return;
@@ -164,7 +180,7 @@ impl State {
             let view = self
                 .backends
                 .iter()
-                .find(|b| b.instance_name() == Some(&name))
+                .find(|b| b.matches(&name))
                 .map(|b| restart::View {
                     live_flows: self.live_flows(b.key()),
                     healthy: b.running() && b.health.up,
@@ -200,6 +216,10 @@ impl State {
         for action in actions {
             match action {
                 Action::Drain(name) => {
+                    // Drained by an operator before: it stays drained after its restart.
+                    if self.backends.iter().any(|b| b.matches(&name) && b.draining) {
+                        r.kept_drained.push(name.clone());
+                    }
                     if let Err(e) = self.drain(&name, true).error.map_or(Ok(()), Err) {
                         return Some(Response::error(format!(
                             "restart of {:?}: {e}",
@@ -214,7 +234,9 @@ impl State {
                         continue;
                     }
                     let sent = self
-                        .instance_mut(&name)
+                        .backends
+                        .iter()
+                        .find(|b| b.matches(&name))
                         .and_then(|b| b.process.as_ref())
                         .is_some_and(|p| {
                             let (done, _) = oneshot::channel();
@@ -226,6 +248,9 @@ impl State {
                             r.machine.model
                         )));
                     }
+                }
+                Action::Undrain(name) if r.kept_drained.contains(&name) => {
+                    info!(instance = %name, "rolling restart: instance back, left drained as it was");
                 }
                 Action::Undrain(name) => {
                     self.drain(&name, false);
@@ -253,7 +278,12 @@ impl State {
             Ok(s) => s,
             Err(e) => return reload_rejected(ErrorChain(&e).to_string()),
         };
-        let current: Vec<_> = self.backends.iter().map(|b| &b.spec).collect();
+        // What each backend runs, or will once its pending replacement is done.
+        let current: Vec<_> = self
+            .backends
+            .iter()
+            .map(|b| b.replacement.as_ref().unwrap_or(&b.spec))
+            .collect();
         let incoming = backend::specs(&new, instances);
         let plan = match reload::diff(&self.config, &new, &current, incoming) {
             Ok(p) => p,
@@ -284,7 +314,9 @@ impl State {
         new.conntrack = self.config.conntrack;
         self.config = new;
         self.write_ct_config();
-        let (added, replaced) = (plan.count(Change::Added), plan.count(Change::Replaced));
+        let added = plan.count(Change::Added);
+        // Instances to be replaced (a command changed back by this reload is not one).
+        let mut replaced = 0;
         let mut rolling = Vec::new();
         for (spec, change) in plan.backends {
             let Some(mut b) = old.remove(&spec.key) else {
@@ -292,17 +324,43 @@ impl State {
                 self.add(Backend::new(spec), &[]);
                 continue;
             };
-            if change == Change::Replaced && b.process.is_some() {
-                // Replaced in turn, like `gpulb restart`: the model never loses more than one
-                // instance, and each is drained first. Until its turn it runs as it was.
-                let name = b.instance_name().unwrap_or_default().to_owned();
-                info!(backend = %spec.key, instance = %name, "reload: command changed, replaced in turn");
-                b.replacement = Some(spec);
-                if !self.restarts.iter().any(|r| r.machine.will_restart(&name)) {
-                    rolling.push(name);
+            if b.process.is_some() {
+                match change {
+                    // Back to what it runs (a reverted config): nothing to replace.
+                    Change::Replaced if spec.instance == b.spec.instance => {
+                        b.replacement = None;
+                        let (id, name) = (b.key().to_string(), b.instance_name());
+                        for r in &mut self.restarts {
+                            r.machine.forget(&id);
+                            name.inspect(|n| r.machine.forget(n));
+                        }
+                    }
+                    // Replaced in turn, like `gpulb restart`: the model never loses more than
+                    // one instance, and each is drained first. Until its turn it runs as it
+                    // was. (Named by its key: a reload may rename its model.)
+                    Change::Replaced => {
+                        let id = b.key().to_string();
+                        let name = b.instance_name().unwrap_or_default().to_owned();
+                        info!(backend = %spec.key, "reload: command changed, replaced in turn");
+                        b.replacement = Some(spec);
+                        replaced += 1;
+                        let queued = |r: &Restart| {
+                            r.machine.will_restart(&id) || r.machine.will_restart(&name)
+                        };
+                        if !self.restarts.iter().any(queued) {
+                            rolling.push(id);
+                        }
+                        self.backends.push(b);
+                        continue;
+                    }
+                    // Still waiting for its turn, with what this config says.
+                    Change::Kept if b.replacement.is_some() => {
+                        b.replacement = Some(spec);
+                        self.backends.push(b);
+                        continue;
+                    }
+                    _ => {}
                 }
-                self.backends.push(b);
-                continue;
             }
             b.spec = spec;
             self.tasks.start_probe(&mut b);
@@ -311,8 +369,14 @@ impl State {
         self.sync();
         self.persist();
         if !rolling.is_empty() {
-            let (reply, _) = oneshot::channel();
-            self.start_rolling(RELOAD, rolling, reply);
+            match self.restarts.first_mut() {
+                // One rolling restart at a time: the running one takes these on after its own.
+                Some(running) => running.machine.extend(rolling),
+                None => {
+                    let (reply, _) = oneshot::channel();
+                    self.start_rolling(RELOAD, rolling, true, reply);
+                }
+            }
         }
         let removed = plan.removed.len();
         info!(added, removed, replaced, "config reloaded");
@@ -328,27 +392,30 @@ impl State {
         let Some(index) = self
             .backends
             .iter()
-            .position(|b| b.instance_name() == Some(name))
+            .position(|b| b.matches(name) && b.replacement.is_some())
         else {
             return false;
         };
-        let mut b = self.backends.swap_remove(index);
-        let Some(spec) = b.replacement.take() else {
-            self.backends.push(b);
-            return false;
-        };
-        stop(b.process.take().as_ref());
-        b.process = Backend::new(spec.clone()).process;
-        if let (Some(instance), Some(process)) = (&spec.instance, &mut b.process) {
-            // The old process is stopped first: it holds the port.
+        let b = &mut self.backends[index];
+        let spec = b.replacement.take().expect("found with a replacement");
+        let stopped = stop(b.process.take().as_ref());
+        let mut process = Backend::new(spec.clone()).process;
+        if let (Some(instance), Some(process)) = (&spec.instance, &mut process) {
+            // The old process is stopped first: it holds the port and the GPUs, and its exit
+            // must reach the state task before the new one's start does.
             let addr = SocketAddr::new(instance.address, instance.port);
             let limit = self.config.kill_timeout + Duration::from_secs(1);
-            process.commands = self.supervise(instance.clone(), None, port_free(addr, limit));
+            let before = async move {
+                let _ = stopped.await;
+                port_free(addr, limit).await;
+            };
+            process.commands = self.supervise(instance.clone(), None, before);
         }
+        let b = &mut self.backends[index];
+        b.process = process;
         b.health = Health::default();
         b.spec = spec;
-        self.tasks.start_probe(&mut b);
-        self.backends.push(b);
+        self.tasks.start_probe(b);
         self.sync();
         true
     }
@@ -357,12 +424,14 @@ impl State {
 /// The "model" a reload's rolling replacement names in its messages.
 const RELOAD: &str = "the reload";
 
-/// Stops a process for good, without waiting.
-fn stop(process: Option<&Process>) {
+/// Stops a process for good, without waiting; the receiver is told once it is stopped (and
+/// its exit sent to the state task), or dropped if there was no process.
+fn stop(process: Option<&Process>) -> oneshot::Receiver<()> {
+    let (done, stopped) = oneshot::channel();
     if let Some(p) = process {
-        let (done, _) = oneshot::channel();
         let _ = p.commands.send(Command::Stop(done));
     }
+    stopped
 }
 
 fn reload_rejected(error: String) -> Response {

@@ -54,6 +54,9 @@ pub struct RollingRestart {
     current: usize,
     phase: Phase,
     drain_timeout: Duration,
+    /// An instance gone by its turn is skipped (a reload's replacements: a later reload may
+    /// remove one), instead of ending the restart.
+    skip_gone: bool,
     started: Instant,
 }
 
@@ -64,6 +67,7 @@ impl RollingRestart {
         model: &str,
         mut instances: Vec<String>,
         drain_timeout: Duration,
+        skip_gone: bool,
         now: Instant,
     ) -> Result<(Self, Action), String> {
         if instances.is_empty() {
@@ -80,9 +84,31 @@ impl RollingRestart {
                 zeros: 0,
             },
             drain_timeout,
+            skip_gone,
             started: now,
         };
         Ok((restart, Action::Drain(first)))
+    }
+
+    /// Takes on more instances after those it has (a reload during a rolling restart).
+    pub fn extend(&mut self, more: Vec<String>) {
+        for name in more {
+            if !self.instances[self.current + 1..].contains(&name) {
+                self.instances.push(name);
+            }
+        }
+    }
+
+    /// Drops `name` from those still waiting for their turn (a reload reverted its change);
+    /// the instance in its turn carries on.
+    pub fn forget(&mut self, name: &str) {
+        let current = self.current;
+        let mut i = 0;
+        self.instances.retain(|n| {
+            let keep = i <= current || n != name;
+            i += 1;
+            keep
+        });
     }
 
     /// Whether `name` is still to be restarted (not begun, or being drained).
@@ -102,6 +128,12 @@ impl RollingRestart {
     pub fn step(&mut self, view: Option<&View>, now: Instant) -> Vec<Action> {
         let name = self.instance().to_owned();
         let Some(view) = view else {
+            if self.skip_gone {
+                // Nothing of it is left to undrain: on to the next.
+                let mut actions = self.next(name, now);
+                actions.remove(0);
+                return actions;
+            }
             return vec![Action::Finish(Err(format!("instance {name} is gone")))];
         };
         match &mut self.phase {
@@ -188,7 +220,7 @@ mod tests {
         let t0 = Instant::now();
         let tick = |n: u32| t0 + TICK * n;
         let (mut r, first) =
-            RollingRestart::start("m", vec!["m-1".into(), "m-0".into()], DRAIN, t0)
+            RollingRestart::start("m", vec!["m-1".into(), "m-0".into()], DRAIN, false, t0)
                 .expect("instances");
         assert_eq!(first, Action::Drain("m-0".into()), "in name order");
         // Live flows hold the drain; zero twice in a row ends it.
@@ -221,7 +253,8 @@ mod tests {
     #[test]
     fn a_drain_that_times_out_restarts_anyway() {
         let t0 = Instant::now();
-        let (mut r, _) = RollingRestart::start("m", vec!["m-0".into()], DRAIN, t0).expect("start");
+        let (mut r, _) =
+            RollingRestart::start("m", vec!["m-0".into()], DRAIN, false, t0).expect("start");
         let busy = view(3, true, 1);
         assert!(r.step(Some(&busy), t0 + TICK).is_empty());
         assert!(!r.drain_timed_out(&busy, t0 + TICK));
@@ -236,7 +269,8 @@ mod tests {
     fn a_crash_loop_or_a_vanished_instance_stops_the_restart() {
         let t0 = Instant::now();
         let (mut r, _) =
-            RollingRestart::start("m", vec!["m-0".into(), "m-1".into()], DRAIN, t0).expect("start");
+            RollingRestart::start("m", vec!["m-0".into(), "m-1".into()], DRAIN, false, t0)
+                .expect("start");
         r.step(Some(&view(0, true, 1)), t0 + TICK);
         r.step(Some(&view(0, true, 1)), t0 + TICK * 2);
         let looping = View {
@@ -249,11 +283,49 @@ mod tests {
             matches!(&out[..], [Action::Finish(Err(e))] if e.contains("m-0 did not become ready again (exit status 1)")),
             "{out:?}"
         );
-        let (mut r, _) = RollingRestart::start("m", vec!["m-0".into()], DRAIN, t0).expect("start");
+        let (mut r, _) =
+            RollingRestart::start("m", vec!["m-0".into()], DRAIN, false, t0).expect("start");
         assert_eq!(
             r.step(None, t0 + TICK),
             vec![Action::Finish(Err("instance m-0 is gone".into()))]
         );
-        assert!(RollingRestart::start("m", Vec::new(), DRAIN, t0).is_err());
+        assert!(RollingRestart::start("m", Vec::new(), DRAIN, false, t0).is_err());
+    }
+
+    #[test]
+    fn a_reload_extends_the_running_restart_and_skips_instances_gone_meanwhile() {
+        let t0 = Instant::now();
+        let (mut r, first) =
+            RollingRestart::start("the reload", vec!["a".into(), "b".into()], DRAIN, true, t0)
+                .expect("start");
+        assert_eq!(first, Action::Drain("a".into()));
+        assert!(r.will_restart("a") && r.will_restart("b"));
+        r.extend(vec!["b".into(), "c".into(), "d".into()]);
+        assert!(r.will_restart("c"));
+        r.forget("d");
+        r.forget("a");
+        assert!(!r.will_restart("d"), "a reverted change is forgotten");
+        assert!(r.will_restart("a"), "but not the instance in its turn");
+        // a drains and restarts: no longer "to be restarted".
+        r.step(Some(&view(0, true, 1)), t0);
+        assert_eq!(
+            r.step(Some(&view(0, true, 1)), t0),
+            vec![Action::Restart("a".into())]
+        );
+        assert!(!r.will_restart("a"));
+        assert_eq!(
+            r.step(Some(&view(0, true, 2)), t0),
+            vec![Action::Undrain("a".into()), Action::Drain("b".into())]
+        );
+        // b was removed by a later reload: skipped, on to c (b only once).
+        assert_eq!(r.step(None, t0), vec![Action::Drain("c".into())]);
+        r.step(Some(&view(0, true, 3)), t0);
+        assert_eq!(
+            r.step(Some(&view(0, true, 3)), t0),
+            vec![Action::Restart("c".into())]
+        );
+        let done = r.step(Some(&view(0, true, 4)), t0);
+        assert_eq!(done[0], Action::Undrain("c".into()));
+        assert!(matches!(done[1], Action::Finish(Ok(_))));
     }
 }

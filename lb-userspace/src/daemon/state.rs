@@ -38,6 +38,8 @@ use crate::{
 pub(super) struct Restart {
     pub(super) machine: RollingRestart,
     pub(super) reply: oneshot::Sender<Response>,
+    /// Instances an operator had drained before their turn: left drained after it.
+    pub(super) kept_drained: Vec<String>,
 }
 
 pub struct State {
@@ -277,6 +279,7 @@ impl State {
                 process.phase = Phase::Exited { crash_loop };
                 process.restarts = restarts;
                 process.pid = None;
+                process.starting_since = None;
                 b.health = Health {
                     last_error: Some(format!("exited: {status}")),
                     ..Health::default()
@@ -564,6 +567,9 @@ fn check_start_timeout(b: &mut Backend) {
         return;
     }
     process.starting_since = None;
+    let Some(pid) = process.pid else {
+        return;
+    };
     let why = format!(
         "not ready {limit:?} after its start (start_timeout_ms): {}",
         b.health
@@ -571,7 +577,7 @@ fn check_start_timeout(b: &mut Backend) {
             .as_deref()
             .unwrap_or("no probe succeeded")
     );
-    let _ = process.commands.send(Command::FailStart(why));
+    let _ = process.commands.send(Command::FailStart { pid, why });
 }
 
 /// `vip`, `backend`, `backend_instance`, `cause` as `gpulb_ejections_total` has them (the VIP and

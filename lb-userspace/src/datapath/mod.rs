@@ -177,17 +177,21 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<(), DatapathError> {
         })
 }
 
-/// The name under /run/netns of this process's network namespace, if it has one: with no
-/// bpffs at /sys/fs/bpf that means `ip netns exec` (which remounts /sys).
+/// The name under /run/netns of this process's network namespace, if it has one and this
+/// process is in a mount namespace of its own: with no bpffs at /sys/fs/bpf that is
+/// `ip netns exec` (which unshares the mounts and remounts /sys), not `nsenter --net`.
 fn named_netns() -> Option<String> {
     use std::os::unix::fs::MetadataExt as _;
+    let same = |a: &fs::Metadata, b: &fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
+    let mounts = fs::metadata("/proc/self/ns/mnt").ok()?;
+    if fs::metadata("/proc/1/ns/mnt").is_ok_and(|init| same(&init, &mounts)) {
+        return None;
+    }
     let own = fs::metadata("/proc/self/ns/net").ok()?;
     fs::read_dir("/run/netns")
         .ok()?
         .flatten()
-        .find(|e| {
-            fs::metadata(e.path()).is_ok_and(|m| m.dev() == own.dev() && m.ino() == own.ino())
-        })
+        .find(|e| fs::metadata(e.path()).is_ok_and(|m| same(&m, &own)))
         .map(|e| e.file_name().to_string_lossy().into_owned())
 }
 

@@ -35,6 +35,25 @@ pub struct FloodTotals {
     pub flood_seconds: u64,
 }
 
+/// Counts a conntrack table's keys, at most its capacity: under LRU churn the kernel's
+/// next-key walk restarts from the first bucket when the key it stands on is evicted, so an
+/// unbounded walk could count past the capacity (or not end).
+fn fill<K: aya::Pod>(
+    map: &HashMap<MapData, K, Flow>,
+    name: &'static str,
+) -> Result<ConntrackFill, MapsError> {
+    let capacity = map.map().info().map_err(op("reading", name))?.max_entries();
+    let entries = map
+        .keys()
+        .filter(Result::is_ok)
+        .take(capacity as usize)
+        .count();
+    Ok(ConntrackFill {
+        entries: entries as u64,
+        capacity: u64::from(capacity),
+    })
+}
+
 /// How full a conntrack table is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ConntrackFill {
@@ -71,18 +90,9 @@ impl Maps {
     /// Entries and capacity of the IPv4 and IPv6 conntrack tables. Walks every key (about a
     /// second per million entries): callers cache it.
     pub fn conntrack_fill(&self) -> Result<[ConntrackFill; 2], MapsError> {
-        let fill = |map: &MapData, name: &'static str, entries: usize| {
-            let info = map.info().map_err(op("reading", name))?;
-            Ok(ConntrackFill {
-                entries: entries as u64,
-                capacity: u64::from(info.max_entries()),
-            })
-        };
-        let v4 = self.conns.keys().filter(Result::is_ok).count();
-        let v6 = self.conns6.keys().filter(Result::is_ok).count();
         Ok([
-            fill(self.conns.map(), maps::CONNS.name, v4)?,
-            fill(self.conns6.map(), maps::CONNS6.name, v6)?,
+            fill(&self.conns, maps::CONNS.name)?,
+            fill(&self.conns6, maps::CONNS6.name)?,
         ])
     }
 
