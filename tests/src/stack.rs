@@ -91,6 +91,13 @@ pub fn sim_port(i: usize) -> u16 {
     8001 + i as u16
 }
 
+/// The row of `gpulb backends --json` for `instance`.
+pub fn backend_row<'a>(rows: &'a [serde_json::Value], instance: &str) -> &'a serde_json::Value {
+    rows.iter()
+        .find(|r| r["daemon"]["instance"] == instance)
+        .unwrap_or_else(|| panic!("no backend {instance} in {rows:#?}"))
+}
+
 /// Name of the model the managed stacks run.
 pub const MODEL: &str = "sim-llm";
 

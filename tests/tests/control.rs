@@ -2,38 +2,25 @@
 //! instances, probes them, ejects dead ones at once, drains, restarts them one at a time,
 //! hands the data path over to its successor, and reloads its config. Needs root.
 
+mod common;
+
 use std::{
     collections::BTreeMap,
     fs, thread,
     time::{Duration, Instant},
 };
 
+use common::{FAST_PROBES, sim_command};
 use gpulb::maps::Maps;
 use gpulb_testbed::{
-    LB_ADDR, Load, MODEL, PinDir, Proc, Stack, bin, burst, burst_in_background, gpulb_cli, metric,
-    scrape, sim_port, vip_url, wait_until,
+    LB_ADDR, Load, MODEL, PinDir, Proc, Stack, backend_row as row, bin, burst, burst_in_background,
+    gpulb_cli, metric, scrape, sim_port, vip_url, wait_until,
 };
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
 use serde_json::Value;
-
-/// `command` for the simulator with extra flags.
-fn sim_command(flags: &[&str]) -> String {
-    let mut args = gpulb::config::SIM_COMMAND.to_vec();
-    args.extend_from_slice(flags);
-    let quoted: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
-    format!("command = [{}]\n", quoted.join(", "))
-}
-
-const FAST_PROBES: &str = "[model.health]\ninterval_ms = 100\n";
-
-fn row<'a>(rows: &'a [Value], instance: &str) -> &'a Value {
-    rows.iter()
-        .find(|r| r["daemon"]["instance"] == instance)
-        .unwrap_or_else(|| panic!("no backend {instance} in {rows:#?}"))
-}
 
 fn pid_of(row: &Value) -> u32 {
     row["daemon"]["pid"]

@@ -3,6 +3,8 @@
 //! key, a start timeout, instance logs kept across restarts, and `ip netns exec` explained.
 //! In network namespaces; needs root.
 
+mod common;
+
 use std::{
     fs,
     io::{Read as _, Write as _},
@@ -12,27 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{FAST_PROBES, sim_command};
 use gpulb_testbed::{
-    LB_ADDR, Load, MODEL, NetNs, PinDir, Stack, bin, metric, scrape, sim_port, unique, vip_url,
-    wait_until,
+    LB_ADDR, Load, MODEL, NetNs, PinDir, Stack, backend_row as row, bin, metric, scrape, sim_port,
+    unique, vip_url, wait_until,
 };
 use serde_json::Value;
-
-/// `command` for the simulator with extra flags.
-fn sim_command(flags: &[&str]) -> String {
-    let mut args = gpulb::config::SIM_COMMAND.to_vec();
-    args.extend_from_slice(flags);
-    let quoted: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
-    format!("command = [{}]\n", quoted.join(", "))
-}
-
-const FAST_PROBES: &str = "[model.health]\ninterval_ms = 100\n";
-
-fn row<'a>(rows: &'a [Value], instance: &str) -> &'a Value {
-    rows.iter()
-        .find(|r| r["daemon"]["instance"] == instance)
-        .unwrap_or_else(|| panic!("no row for {instance}: {rows:#?}"))
-}
 
 fn pid_of(rows: &[Value], instance: &str) -> u64 {
     row(rows, instance)["daemon"]["pid"].as_u64().unwrap_or(0)

@@ -171,10 +171,7 @@ pub fn rows(pin_path: &Path, socket: &Path) -> anyhow::Result<Vec<BackendRow>> {
     let mut rows = Vec::new();
     for (id, b) in maps.backends()? {
         let service = u32::from(b.service);
-        let vip = services
-            .iter()
-            .find(|(_, s)| s.id == service)
-            .map_or_else(|| format!("(service {service})"), |(k, _)| k.to_string());
+        let vip = super::vip_of_service(&services, service);
         let held = slots.get(&id).copied().unwrap_or(0);
         let c = maps.backend_counters(id)?;
         let engine = maps.engine(id)?;

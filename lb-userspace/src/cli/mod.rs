@@ -54,6 +54,14 @@ pub fn open(pin_path: &Path) -> anyhow::Result<Maps> {
         .with_context(|| format!("reading gpulb's maps under {}", pin_path.display()))
 }
 
+/// The VIP (`address:port`) of a service id, as the maps name it.
+pub fn vip_of_service(services: &[(crate::maps::VipAddr, lb_common::Service)], id: u32) -> String {
+    services
+        .iter()
+        .find(|(_, s)| s.id == id)
+        .map_or_else(|| format!("(service {id})"), |(k, _)| k.to_string())
+}
+
 pub fn proto_label(proto: u8) -> String {
     crate::config::Protocol::from_number(proto).map_or_else(|| proto.to_string(), |p| p.to_string())
 }

@@ -174,10 +174,7 @@ impl View {
         self.backends.clear();
         for (id, b) in maps.backends()? {
             let service = u32::from(b.service);
-            let vip = services
-                .iter()
-                .find(|(_, s)| s.id == service)
-                .map_or_else(|| format!("(service {service})"), |(k, _)| k.to_string());
+            let vip = super::vip_of_service(&services, service);
             let c = maps.backend_counters(id)?;
             let new_per_s = rate(c.new_flows, self.backend_totals.get(&id).copied());
             self.backend_totals.insert(id, c.new_flows);

@@ -52,23 +52,6 @@ pub fn parse_addr(field: &str, addr: &str) -> Result<IpAddr, FieldError> {
     Ok(ip)
 }
 
-/// A backend's or model instance's address: `parse_addr`, and not loopback. Packets NATed
-/// from the NIC to 127.0.0.0/8 or ::1 are dropped by the kernel as martians, so such a
-/// backend would pass its probes and never get a flow.
-pub fn parse_backend_addr(field: &str, addr: &str) -> Result<IpAddr, FieldError> {
-    let ip = parse_addr(field, addr)?;
-    if ip.is_loopback() {
-        return Err(invalid(
-            field,
-            format!(
-                "{addr:?} is a loopback address: packets from the NIC NATed to it are dropped \
-                 as martians; use an address of the host (docs/deploy.md)"
-            ),
-        ));
-    }
-    Ok(ip)
-}
-
 pub fn parse_ms(field: &str, ms: i64, min: i64, max: i64) -> Result<Duration, FieldError> {
     if !(min..=max).contains(&ms) {
         return Err(invalid(field, format!("{ms} is out of range {min}-{max}")));

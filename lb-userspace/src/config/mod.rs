@@ -298,6 +298,7 @@ impl RawConfig {
         let models = validate_models(self.model, &vips)?;
         check_capacity(&vips, &models)?;
         check_backends_unshared(&vips, &models)?;
+        check_no_loopback_backend(&self.interface, &vips, &models)?;
         let metrics_listen = match self
             .metrics_listen
             .as_deref()
@@ -369,6 +370,42 @@ fn validate_vips(raw: Vec<RawVip>) -> Result<Vec<Vip>, FieldError> {
 /// No backend address serves two VIPs of one protocol: the egress program finds a reply's
 /// VIP by the backend's address, port and protocol (`VIP_OF`), so a shared one would answer
 /// every client as one of the VIPs.
+/// Backends and model instances on a loopback address only behind the loopback interface:
+/// packets from any other NIC NATed to 127.0.0.0/8 or ::1 are dropped by the kernel as
+/// martians, so such a backend would pass its probes and never get a flow.
+fn check_no_loopback_backend(
+    interface: &str,
+    vips: &[Vip],
+    models: &[Model],
+) -> Result<(), FieldError> {
+    if interface == "lo" {
+        return Ok(());
+    }
+    let statics = vips.iter().enumerate().flat_map(|(i, v)| {
+        v.backends
+            .iter()
+            .enumerate()
+            .map(move |(j, b)| (format!("vip[{i}].backend[{j}].address"), b.address))
+    });
+    let instances = models
+        .iter()
+        .enumerate()
+        .map(|(k, m)| (format!("model[{k}].address"), m.address));
+    match statics
+        .chain(instances)
+        .find(|(_, addr)| addr.is_loopback())
+    {
+        Some((field, addr)) => Err(invalid(
+            field,
+            format!(
+                "\"{addr}\" is a loopback address: packets from {interface:?} NATed to it are \
+                 dropped as martians; use an address of the host (docs/deploy.md)"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn check_backends_unshared(vips: &[Vip], models: &[Model]) -> Result<(), FieldError> {
     let mut owners: HashMap<(SocketAddr, Protocol), (usize, String)> = HashMap::new();
     let statics = vips.iter().enumerate().flat_map(|(i, v)| {

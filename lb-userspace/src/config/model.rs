@@ -7,8 +7,8 @@ use serde::Deserialize;
 
 use super::{
     fields::{
-        FieldError, check_family, invalid, parse_backend_addr, parse_count, parse_max_flows,
-        parse_ms, parse_port, parse_slots, parse_weight,
+        FieldError, check_family, invalid, parse_addr, parse_count, parse_max_flows, parse_ms,
+        parse_port, parse_slots, parse_weight,
     },
     health::{CheckKind, HealthCheck, LoadSource, RawHealth},
     vip::{Protocol, Vip, default_weight},
@@ -342,7 +342,7 @@ impl RawModel {
                 ));
             }
         }
-        let address = parse_backend_addr(&f("address"), &self.address)?;
+        let address = parse_addr(&f("address"), &self.address)?;
         check_family(&f("address"), address, vip.address)?;
         let base_port = parse_port(&f("base_port"), self.base_port)?;
         if let Some(n) = listed

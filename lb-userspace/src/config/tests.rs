@@ -124,16 +124,6 @@ fn ipv6_errors_name_field_and_value() {
             "model[0].address: 198.18.0.2 is IPv4, but the VIP 2001:db8:1::1 is IPv6",
         ),
         (
-            "address = \"2001:db8::20\"",
-            "address = \"::1\"",
-            "model[0].address: \"::1\" is a loopback address",
-        ),
-        (
-            "address = \"2001:db8::10\"",
-            "address = \"::1\"",
-            "vip[0].backend[0].address: \"::1\" is a loopback address",
-        ),
-        (
             "\"2001:db8::/48\"",
             "\"198.18.0.0/15\"",
             "vip[0].admission.allow[0]: 198.18.0.0 is IPv4, but the VIP 2001:db8:1::1 is IPv6",
@@ -781,4 +771,32 @@ fn the_config_reference_names_every_field() {
         missing.is_empty(),
         "not in docs/operations.md's Config reference: {missing:?}"
     );
+}
+
+#[test]
+fn loopback_backends_are_refused_except_behind_lo() {
+    let on = |interface: &str, from: &str, to: &str| {
+        let text = GOOD6
+            .replacen(
+                "interface = \"lo\"",
+                &format!("interface = \"{interface}\""),
+                1,
+            )
+            .replacen(from, to, 1);
+        parse(&text)
+    };
+    for (from, field) in [
+        ("address = \"2001:db8::20\"", "model[0].address"),
+        ("address = \"2001:db8::10\"", "vip[0].backend[0].address"),
+    ] {
+        let e = on("eth0", from, "address = \"::1\"")
+            .expect_err("loopback behind eth0")
+            .to_string();
+        assert!(
+            e.contains(&format!("{field}: \"::1\" is a loopback address"))
+                && e.contains("martians"),
+            "{e}"
+        );
+        on("lo", from, "address = \"::1\"").expect("behind lo, loopback is where packets go");
+    }
 }

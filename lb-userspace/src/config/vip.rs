@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize, de::IgnoredAny};
 
 use super::{
     fields::{
-        Cidr, FieldError, check_family, invalid, is_prime, parse_addr, parse_backend_addr,
-        parse_count, parse_max_flows, parse_ms, parse_port, parse_slots, parse_weight,
+        Cidr, FieldError, check_family, invalid, is_prime, parse_addr, parse_count,
+        parse_max_flows, parse_ms, parse_port, parse_slots, parse_weight,
     },
     health::{CheckKind, HealthCheck, LoadSource, RawHealth},
 };
@@ -369,7 +369,7 @@ impl RawBackend {
         protocol: Protocol,
     ) -> Result<BackendConfig, FieldError> {
         let bf = |name: &str| format!("{field}.{name}");
-        let address = parse_backend_addr(&bf("address"), &self.address)?;
+        let address = parse_addr(&bf("address"), &self.address)?;
         check_family(&bf("address"), address, vip)?;
         let port = parse_port(&bf("port"), self.port)?;
         let weight = parse_weight(&bf("weight"), self.weight)?;
