@@ -30,6 +30,22 @@ use crate::{
 /// that `increase()` sees its first ejection.
 pub const EJECTION_CAUSES: [&str; 2] = ["exit", "unhealthy"];
 
+/// `vip`, `backend`, `backend_instance`, `cause` as `gpulb_ejections_total` has them (the VIP
+/// and backend as `address:port`, like the map-derived metrics).
+pub fn ejection_labels(
+    vip: SocketAddr,
+    backend: SocketAddr,
+    instance: Option<&str>,
+    cause: &str,
+) -> [String; 4] {
+    [
+        vip.to_string(),
+        backend.to_string(),
+        instance.unwrap_or_default().to_owned(),
+        cause.to_owned(),
+    ]
+}
+
 /// How long a conntrack fill reading is reused: counting walks every entry.
 const FILL_MAX_AGE: Duration = Duration::from_secs(10);
 
@@ -138,12 +154,8 @@ async fn metrics(State(scrape): State<Scrape>) -> impl IntoResponse {
     let snapshot = scrape.snapshot.borrow().clone();
     for s in snapshot.0.iter() {
         for cause in EJECTION_CAUSES {
-            scrape.daemon.ejections.with_label_values(&[
-                &s.vip_address.to_string(),
-                &s.backend.to_string(),
-                s.instance.as_deref().unwrap_or(""),
-                cause,
-            ]);
+            let labels = ejection_labels(s.vip_address, s.backend, s.instance.as_deref(), cause);
+            scrape.daemon.ejections.with_label_values(&labels);
         }
     }
     let maps = scrape.maps.clone();

@@ -350,16 +350,12 @@ pub async fn supervise(
                 Ok(r) => r,
                 Err(e) => {
                     error!(instance = %spec.name, error = %crate::datapath::ErrorChain(&e), "spawn failed");
-                    failures += 1;
-                    let delay = policy.backoff(failures);
-                    let _ = ctx.events.send(Event::Exited {
-                        instance: spec.name.clone(),
+                    let failure = Failure {
                         at: Instant::now(),
                         status: format!("spawn failed: {e}"),
                         restarts,
-                        crash_loop: failures >= CRASH_LOOP_AFTER,
-                        restart_in: Some(delay),
-                    });
+                    };
+                    let (delay, _) = failure.report(&spec, &ctx, &policy, &mut failures);
                     if !pause(delay, &mut commands, &ctx.cancel).await {
                         break;
                     }
@@ -388,21 +384,11 @@ pub async fn supervise(
                 break;
             }
             status = running.wait() => {
-                let at = Instant::now();
                 if started.elapsed() >= policy.stable_after {
                     failures = 0;
                 }
-                failures += 1;
-                let delay = policy.backoff(failures);
-                let crash_loop = failures >= CRASH_LOOP_AFTER;
-                let _ = ctx.events.send(Event::Exited {
-                    instance: spec.name.clone(),
-                    at,
-                    status: status.clone(),
-                    restarts,
-                    crash_loop,
-                    restart_in: Some(delay),
-                });
+                let failure = Failure { at: Instant::now(), status: status.clone(), restarts };
+                let (delay, crash_loop) = failure.report(&spec, &ctx, &policy, &mut failures);
                 if crash_loop {
                     error!(instance = %spec.name, pid, %status, failures, restart_in = ?delay, "instance is crash-looping");
                 } else {
@@ -422,18 +408,9 @@ pub async fn supervise(
                     Command::Restart(done) => (Some(done), true),
                     Command::Stop(done) => (Some(done), false),
                     Command::FailStart { why, .. } => {
-                        failures += 1;
-                        let delay = policy.backoff(failures);
-                        let crash_loop = failures >= CRASH_LOOP_AFTER;
+                        let failure = Failure { at: Instant::now(), status: why.clone(), restarts };
+                        let (delay, _) = failure.report(&spec, &ctx, &policy, &mut failures);
                         error!(instance = %spec.name, pid, why = %why, %status, failures, restart_in = ?delay, "instance failed to start");
-                        let _ = ctx.events.send(Event::Exited {
-                            instance: spec.name.clone(),
-                            at: Instant::now(),
-                            status: why,
-                            restarts,
-                            crash_loop,
-                            restart_in: Some(delay),
-                        });
                         if !pause(delay, &mut commands, &ctx.cancel).await {
                             break;
                         }
@@ -461,6 +438,39 @@ pub async fn supervise(
         }
     }
     tail.abort();
+}
+
+/// A run that failed: the process exited, could not be spawned, or did not become ready in
+/// time.
+struct Failure {
+    at: Instant,
+    status: String,
+    restarts: u32,
+}
+
+impl Failure {
+    /// Counts it against `failures`, tells the state task, and returns the backoff before the
+    /// next start and whether the instance is now crash-looping.
+    fn report(
+        self,
+        spec: &InstanceSpec,
+        ctx: &Context,
+        policy: &RestartPolicy,
+        failures: &mut u32,
+    ) -> (Duration, bool) {
+        *failures += 1;
+        let delay = policy.backoff(*failures);
+        let crash_loop = *failures >= CRASH_LOOP_AFTER;
+        let _ = ctx.events.send(Event::Exited {
+            instance: spec.name.clone(),
+            at: self.at,
+            status: self.status,
+            restarts: self.restarts,
+            crash_loop,
+            restart_in: Some(delay),
+        });
+        (delay, crash_loop)
+    }
 }
 
 /// The next command for the process `pid`: a failed start meant for an earlier process is

@@ -510,4 +510,6 @@ fn check_vip_can_serve(i: usize, vip: &Vip, has_model: bool) -> Result<(), Field
 }
 
 #[cfg(test)]
+mod reference_tests;
+#[cfg(test)]
 mod tests;

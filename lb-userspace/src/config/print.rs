@@ -7,8 +7,8 @@ use std::time::Duration;
 use toml::{Table, Value};
 
 use super::{
-    Affinity, BackendConfig, CheckKind, Config, GpuRef, GpuSelection, HealthCheck, LoadSource,
-    Model, PrefixAffinity, SocketLb, Vip,
+    Affinity, BackendConfig, CheckKind, Config, GpuRef, GpuSelection, HealthCheck, Model,
+    PrefixAffinity, SocketLb, Vip,
 };
 
 /// The effective config as TOML.
@@ -129,7 +129,7 @@ fn backend(b: &BackendConfig) -> Value {
     t.insert("weight".into(), int(b.weight));
     t.insert("max_flows".into(), int(b.max_flows));
     t.insert("slots".into(), int(b.slots));
-    t.insert("load".into(), load(b.load));
+    t.insert("load".into(), word(b.load));
     Value::Table(t)
 }
 
@@ -163,7 +163,7 @@ fn model(m: &Model) -> Value {
     t.insert("weight".into(), int(m.weight));
     t.insert("max_flows".into(), int(m.max_flows));
     t.insert("slots".into(), int(m.slots));
-    t.insert("load".into(), load(m.load));
+    t.insert("load".into(), word(m.load));
     t.insert("restart_delay_ms".into(), ms(m.restart_delay));
     t.insert("restart_delay_max_ms".into(), ms(m.restart_delay_max));
     t.insert("stable_after_ms".into(), ms(m.stable_after));
@@ -212,10 +212,6 @@ fn health(h: &HealthCheck) -> Value {
         ),
     );
     Value::Table(t)
-}
-
-fn load(l: LoadSource) -> Value {
-    word(l)
 }
 
 /// A unit enum as its config word (`serde(rename_all = "lowercase")`).

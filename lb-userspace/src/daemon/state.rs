@@ -29,7 +29,7 @@ use crate::{
     gpu::InstanceSpec,
     health::Health,
     load,
-    metrics::{DaemonMetrics, Snapshot},
+    metrics::{self, DaemonMetrics, Snapshot},
     plan::{self, DesiredBackend, DesiredService, Plan},
     supervisor::{self, Command, InstanceRecord},
 };
@@ -580,15 +580,9 @@ fn check_start_timeout(b: &mut Backend) {
     let _ = process.commands.send(Command::FailStart { pid, why });
 }
 
-/// `vip`, `backend`, `backend_instance`, `cause` as `gpulb_ejections_total` has them (the VIP and
-/// backend as `address:port`, like the map-derived metrics).
+/// `gpulb_ejections_total`'s labels for `b`.
 fn ejection_labels(b: &Backend, cause: &'static str) -> [String; 4] {
-    [
-        b.spec.vip_address.to_string(),
-        b.addr().to_string(),
-        b.instance_name().unwrap_or_default().to_owned(),
-        cause.to_owned(),
-    ]
+    metrics::ejection_labels(b.spec.vip_address, b.addr(), b.instance_name(), cause)
 }
 
 /// The desired table contents: per VIP in config order.
