@@ -2,8 +2,8 @@
 //! and the refusal (a RST written over the SYN and sent back, or a drop).
 
 use aya_ebpf::{
+    btf_maps::{LpmTrie, LruHashMap, lpm_trie::Key},
     helpers::bpf_xdp_adjust_tail,
-    maps::{LpmTrie, LruHashMap, lpm_trie::Key},
     programs::XdpContext,
 };
 use lb_common::{PROTO_TCP, Reason, Service, ServiceLimits};
@@ -17,7 +17,11 @@ use crate::{
 /// Whether `key`'s source lies in an allowed prefix of its service (LPM: the service id
 /// is the first 32 bits of every prefix).
 #[inline(always)]
-pub fn is_allowed_in<K>(map: &LpmTrie<K, u32>, bits: u32, data: K) -> bool {
+pub fn is_allowed_in<K, const N: usize, const F: usize>(
+    map: &LpmTrie<K, u32, N, F>,
+    bits: u32,
+    data: K,
+) -> bool {
     map.get(&Key::new(32 + bits, data)).is_some()
 }
 
@@ -26,8 +30,8 @@ pub fn is_allowed_in<K>(map: &LpmTrie<K, u32>, bits: u32, data: K) -> bool {
 /// rate. Concurrent SYNs of one source on two CPUs may both pass; the limit is per source,
 /// not exact to the packet.
 #[inline(always)]
-pub fn is_over_rate_in<K>(
-    map: &LruHashMap<K, u64>,
+pub fn is_over_rate_in<K, const N: usize, const F: usize>(
+    map: &LruHashMap<K, u64, N, F>,
     key: &K,
     limits: &ServiceLimits,
     now: u64,

@@ -37,8 +37,7 @@ fn egress<F: Family>(ctx: &TcContext, pkt: &L4Packet<F::Addr>) -> Result<Reason,
         proto: pkt.flow.proto,
         _pad: 0,
     };
-    // SAFETY: VIP_OF values are written whole by the daemon and copied out at once.
-    let owner = *unsafe { F::vip_of().get(&owner_key) }.ok_or(Reason::EgressPass)?;
+    let owner = F::vip_of(&owner_key).ok_or(Reason::EgressPass)?;
     if !is_our_reply::<F>(pkt, &owner) {
         return Err(Reason::EgressPass);
     }
@@ -105,7 +104,7 @@ fn is_our_reply<F: Family>(reply: &L4Packet<F::Addr>, owner: &BackendVipOf<F::Ad
         proto: reply.flow.proto,
         _pad: [0; 3],
     };
-    if let Some(flow) = F::conns().get_ptr_mut(&key) {
+    if let Some(flow) = F::conn(&key) {
         // SAFETY: the LRU value stays valid while this program runs (RCU).
         let entry = unsafe { *flow };
         if entry.backend != owner.backend || entry.generation != owner.generation {
@@ -130,9 +129,7 @@ fn hash_pick<F: Family>(key: &FlowKeyOf<F::Addr>, owner: &BackendVipOf<F::Addr>)
         proto: key.proto,
         _pad: 0,
     };
-    // SAFETY: replaced whole; a replaced entry stays intact until this program has finished
-    // (the map is not preallocated).
-    let service = *unsafe { F::services().get(&vip) }?;
+    let service = F::service(&vip)?;
     let limits = LIMITS.get(service.id).copied().unwrap_or_default();
     let hash = if limits.has_affinity() {
         affinity_hash(key)

@@ -3,10 +3,7 @@
 //! else (the choice of a backend, admission, NAT, conntrack) is written once, generic over
 //! `Family`.
 
-use aya_ebpf::{
-    bindings::bpf_sock_addr,
-    maps::{HashMap, LruHashMap},
-};
+use aya_ebpf::bindings::bpf_sock_addr;
 use lb_common::{
     Addr6, Address, AllowKey, AllowKey6, Backend, BackendVipOf, Flow, FlowKeyOf,
     RATE_V6_PREFIX_DEFAULT, RateKey, RateKey6, RevNatOf, Service, ServiceLimits, SockRevKey,
@@ -30,10 +27,16 @@ pub trait Family {
     const SRC_OFF: usize;
     const DST_OFF: usize;
 
-    fn services() -> &'static HashMap<VipKeyOf<Self::Addr>, Service>;
-    fn conns() -> &'static LruHashMap<FlowKeyOf<Self::Addr>, Flow>;
+    // The maps are reached through these (not returned): each map's type carries its own
+    // size, which differs between the families.
+    fn service(vip: &VipKeyOf<Self::Addr>) -> Option<Service>;
+    /// The flow's conntrack entry, written in place.
+    fn conn(flow: &FlowKeyOf<Self::Addr>) -> Option<*mut Flow>;
+    /// Best effort: a flow without an entry stays with the consistent hash.
+    fn insert_conn(flow: &FlowKeyOf<Self::Addr>, value: &Flow);
+    fn remove_conn(flow: &FlowKeyOf<Self::Addr>);
     /// Backend (address, port, protocol) → its VIP, for the egress program.
-    fn vip_of() -> &'static HashMap<VipKeyOf<Self::Addr>, BackendVipOf<Self::Addr>>;
+    fn vip_of(backend: &VipKeyOf<Self::Addr>) -> Option<BackendVipOf<Self::Addr>>;
     /// The backend's address in this family; `None` for one of the other family.
     fn backend_addr(id: u32, backend: &Backend) -> Option<Self::Addr>;
     fn is_allowed(service_id: u32, src: &Self::Addr) -> bool;
@@ -69,16 +72,27 @@ impl Family for V4 {
     const DST_OFF: usize = 16;
 
     #[inline(always)]
-    fn services() -> &'static HashMap<VipKeyOf<u32>, Service> {
-        &SERVICES_V2
+    fn service(vip: &VipKeyOf<u32>) -> Option<Service> {
+        // SAFETY: replaced whole by the daemon and (not preallocated) a replaced entry stays
+        // intact until this program has finished; copied out at once.
+        unsafe { SERVICES_V2.get(vip) }.copied()
     }
     #[inline(always)]
-    fn conns() -> &'static LruHashMap<FlowKeyOf<u32>, Flow> {
-        &CONNS_V2
+    fn conn(flow: &FlowKeyOf<u32>) -> Option<*mut Flow> {
+        CONNS_V2.get_ptr_mut(flow)
     }
     #[inline(always)]
-    fn vip_of() -> &'static HashMap<VipKeyOf<u32>, BackendVipOf<u32>> {
-        &VIP_OF
+    fn insert_conn(flow: &FlowKeyOf<u32>, value: &Flow) {
+        let _ = CONNS_V2.insert(flow, value, 0);
+    }
+    #[inline(always)]
+    fn remove_conn(flow: &FlowKeyOf<u32>) {
+        let _ = CONNS_V2.remove(flow);
+    }
+    #[inline(always)]
+    fn vip_of(backend: &VipKeyOf<u32>) -> Option<BackendVipOf<u32>> {
+        // SAFETY: copied out at once; written only by the daemon.
+        unsafe { VIP_OF.get(backend) }.copied()
     }
     #[inline(always)]
     fn backend_addr(_id: u32, backend: &Backend) -> Option<u32> {
@@ -149,16 +163,27 @@ impl Family for V6 {
     const DST_OFF: usize = 24;
 
     #[inline(always)]
-    fn services() -> &'static HashMap<VipKeyOf<Addr6>, Service> {
-        &SERVICES6_V2
+    fn service(vip: &VipKeyOf<Addr6>) -> Option<Service> {
+        // SAFETY: replaced whole by the daemon and (not preallocated) a replaced entry stays
+        // intact until this program has finished; copied out at once.
+        unsafe { SERVICES6_V2.get(vip) }.copied()
     }
     #[inline(always)]
-    fn conns() -> &'static LruHashMap<FlowKeyOf<Addr6>, Flow> {
-        &CONNS6_V2
+    fn conn(flow: &FlowKeyOf<Addr6>) -> Option<*mut Flow> {
+        CONNS6_V2.get_ptr_mut(flow)
     }
     #[inline(always)]
-    fn vip_of() -> &'static HashMap<VipKeyOf<Addr6>, BackendVipOf<Addr6>> {
-        &VIP_OF6
+    fn insert_conn(flow: &FlowKeyOf<Addr6>, value: &Flow) {
+        let _ = CONNS6_V2.insert(flow, value, 0);
+    }
+    #[inline(always)]
+    fn remove_conn(flow: &FlowKeyOf<Addr6>) {
+        let _ = CONNS6_V2.remove(flow);
+    }
+    #[inline(always)]
+    fn vip_of(backend: &VipKeyOf<Addr6>) -> Option<BackendVipOf<Addr6>> {
+        // SAFETY: copied out at once; written only by the daemon.
+        unsafe { VIP_OF6.get(backend) }.copied()
     }
     #[inline(always)]
     fn backend_addr(id: u32, backend: &Backend) -> Option<Addr6> {

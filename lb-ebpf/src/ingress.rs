@@ -51,9 +51,7 @@ fn ingress<F: Family>(ctx: &XdpContext, pkt: &L4Packet<F::Addr>) -> Result<Reaso
         proto: pkt.flow.proto,
         _pad: 0,
     };
-    // SAFETY: SERVICES_V2 entries are only replaced whole by userspace, and (not
-    // preallocated) a replaced entry stays intact until this program has finished.
-    let service = *unsafe { F::services().get(&vip) }.ok_or(Reason::PassNotVip)?;
+    let service = F::service(&vip).ok_or(Reason::PassNotVip)?;
     let (backend_id, backend, reason) = select_backend::<F>(ctx, pkt, &service)?;
 
     rewrite_destination::<F>(ctx, pkt, &backend)?;
@@ -111,7 +109,7 @@ fn lookup_flow<F: Family>(
     service: &Service,
     now: u64,
 ) -> Option<(u32, Target<F::Addr>)> {
-    let flow = F::conns().get_ptr_mut(&pkt.flow)?;
+    let flow = F::conn(&pkt.flow)?;
     // SAFETY: the LRU value stays valid while this program runs (RCU); a racing update of
     // the same flow writes the same backend.
     let entry = unsafe { *flow };
@@ -126,7 +124,7 @@ fn lookup_flow<F: Family>(
         if backend.is_some() {
             end_count(flow);
         }
-        let _ = F::conns().remove(&pkt.flow);
+        F::remove_conn(&pkt.flow);
         return None;
     }
     let backend = backend?;
@@ -196,7 +194,7 @@ fn record<F: Family>(
     };
     // An insert can only fail under memory pressure; the packet is still forwarded, and the
     // next one re-hashes to the same backend.
-    let _ = F::conns().insert(&pkt.flow, &flow, 0);
+    F::insert_conn(&pkt.flow, &flow);
 }
 
 #[inline(always)]

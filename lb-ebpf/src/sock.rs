@@ -49,9 +49,7 @@ pub fn sock_forward<F: Family>(ctx: &SockAddrContext) {
         proto: proto as u8,
         _pad: 0,
     };
-    // SAFETY: replaced whole by userspace; a replaced entry stays intact until this program
-    // has finished (the map is not preallocated).
-    let Some(service) = (unsafe { F::services().get(&vip) }).copied() else {
+    let Some(service) = F::service(&vip) else {
         return;
     };
     let cookie = socket_cookie(ctx);

@@ -1,7 +1,7 @@
 //! Counters, bumped once per packet at the verdict (reasons) or per forwarded packet
 //! (traffic). All per-CPU: no other writer runs on this CPU meanwhile.
 
-use aya_ebpf::maps::PerCpuArray;
+use aya_ebpf::btf_maps::PerCpuArray;
 use lb_common::{AdmitCounters, Counters, Reason};
 
 use crate::maps::{ADMIT_STATS, REASONS_V3};
@@ -15,7 +15,12 @@ pub fn count_reason(reason: Reason) {
 }
 
 #[inline(always)]
-pub fn count_traffic(map: &PerCpuArray<Counters>, index: u32, bytes: u64, new_flow: bool) {
+pub fn count_traffic<const N: usize, const F: usize>(
+    map: &PerCpuArray<Counters, N, F>,
+    index: u32,
+    bytes: u64,
+    new_flow: bool,
+) {
     if let Some(c) = map.get_ptr_mut(index) {
         // SAFETY: per-CPU slot; no other writer runs on this CPU meanwhile.
         unsafe {

@@ -1,17 +1,18 @@
 //! Benchmark support for `cargo xtask bench datapath`; never attached to an interface.
 //!
 //! `BPF_PROG_TEST_RUN` with `repeat > 1` does not restore the packet between iterations, so a
-//! program that rewrites it (gpulb's NAT) would see its own output from the second iteration
-//! on. `gpulb_bench_wrap` writes the original packet back first, optionally gives it a fresh
-//! source (so that every iteration is a new flow), and tail-calls `BENCH_PROGS[0]`. Its own
-//! cost is measured by tail-calling `gpulb_noop`, and subtracted.
+//! program that rewrites it (gpulb's NAT, Katran's encapsulation) would see its own output
+//! from the second iteration on. `gpulb_bench_wrap` moves the packet's start back and writes
+//! the original packet back first, optionally gives it a fresh source (so that every
+//! iteration is a new flow), and tail-calls `BENCH_PROGS[0]`. Its own cost is measured by
+//! tail-calling `gpulb_noop`, and subtracted.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::xdp_action,
-    helpers::bpf_xdp_store_bytes,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_store_bytes},
     macros::{map, xdp},
     maps::{Array, PerCpuArray, ProgramArray},
     programs::XdpContext,
@@ -45,6 +46,14 @@ pub fn gpulb_noop(_ctx: XdpContext) -> u32 {
 
 #[xdp]
 pub fn gpulb_bench_wrap(ctx: XdpContext) -> u32 {
+    // A program that encapsulates (Katran's IPIP) moves the packet's start, and the test run
+    // keeps it moved: move it back to PKT_LEN bytes. Called even when nothing moved, so the
+    // calibration against `gpulb_noop` includes it.
+    let grown = (ctx.data_end() - ctx.data()) as i32 - PKT_LEN as i32;
+    // SAFETY: the context we were given; the helper checks the offset against the headroom.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), grown) } != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
     let Some(pkt) = BENCH_PKT.get_ptr(0) else {
         return xdp_action::XDP_ABORTED;
     };

@@ -270,8 +270,10 @@ impl Datapath {
             let _ = fs::remove_file(pin_path.join(name));
         }
         let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(pin_path);
         for spec in names::ALL {
+            // BTF maps name no pinning of their own: each is pinned (or its pin reused, as
+            // the pin of a version without BTF is) at its name.
+            loader.map_pin_path(spec.name, pin_path.join(spec.name));
             if spec.max_entries(&sizes) != spec.default_entries() {
                 loader.map_max_entries(spec.name, spec.max_entries(&sizes));
             }
