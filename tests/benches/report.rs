@@ -216,6 +216,31 @@ fn datapath(report: &mut Report) {
         v["syn_flood_stateless_share"].as_f64().unwrap_or(0.0) * 100.0,
         lb_common::CT_INSERTS_PER_CPU_DEFAULT,
     );
+    if let Some(k) = v["katran"].as_object() {
+        t.push_str(
+            "\nAgainst Katran's balancer (`balancer.bpf.c`, default build, Debian's clang), built \
+             and measured in the same run through the same wrapper (`--katran`). New flow: gpulb's \
+             scheduler over 4 backends against Katran's consistent hash and LRU insert on every \
+             SYN; SYN flood: gpulb in flood mode against Katran over its new-connection cap.\n\n\
+             | case | gpulb | Katran | gpulb ÷ Katran | target |\n|---|---:|---:|---:|---|\n",
+        );
+        for (key, name, target) in [
+            ("established", "established flow", Some(0.8)),
+            ("new_flow", "new flow", Some(1.2)),
+            ("syn_flood", "SYN flood, no state", None),
+            ("non_vip", "non-VIP packet", None),
+        ] {
+            let (g, kn) = (
+                v[key].as_f64().unwrap_or(f64::NAN),
+                k.get(key).and_then(|x| x.as_f64()).unwrap_or(f64::NAN),
+            );
+            let ratio = g / kn;
+            let target = target.map_or_else(String::new, |max: f64| {
+                format!("≤ {max}: {}", verdict(ratio, max))
+            });
+            let _ = writeln!(t, "| {name} | {g:.0} | {kn:.0} | {ratio:.2} | {target} |");
+        }
+    }
     // The verifier per program: this kernel (the datapath bench's load) and Debian's kernels
     // under qemu (`gpulb check-kernel`), each kernel a column.
     let mut columns: Vec<(String, serde_json::Value)> = vec![(

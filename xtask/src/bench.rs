@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::Subcommand;
 
 use crate::{cargo, exec};
@@ -9,7 +10,8 @@ use crate::{cargo, exec};
 #[derive(Subcommand)]
 pub enum Case {
     /// Only ns/packet of gpulb_ingress under BPF_PROG_TEST_RUN: new flow, established,
-    /// non-VIP, against a no-op XDP program.
+    /// non-VIP, SYN flood, against a no-op XDP program (and Katran's balancer with
+    /// `--katran`).
     Datapath,
     /// Only the steering section of the report: gpulb's scheduler against nginx (round-robin,
     /// least_conn), HAProxy (leastconn), client-side round-robin and an oracle, in six
@@ -25,14 +27,23 @@ pub enum Case {
 
 /// With no case: the whole report (datapath, control plane, http, streaming, saturation,
 /// failover) in target/bench/report.md with SVG charts.
-pub fn run(case: Option<Case>, quick: bool) -> anyhow::Result<()> {
+pub fn run(case: Option<Case>, quick: bool, katran: Option<PathBuf>) -> anyhow::Result<()> {
     let bench = |name: &str| {
         let mut cmd = cargo();
         cmd.args(["bench", "-p", "gpulb-testbed", "--bench", name]);
         cmd
     };
+    let mut datapath_bench = bench("datapath");
+    if let Some(tree) = &katran {
+        // Katran's Makefile-bpf: clang to LLVM IR, llc to BPF.
+        crate::setup::ensure_packages(&["clang-22", "llvm-22"])?;
+        let tree = tree
+            .canonicalize()
+            .with_context(|| format!("--katran {}", tree.display()))?;
+        datapath_bench.env("GPULB_KATRAN_SRC", tree);
+    }
     if let Some(Case::Datapath) = case {
-        return exec(&mut bench("datapath"));
+        return exec(&mut datapath_bench);
     }
     crate::setup::ensure_bench_tools()?;
     crate::build(true)?;
@@ -59,7 +70,7 @@ pub fn run(case: Option<Case>, quick: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("[bench] datapath");
-    exec(bench("datapath").env("GPULB_BENCH_JSON", &datapath))?;
+    exec(datapath_bench.env("GPULB_BENCH_JSON", &datapath))?;
     println!("[bench] the verifier on Debian's kernels (qemu)");
     let kernels = crate::kernels::select("all")?;
     crate::kernels::ensure()?;

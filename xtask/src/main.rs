@@ -55,6 +55,10 @@ enum Cmd {
         /// Shorter cases and fewer points (about 3 minutes).
         #[arg(long)]
         quick: bool,
+        /// A Katran source tree: build its XDP balancer (Debian's clang) and measure it in
+        /// the datapath bench beside gpulb, through the same wrapper.
+        #[arg(long, global = true, value_name = "DIR")]
+        katran: Option<std::path::PathBuf>,
         #[command(subcommand)]
         case: Option<bench::Case>,
     },
@@ -180,9 +184,13 @@ fn main() -> anyhow::Result<()> {
             build(true)?;
             demo::run(duration)
         }
-        Cmd::Bench { quick, case } => {
+        Cmd::Bench {
+            quick,
+            katran,
+            case,
+        } => {
             setup::ensure_all()?;
-            bench::run(case, quick)
+            bench::run(case, quick, katran)
         }
     }
 }

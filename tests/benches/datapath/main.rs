@@ -5,6 +5,9 @@
 //! back (and, for new flows, a fresh source) and tail-calls gpulb_ingress. The wrapper's own
 //! cost is measured by tail-calling `gpulb_noop` and subtracted. Each case checks from the
 //! reason counters that every iteration took the intended path.
+//!
+//! With `GPULB_KATRAN_SRC` (`cargo xtask bench datapath --katran <tree>`), Katran's balancer
+//! is built and measured the same way, and the two are compared case by case.
 
 use std::{path::Path, time::Duration};
 
@@ -17,10 +20,13 @@ use gpulb::{BENCH_OBJECT, config::Config, datapath::Datapath, plan};
 use gpulb_testbed::PinDir;
 use lb_common::Reason;
 
+mod katran;
+
 const PKT_LEN: usize = 80;
 const REPEAT: u32 = 1_000_000;
-/// New flows fill conntrack; stay below its size so that no case measures LRU eviction only.
-const NEW_FLOW_REPEAT: u32 = 400_000;
+/// New flows per run: below Katran's new-connection cap (125,000 per CPU and second), so
+/// that both balancers insert every SYN, and far below the conntrack size (no eviction).
+const NEW_FLOW_REPEAT: u32 = 120_000;
 const CONNTRACK: u32 = 1 << 20;
 /// The SYN flood case: this many distinct sources per run.
 const FLOOD_REPEAT: u32 = 1_000_000;
@@ -123,6 +129,13 @@ fn main() {
         nix::unistd::Uid::effective().is_root(),
         "the datapath bench loads BPF programs: run as root"
     );
+    // One CPU for the whole run: the wrapper's fresh sources and both balancers' flow tables
+    // and counters are per CPU, and a run that migrates would repeat sources.
+    let mut cpu = nix::sched::CpuSet::new();
+    let online = aya::util::online_cpus().expect("online CPUs");
+    let last = *online.last().expect("a CPU is online");
+    cpu.set(last as usize).expect("CPU set");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).expect("pin to one CPU");
     let pins = PinDir::new("bench");
     let config = Config::parse(Path::new("bench.toml"), &config()).expect("bench config");
     // Sized as the daemon sizes them for this config (the IPv6 table at its default).
@@ -285,6 +298,27 @@ fn main() {
         best
     };
 
+    let katran = std::env::var_os("GPULB_KATRAN_SRC").map(|src| {
+        let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/katran");
+        let obj = katran::build(Path::new(&src), &out);
+        let mut k = katran::Katran::load(&obj);
+        let fd = k
+            .program()
+            .fd()
+            .expect("Katran's fd")
+            .try_clone()
+            .expect("dup fd");
+        progs.set(0, &fd, 0).expect("set Katran");
+        let wrapper = Wrapper {
+            prog: wrap,
+            pkt: &mut pkt_map,
+            cfg: &mut cfg_map,
+            fixed: wrap_fixed,
+            fresh: wrap_fresh,
+        };
+        katran_cases(&mut k, wrapper)
+    });
+
     println!(
         "\ngpulb datapath, BPF_PROG_TEST_RUN, best of runs (ns/packet, whole ns from the kernel)"
     );
@@ -321,6 +355,15 @@ fn main() {
          candidates)",
         new_flow[2].1 / new_flow[0].1
     );
+    let gpulb = Cases {
+        non_vip,
+        established,
+        new_flow: new_flow[0].1,
+        syn_flood,
+    };
+    if let Some(k) = &katran {
+        compare(&gpulb, k);
+    }
     let verified = dp.verified_instructions();
     println!("\nverifier, instructions processed at load:");
     for (name, n) in &verified {
@@ -345,6 +388,12 @@ fn main() {
             "wrap_fixed": wrap_fixed,
             "wrap_fresh": wrap_fresh,
             "verified_instructions": verified,
+            "katran": katran.as_ref().map(|k| serde_json::json!({
+                "non_vip": k.non_vip,
+                "established": k.established,
+                "new_flow": k.new_flow,
+                "syn_flood": k.syn_flood,
+            })),
         });
         std::fs::write(&path, json.to_string()).expect("write datapath JSON");
     }
@@ -352,4 +401,147 @@ fn main() {
     drop(bench);
     drop(dp);
     drop(pins);
+}
+
+/// One balancer's figures, each measured as gpulb's are (NAT cases through the wrapper, its
+/// cost subtracted; non-VIP directly).
+struct Cases {
+    non_vip: f64,
+    established: f64,
+    /// Every SYN a new flow, recorded in the flow table.
+    new_flow: f64,
+    /// Fresh sources past the flow table's insert limit: forwarded without state.
+    syn_flood: f64,
+}
+
+/// The restore-and-tail-call wrapper, with the program under test in `BENCH_PROGS[0]`.
+struct Wrapper<'a> {
+    prog: &'a Xdp,
+    pkt: &'a mut Array<aya::maps::MapData, [u8; PKT_LEN]>,
+    cfg: &'a mut Array<aya::maps::MapData, u32>,
+    /// Its cost with a fixed and with a fresh source per iteration.
+    fixed: f64,
+    fresh: f64,
+}
+
+/// The least of `runs` measurements.
+fn best(runs: usize, mut f: impl FnMut() -> f64) -> f64 {
+    (0..runs).map(|_| f()).fold(f64::MAX, f64::min)
+}
+
+/// Katran's cases, each checked from its own counters and flow table to take the path it
+/// is named for.
+fn katran_cases(k: &mut katran::Katran, w: Wrapper<'_>) -> Cases {
+    let ns = |d: Duration| d.as_nanos() as f64;
+    // Established: a SYN makes the flow's LRU entry, then its ACK is repeated, every one an
+    // LRU hit.
+    w.cfg.set(0, 0, 0).expect("fixed source");
+    k.fresh_lru();
+    k.set_conn_rate(0, 0);
+    let syn = packet(40001, 80, true);
+    w.pkt.set(0, syn, 0).expect("set packet");
+    run(w.prog, &syn, 1);
+    assert_eq!(k.lru_entries(), 1, "Katran recorded the SYN's flow");
+    let ack = packet(40001, 80, false);
+    w.pkt.set(0, ack, 0).expect("set packet");
+    let established = best(5, || {
+        let (misses, tx) = (k.lru_misses(), k.tx());
+        let t = ns(run(w.prog, &ack, REPEAT));
+        assert_eq!(k.lru_misses(), misses, "every ACK finds Katran's LRU entry");
+        assert_eq!(k.tx() - tx, u64::from(REPEAT), "Katran forwards every ACK");
+        t
+    }) - w.fixed;
+
+    // New flows: a fresh source every iteration, a fresh LRU and rate window every run.
+    w.cfg.set(0, 1, 0).expect("fresh sources");
+    let syn = packet(40000, 80, true);
+    w.pkt.set(0, syn, 0).expect("set packet");
+    let new_flow = best(3, || {
+        k.fresh_lru();
+        k.set_conn_rate(0, 0);
+        let tx = k.tx();
+        let t = ns(run(w.prog, &syn, NEW_FLOW_REPEAT));
+        assert_eq!(
+            k.tx() - tx,
+            u64::from(NEW_FLOW_REPEAT),
+            "Katran forwards every SYN"
+        );
+        assert_eq!(
+            k.lru_entries(),
+            NEW_FLOW_REPEAT as usize,
+            "Katran inserts every SYN below its cap of {} per second",
+            katran::MAX_CONN_RATE
+        );
+        t
+    }) - w.fresh;
+
+    // Past its new-connection cap: forwarded by the consistent hash, nothing inserted.
+    let syn_flood = best(3, || {
+        k.fresh_lru();
+        k.set_conn_rate(1 << 62, katran::monotonic_ns());
+        let tx = k.tx();
+        let t = ns(run(w.prog, &syn, NEW_FLOW_REPEAT));
+        assert_eq!(
+            k.tx() - tx,
+            u64::from(NEW_FLOW_REPEAT),
+            "Katran forwards every SYN"
+        );
+        assert_eq!(k.lru_entries(), 0, "over its cap Katran inserts nothing");
+        t
+    }) - w.fresh;
+    w.cfg.set(0, 0, 0).expect("fixed source");
+
+    // Non-VIP: passed untouched, so run directly.
+    let other = packet(40002, 81, true);
+    let non_vip = best(5, || {
+        let passed = k.passed();
+        let t = ns(run(k.program(), &other, REPEAT));
+        assert_eq!(
+            k.passed() - passed,
+            u64::from(REPEAT),
+            "Katran passes every non-VIP packet"
+        );
+        t
+    });
+    Cases {
+        non_vip,
+        established,
+        new_flow,
+        syn_flood,
+    }
+}
+
+/// gpulb against Katran, case by case, with the issue's targets where it sets one.
+fn compare(gpulb: &Cases, katran: &Cases) {
+    println!("\ngpulb against Katran's balancer (same run, same wrapper; ns/packet)");
+    println!(
+        "{:<44} {:>8} {:>8} {:>8}  target",
+        "case", "gpulb", "Katran", "ratio"
+    );
+    let row = |name: &str, g: f64, k: f64, target: Option<f64>| {
+        let ratio = g / k;
+        let target = target.map_or_else(String::new, |t| {
+            format!("<= {t}x: {}", if ratio <= t { "met" } else { "NOT met" })
+        });
+        println!("{name:<44} {g:>8.1} {k:>8.1} {ratio:>7.2}x  {target}");
+    };
+    row(
+        "established flow",
+        gpulb.established,
+        katran.established,
+        Some(0.8),
+    );
+    row("new flow", gpulb.new_flow, katran.new_flow, Some(1.2));
+    row(
+        "SYN flood, no state",
+        gpulb.syn_flood,
+        katran.syn_flood,
+        None,
+    );
+    row("non-VIP packet", gpulb.non_vip, katran.non_vip, None);
+    println!(
+        "new flow: gpulb's scheduler over 4 backends, Katran's consistent hash and LRU insert; \
+         SYN flood: gpulb in flood mode (its insert budget spent), Katran over its \
+         new-connection cap; both forward by the consistent hash without state"
+    );
 }
