@@ -93,13 +93,9 @@ pub const FLOW_COUNTED: u16 = 1;
 /// entry was made by a mid-flow packet, which may be spoofed.
 pub const FLOW_DONE: u16 = 2;
 
-/// `BPF_F_NO_COMMON_LRU`: an LRU hash with a free list per CPU. Inserts on one CPU evict
-/// only that CPU's entries, without a global lock; each CPU holds `max_entries / CPUs`.
-pub const F_NO_COMMON_LRU: u32 = 2;
-
-/// Conntrack inserts one CPU may make per second when the config names no budget. Each
-/// CPU's share of the default table (1 M entries over 16 CPUs: 65536) then takes over three
-/// seconds of flood to turn over; honest LLM traffic opens hundreds of connections a second.
+/// Conntrack inserts one CPU may make per second when the config names no budget. A flood on
+/// 16 CPUs then takes over three seconds to turn the default table (1 M entries) over;
+/// honest LLM traffic opens hundreds of connections a second.
 pub const CT_INSERTS_PER_CPU_DEFAULT: u64 = 20_000;
 /// How long after a CPU last ran out of its insert budget the egress program still restores
 /// the VIP on replies of flows without an entry, when the consistent hash sends the flow to

@@ -7,10 +7,10 @@ use core::mem::size_of;
 
 use crate::{
     ALLOW_ENTRIES, Addr6, AdmitCounters, AllowKey, AllowKey6, Backend, BackendVip, BackendVip6,
-    CONNTRACK_DEFAULT_SIZE, CONNTRACK6_DEFAULT_SIZE, Counters, CtConfig, EngineLoad,
-    F_NO_COMMON_LRU, FloodState, Flow, FlowKey, FlowKey6, MAGLEV_ENTRIES, MAX_BACKENDS,
-    MAX_SERVICES, Members, RATE_LIMIT_ENTRIES, RateKey, RateKey6, RevNat, RevNat6,
-    SOCK_REVNAT_ENTRIES, Sched, Service, ServiceLimits, SockRevKey, SockRevKey6, VipKey, VipKey6,
+    CONNTRACK_DEFAULT_SIZE, CONNTRACK6_DEFAULT_SIZE, Counters, CtConfig, EngineLoad, FloodState,
+    Flow, FlowKey, FlowKey6, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES, Members,
+    RATE_LIMIT_ENTRIES, RateKey, RateKey6, RevNat, RevNat6, SOCK_REVNAT_ENTRIES, Sched, Service,
+    ServiceLimits, SockRevKey, SockRevKey6, VipKey, VipKey6,
 };
 
 /// The BPF map type (`enum bpf_map_type`).
@@ -73,18 +73,6 @@ impl MapSpec {
         }
     }
 
-    /// Entries the kernel gives this map under `sizes` on a machine with `cpus` possible
-    /// CPUs: a per-CPU LRU hash rounds up to a multiple of them (so every CPU's list holds
-    /// the same number).
-    pub const fn kernel_entries(&self, sizes: &ConntrackSizes, cpus: u32) -> u32 {
-        let n = self.max_entries(sizes);
-        if self.flags & F_NO_COMMON_LRU != 0 && cpus > 0 {
-            n.div_ceil(cpus) * cpus
-        } else {
-            n
-        }
-    }
-
     /// Entries when the config names no sizes (what the BPF statics declare).
     pub const fn default_entries(&self) -> u32 {
         match self.entries {
@@ -120,12 +108,12 @@ const fn spec(
     }
 }
 
-/// A conntrack table: an LRU hash with a free list per CPU.
-const fn per_cpu_lru(name: &'static str, key_size: usize, entries: Entries) -> MapSpec {
-    MapSpec {
-        flags: F_NO_COMMON_LRU,
-        ..spec(name, LruHash, key_size, size_of::<Flow>(), entries)
-    }
+/// A conntrack table: an LRU hash with the kernel's common LRU list, the kind Katran's
+/// per-CPU tables are. A CPU takes free entries from a local list refilled 128 at a time,
+/// so an insert costs a list pop; with `BPF_F_NO_COMMON_LRU` every insert rotated its CPU's
+/// lists, and a new flow cost about 300 ns more (`cargo xtask bench datapath`).
+const fn conntrack(name: &'static str, key_size: usize, entries: Entries) -> MapSpec {
+    spec(name, LruHash, key_size, size_of::<Flow>(), entries)
 }
 
 use Entries::{Conntrack, Conntrack6, Fixed};
@@ -156,8 +144,8 @@ pub const BACKENDS: MapSpec = spec(
 );
 /// `_V2`: two blocks per service (double-buffered tables).
 pub const MAGLEV: MapSpec = spec("MAGLEV_V2", Array, 4, 4, Fixed(MAGLEV_ENTRIES));
-/// `_V2`: a free list per CPU; the reverse NAT (`REVNAT` before) is derived from it.
-pub const CONNS: MapSpec = per_cpu_lru("CONNS_V2", size_of::<FlowKey>(), Conntrack);
+/// `_V3`: the common LRU list (`_V2` had a list per CPU); the reverse NAT is derived from it.
+pub const CONNS: MapSpec = conntrack("CONNS_V3", size_of::<FlowKey>(), Conntrack);
 pub const VIP_OF: MapSpec = spec(
     "VIP_OF",
     Hash,
@@ -265,7 +253,7 @@ pub const BACKEND_ADDR6: MapSpec = spec(
     size_of::<Addr6>(),
     Fixed(MAX_BACKENDS),
 );
-pub const CONNS6: MapSpec = per_cpu_lru("CONNS6_V2", size_of::<FlowKey6>(), Conntrack6);
+pub const CONNS6: MapSpec = conntrack("CONNS6_V3", size_of::<FlowKey6>(), Conntrack6);
 pub const VIP_OF6: MapSpec = spec(
     "VIP_OF6",
     Hash,
@@ -343,9 +331,19 @@ pub const RETIRED: [&str; 6] = [
     "RATE_LIMIT6",
 ];
 
-/// Conntrack tables of earlier versions (same key and value layout, one shared LRU list),
-/// copied into their successors at load and then removed: an upgrade keeps its flows.
-pub const MIGRATED: [(&str, MapSpec); 2] = [("CONNS", CONNS), ("CONNS6", CONNS6)];
+/// Conntrack tables of earlier versions (same key and value layout; `CONNS` had one entry
+/// per direction, `CONNS_V2` a list per CPU), copied into their successors at load and then
+/// removed: an upgrade keeps its flows.
+pub const MIGRATED: [(&str, MapSpec); 4] = [
+    ("CONNS", CONNS),
+    ("CONNS6", CONNS6),
+    ("CONNS_V2", CONNS),
+    ("CONNS6_V2", CONNS6),
+];
+
+/// The conntrack tables of the first version, which counted a flow live from its SYN (later
+/// ones count it from the end of its handshake).
+pub const COUNTED_FROM_SYN: [&str; 2] = ["CONNS", "CONNS6"];
 
 /// The VIP tables of the version before (one Maglev block per service, `SERVICES` values of
 /// id and size), carried into `SERVICES_V2`/`SERVICES6_V2` and `MAGLEV_V2` at load (each

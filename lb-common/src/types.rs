@@ -100,7 +100,7 @@ impl Backend {
     }
 }
 
-/// A 5-tuple in the direction of the packet: `CONNS_V2` (`CONNS6_V2`) keys are client →
+/// A 5-tuple in the direction of the packet: `CONNS_V3` (`CONNS6_V3`) keys are client →
 /// VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -117,7 +117,7 @@ pub type FlowKey6 = FlowKeyOf<Addr6>;
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
 
-/// `CONNS_V2` value: the flow's backend, and everything the reply's reverse NAT needs (the
+/// `CONNS_V3` value: the flow's backend, and everything the reply's reverse NAT needs (the
 /// VIP is the key's destination).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use lb_common::{
 use crate::{
     admission::{is_allowed_in, is_over_rate_in},
     maps::{
-        ALLOW, ALLOW6, BACKEND_ADDR6, CONNS_V2, CONNS6_V2, RATE_LIMIT, RATE_LIMIT6_V2, SERVICES_V2,
+        ALLOW, ALLOW6, BACKEND_ADDR6, CONNS_V3, CONNS6_V3, RATE_LIMIT, RATE_LIMIT6_V2, SERVICES_V2,
         SERVICES6_V2, SOCK_REVNAT, SOCK_REVNAT6, VIP_OF, VIP_OF6,
     },
 };
@@ -79,15 +79,15 @@ impl Family for V4 {
     }
     #[inline(always)]
     fn conn(flow: &FlowKeyOf<u32>) -> Option<*mut Flow> {
-        CONNS_V2.get_ptr_mut(flow)
+        CONNS_V3.get_ptr_mut(flow)
     }
     #[inline(always)]
     fn insert_conn(flow: &FlowKeyOf<u32>, value: &Flow) {
-        let _ = CONNS_V2.insert(flow, value, 0);
+        let _ = CONNS_V3.insert(flow, value, 0);
     }
     #[inline(always)]
     fn remove_conn(flow: &FlowKeyOf<u32>) {
-        let _ = CONNS_V2.remove(flow);
+        let _ = CONNS_V3.remove(flow);
     }
     #[inline(always)]
     fn vip_of(backend: &VipKeyOf<u32>) -> Option<BackendVipOf<u32>> {
@@ -170,15 +170,15 @@ impl Family for V6 {
     }
     #[inline(always)]
     fn conn(flow: &FlowKeyOf<Addr6>) -> Option<*mut Flow> {
-        CONNS6_V2.get_ptr_mut(flow)
+        CONNS6_V3.get_ptr_mut(flow)
     }
     #[inline(always)]
     fn insert_conn(flow: &FlowKeyOf<Addr6>, value: &Flow) {
-        let _ = CONNS6_V2.insert(flow, value, 0);
+        let _ = CONNS6_V3.insert(flow, value, 0);
     }
     #[inline(always)]
     fn remove_conn(flow: &FlowKeyOf<Addr6>) {
-        let _ = CONNS6_V2.remove(flow);
+        let _ = CONNS6_V3.remove(flow);
     }
     #[inline(always)]
     fn vip_of(backend: &VipKeyOf<Addr6>) -> Option<BackendVipOf<Addr6>> {

@@ -45,10 +45,10 @@ pub static MAGLEV_V2: Array<u32, { entries(spec::MAGLEV) }, { flags(spec::MAGLEV
 /// Conntrack, client → VIP 5-tuple → backend: one entry per flow, made only by a packet
 /// that opens one (or a mid-flow packet, uncounted), and only within the CPU's insert
 /// budget (`FLOOD`). The reply's reverse NAT is derived from it and `VIP_OF`.
-// LRU with a list per CPU: inserts on one CPU evict that CPU's oldest entries, without a
-// global lock. Resized by the daemon at load.
+// LRU: the oldest flows go when it is full (the insert budget keeps a flood from churning
+// it). Resized by the daemon at load.
 #[btf_map]
-pub static CONNS_V2: LruHashMap<FlowKey, Flow, { entries(spec::CONNS) }, { flags(spec::CONNS) }> =
+pub static CONNS_V3: LruHashMap<FlowKey, Flow, { entries(spec::CONNS) }, { flags(spec::CONNS) }> =
     LruHashMap::new();
 
 /// Backend (address, port, protocol) → the VIP its replies are rewritten to, read by
@@ -201,7 +201,7 @@ pub static BACKEND_ADDR6: Array<
 > = Array::new();
 
 #[btf_map]
-pub static CONNS6_V2: LruHashMap<
+pub static CONNS6_V3: LruHashMap<
     FlowKey6,
     Flow,
     { entries(spec::CONNS6) },

@@ -10,7 +10,7 @@ use aya::maps::MapData;
 use lb_common::maps::{self as names, ConntrackSizes, MapSpec};
 use tracing::{info, warn};
 
-use super::{DatapathError, ErrorChain, possible_cpus};
+use super::{DatapathError, ErrorChain};
 use crate::maps::Maps;
 
 /// The conntrack tables to carry into this one's: an earlier version's (`CONNS`, `CONNS6`),
@@ -48,7 +48,12 @@ pub(super) fn carry_conntrack(maps: &mut Maps, tables: &[(PathBuf, MapSpec)], on
             continue;
         };
         let copied = match aya::maps::Map::from_map_data(data) {
-            Ok(map) => maps.copy_flows_from(map, new.name, only_new),
+            Ok(map) => maps.copy_flows_from(
+                map,
+                new.name,
+                names::COUNTED_FROM_SYN.contains(&old.as_str()),
+                only_new,
+            ),
             Err(e) => Err(crate::maps::MapsError::Layout {
                 name: new.name,
                 source: e,
@@ -70,14 +75,13 @@ pub(super) fn set_aside_resized(
     pin_path: &Path,
     sizes: &ConntrackSizes,
 ) -> Result<(), DatapathError> {
-    let cpus = possible_cpus();
     for spec in [names::CONNS, names::CONNS6] {
         let path = pin_path.join(spec.name);
         let Ok(map) = MapData::from_pin(&path) else {
             continue;
         };
         let entries = map.info().map(|i| i.max_entries()).unwrap_or(0);
-        if entries == spec.kernel_entries(sizes, cpus) {
+        if entries == spec.max_entries(sizes) {
             continue;
         }
         // No dot: bpffs refuses names with one.
@@ -89,7 +93,7 @@ pub(super) fn set_aside_resized(
         info!(
             map = spec.name,
             from = entries,
-            to = spec.kernel_entries(sizes, cpus),
+            to = spec.max_entries(sizes),
             "conntrack resized: its entries are carried over"
         );
     }

@@ -203,7 +203,6 @@ pub fn is_bpffs(path: &Path) -> bool {
 /// Refuses to reuse pinned maps whose layout differs from this build's schema (aya would
 /// reuse them blindly).
 fn check_pinned(pin_path: &Path, sizes: &ConntrackSizes) -> Result<(), DatapathError> {
-    let cpus = possible_cpus();
     for spec in names::ALL {
         let path = pin_path.join(spec.name);
         let Ok(map) = MapData::from_pin(&path) else {
@@ -219,11 +218,7 @@ fn check_pinned(pin_path: &Path, sizes: &ConntrackSizes) -> Result<(), DatapathE
             ("type", kind, spec.kind as u32),
             ("key size", info.key_size(), spec.key_size),
             ("value size", info.value_size(), spec.value_size),
-            (
-                "max_entries",
-                info.max_entries(),
-                spec.kernel_entries(sizes, cpus),
-            ),
+            ("max_entries", info.max_entries(), spec.max_entries(sizes)),
         ];
         if let Some((what, found, want)) = checks.into_iter().find(|(_, f, w)| f != w) {
             return Err(DatapathError::Incompatible {
@@ -235,11 +230,6 @@ fn check_pinned(pin_path: &Path, sizes: &ConntrackSizes) -> Result<(), DatapathE
         }
     }
     Ok(())
-}
-
-/// Possible CPUs (what per-CPU maps are sized by); 1 if the kernel does not say.
-pub(super) fn possible_cpus() -> u32 {
-    aya::util::nr_cpus().map_or(1, |n| n as u32)
 }
 
 /// The loaded programs and their maps, pinned under `pin_path`.

@@ -166,11 +166,9 @@ impl Maps {
     }
 
     /// Copies every entry of an earlier version's conntrack table (`map`, same layout as
-    /// `into`'s) into `into`; returns how many. A per-CPU LRU puts an entry inserted from
-    /// userspace on the inserting CPU's list, so the entries are inserted a share from each
-    /// online CPU in turn (this thread moves, then gets its CPUs back). A TCP flow the old
-    /// version had not counted (it counted from the SYN, so such a flow has ended) is marked
-    /// done, never to be counted.
+    /// `into`'s) into `into`; returns how many. `counted_from_syn`: the table is of the first
+    /// version, which counted a flow from its SYN, so a TCP flow it had not counted has ended
+    /// and is marked done, never to be counted.
     ///
     /// `only_new`: entries the table already has are left as they are (the second pass, after
     /// this version's programs took over and may have updated them).
@@ -178,12 +176,14 @@ impl Maps {
         &mut self,
         map: Map,
         into: &'static str,
+        counted_from_syn: bool,
         only_new: bool,
     ) -> Result<usize, MapsError> {
         fn copy<A: Copy>(
             from: &HashMap<MapData, FlowKeyOf<A>, Flow>,
             to: &mut HashMap<MapData, FlowKeyOf<A>, Flow>,
             name: &'static str,
+            counted_from_syn: bool,
             only_new: bool,
         ) -> Result<usize, MapsError>
         where
@@ -191,41 +191,27 @@ impl Maps {
         {
             let mut entries = entries(from, name)?;
             for (k, v) in &mut entries {
-                if k.proto == PROTO_TCP && !v.is_counted() {
+                if counted_from_syn && k.proto == PROTO_TCP && !v.is_counted() {
                     v.flags |= lb_common::FLOW_DONE;
                 }
             }
-            let cpus = aya::util::online_cpus().unwrap_or_default();
-            let mine = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok();
-            let share = entries.len().div_ceil(cpus.len().max(1)).max(1);
-            for (i, chunk) in entries.chunks(share).enumerate() {
-                if let Some(&cpu) = cpus.get(i) {
-                    let mut set = nix::sched::CpuSet::new();
-                    if set.set(cpu as usize).is_ok() {
-                        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
-                    }
+            for (k, v) in &entries {
+                // BPF_NOEXIST (1): fails with EEXIST on a key the table has.
+                match to.insert(k, v, u64::from(only_new)) {
+                    Ok(()) => {}
+                    Err(MapError::SyscallError(e))
+                        if only_new && e.io_error.raw_os_error() == Some(17) => {}
+                    Err(e) => return Err(op("writing", name)(e)),
                 }
-                for (k, v) in chunk {
-                    // BPF_NOEXIST (1): fails with EEXIST on a key the table has.
-                    match to.insert(k, v, u64::from(only_new)) {
-                        Ok(()) => {}
-                        Err(MapError::SyscallError(e))
-                            if only_new && e.io_error.raw_os_error() == Some(17) => {}
-                        Err(e) => return Err(op("writing", name)(e)),
-                    }
-                }
-            }
-            if let Some(mine) = mine {
-                let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &mine);
             }
             Ok(entries.len())
         }
         if into == maps::CONNS.name {
             let from: HashMap<MapData, FlowKey, Flow> = typed(into, map)?;
-            copy(&from, &mut self.conns, into, only_new)
+            copy(&from, &mut self.conns, into, counted_from_syn, only_new)
         } else {
             let from: HashMap<MapData, FlowKey6, Flow> = typed(into, map)?;
-            copy(&from, &mut self.conns6, into, only_new)
+            copy(&from, &mut self.conns6, into, counted_from_syn, only_new)
         }
     }
 
