@@ -32,8 +32,9 @@ pub trait Family {
     fn service(vip: &VipKeyOf<Self::Addr>) -> Option<Service>;
     /// The flow's conntrack entry, written in place.
     fn conn(flow: &FlowKeyOf<Self::Addr>) -> Option<*mut Flow>;
-    /// Best effort: a flow without an entry stays with the consistent hash.
-    fn insert_conn(flow: &FlowKeyOf<Self::Addr>, value: &Flow);
+    /// Best effort (a flow without an entry stays with the consistent hash); `flags` as
+    /// `bpf_map_update_elem`'s. Whether the entry was written.
+    fn insert_conn(flow: &FlowKeyOf<Self::Addr>, value: &Flow, flags: u32) -> bool;
     fn remove_conn(flow: &FlowKeyOf<Self::Addr>);
     /// Backend (address, port, protocol) → its VIP, for the egress program.
     fn vip_of(backend: &VipKeyOf<Self::Addr>) -> Option<BackendVipOf<Self::Addr>>;
@@ -82,8 +83,8 @@ impl Family for V4 {
         CONNS_V3.get_ptr_mut(flow)
     }
     #[inline(always)]
-    fn insert_conn(flow: &FlowKeyOf<u32>, value: &Flow) {
-        let _ = CONNS_V3.insert(flow, value, 0);
+    fn insert_conn(flow: &FlowKeyOf<u32>, value: &Flow, flags: u32) -> bool {
+        CONNS_V3.insert(flow, value, flags.into()).is_ok()
     }
     #[inline(always)]
     fn remove_conn(flow: &FlowKeyOf<u32>) {
@@ -173,8 +174,8 @@ impl Family for V6 {
         CONNS6_V3.get_ptr_mut(flow)
     }
     #[inline(always)]
-    fn insert_conn(flow: &FlowKeyOf<Addr6>, value: &Flow) {
-        let _ = CONNS6_V3.insert(flow, value, 0);
+    fn insert_conn(flow: &FlowKeyOf<Addr6>, value: &Flow, flags: u32) -> bool {
+        CONNS6_V3.insert(flow, value, flags.into()).is_ok()
     }
     #[inline(always)]
     fn remove_conn(flow: &FlowKeyOf<Addr6>) {

@@ -3,6 +3,7 @@
 //! flow → admit → choose → record (within the CPU's insert budget).
 
 use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     programs::XdpContext,
 };
@@ -76,19 +77,25 @@ fn select_backend<F: Family>(
     pkt: &L4Packet<F::Addr>,
     service: &Service,
 ) -> Result<(u32, Target<F::Addr>, Reason), Reason> {
-    if let Some((id, backend)) = lookup_flow::<F>(pkt, service) {
-        return Ok((id, backend, Reason::FwdEstablished));
+    // A SYN is not looked up: it opens a new flow (a reused port, or a replay), admitted and
+    // chosen again; an entry its 5-tuple still has is replaced when the new one is recorded,
+    // and dropped if the SYN is refused or goes without state, so nothing of the old flow
+    // forwards. Katran does not look a SYN up either.
+    if pkt.is_syn == 0 {
+        if let Some((id, backend)) = lookup_flow::<F>(pkt, service) {
+            return Ok((id, backend, Reason::FwdEstablished));
+        }
     }
     let now = now_ns();
-    // Limits of a service the daemon never configured read as all zero: none.
-    let limits = LIMITS.get(service.id).copied().unwrap_or_default();
-    // Refused here, not inside `admit`: the RST's subprogram then stacks on this frame
-    // alone (Linux 6.1's verifier counts the whole call chain against 512 bytes).
-    admit::<F>(pkt, service, &limits, now)
-        .map_err(|why| refuse::<F>(ctx, pkt, service, &limits, why))?;
-    let stateful = has_insert_budget(now);
-    let (id, backend) = choose::<F>(ctx, pkt, service, &limits, now, stateful)?;
+    let (id, backend, stateful) = match pick::<F>(ctx, pkt, service, now) {
+        Ok(picked) => picked,
+        Err(reason) => {
+            forget_replaced::<F>(pkt, service);
+            return Err(reason);
+        }
+    };
     if !stateful {
+        forget_replaced::<F>(pkt, service);
         return Ok((id, backend, Reason::FwdStateless));
     }
     // Only a flow that gets a backend spends budget: refusals and drops make no state.
@@ -102,10 +109,29 @@ fn select_backend<F: Family>(
     Ok((id, backend, reason))
 }
 
+/// Admission, then the choice of a backend for a flow without an entry; `true` if the CPU
+/// may record it (within its insert budget).
+#[inline(always)]
+fn pick<F: Family>(
+    ctx: &XdpContext,
+    pkt: &L4Packet<F::Addr>,
+    service: &Service,
+    now: u64,
+) -> Result<(u32, Target<F::Addr>, bool), Reason> {
+    // Limits of a service the daemon never configured read as all zero: none.
+    let limits = LIMITS.get(service.id).copied().unwrap_or_default();
+    // Refused here, not inside `admit`: the RST's subprogram then stacks on this frame
+    // alone (Linux 6.1's verifier counts the whole call chain against 512 bytes).
+    admit::<F>(pkt, service, &limits, now)
+        .map_err(|why| refuse::<F>(ctx, pkt, service, &limits, why))?;
+    let stateful = has_insert_budget(now);
+    let (id, backend) = choose::<F>(ctx, pkt, service, &limits, now, stateful)?;
+    Ok((id, backend, stateful))
+}
+
 /// The conntrack entry's backend, if the flow has an entry that still names a programmed
 /// backend of its service; the entry's last-seen time and the live count are kept up to
-/// date. A SYN ends and removes the entry instead: it opens a new flow (a reused port, or a
-/// replay), admitted and chosen again, and if refused, nothing of the old one forwards.
+/// date. Not for a SYN (`select_backend`).
 #[inline(always)]
 fn lookup_flow<F: Family>(
     pkt: &L4Packet<F::Addr>,
@@ -117,23 +143,38 @@ fn lookup_flow<F: Family>(
     let entry = unsafe { *flow };
     // A stale entry (its service or its backend id's holder changed) is not this flow's: it
     // neither forwards nor counts, and the new choice overwrites it.
-    let backend = if u32::from(entry.service) == service.id {
-        flow_backend::<F>(&entry)
-    } else {
-        None
-    };
-    if pkt.is_syn != 0 {
-        if backend.is_some() {
-            end_count(flow);
-        }
-        F::remove_conn(&pkt.flow);
+    if u32::from(entry.service) != service.id {
         return None;
     }
-    let backend = backend?;
+    let backend = flow_backend::<F>(&entry)?;
     // SAFETY: as above; a torn timestamp only affects `gpulb flows`' idle column.
     unsafe { (*flow).last_seen_ns = coarse_now_ns() };
     track_live(flow, pkt, true);
     Some((entry.backend, backend))
+}
+
+/// A SYN that opens no new entry drops the one its 5-tuple may still have (a replay or a
+/// reused port), ending its count: the old flow's packets must not forward.
+#[inline(always)]
+fn forget_replaced<F: Family>(pkt: &L4Packet<F::Addr>, service: &Service) {
+    if pkt.is_syn != 0 {
+        end_flow::<F>(pkt, service);
+    }
+}
+
+/// Ends the count of the entry of this packet's 5-tuple (if it is this service's and its
+/// backend's) and removes it.
+#[inline(always)]
+fn end_flow<F: Family>(pkt: &L4Packet<F::Addr>, service: &Service) {
+    let Some(flow) = F::conn(&pkt.flow) else {
+        return;
+    };
+    // SAFETY: the LRU value stays valid while this program runs (RCU).
+    let entry = unsafe { *flow };
+    if u32::from(entry.service) == service.id && flow_backend::<F>(&entry).is_some() {
+        end_count(flow);
+    }
+    F::remove_conn(&pkt.flow);
 }
 
 /// The backend for a flow without an entry: the scheduler's choice for a flow being opened
@@ -194,9 +235,16 @@ fn record<F: Family>(
         flags: if pkt.opens_flow() { 0 } else { FLOW_DONE },
         last_seen_ns: now,
     };
-    // An insert can only fail under memory pressure; the packet is still forwarded, and the
-    // next one re-hashes to the same backend.
-    F::insert_conn(&pkt.flow, &flow);
+    // A SYN's entry is new unless its 5-tuple has one (a replay, a reused port): that one is
+    // ended, then replaced. Any other failure is memory pressure; the packet is still
+    // forwarded, and the next one re-hashes to the same backend.
+    if pkt.is_syn != 0 && F::insert_conn(&pkt.flow, &flow, BPF_NOEXIST) {
+        return;
+    }
+    if pkt.is_syn != 0 {
+        end_flow::<F>(pkt, service);
+    }
+    F::insert_conn(&pkt.flow, &flow, BPF_ANY);
 }
 
 #[inline(always)]

@@ -215,11 +215,41 @@ fn a_replayed_syn_is_admitted_and_chosen_again() {
     );
     let (_, replay, reason) = connect(&mut dp, "replayed SYN", CLIENT, GUARDED, 32001);
     assert_eq!(reason, Reason::FwdNewFlow);
-    assert_ne!(
-        nat_port(&replay),
-        drained,
-        "chosen again: not the drained backend"
+    let chosen = nat_port(&replay);
+    assert_ne!(chosen, drained, "chosen again: not the drained backend");
+    assert_eq!(
+        live(&dp, &plan, drained),
+        0,
+        "the replaced flow's count ended"
     );
+    assert_eq!(live(&dp, &plan, chosen), 1, "the new flow counts");
+
+    // Past the insert budget the replayed SYN goes without state, and the old entry goes
+    // with it: the old flow's packets no longer find it.
+    dp.maps
+        .set_ct_config(CtConfig { inserts_per_cpu: 1 })
+        .expect("budget");
+    let spent = (0..4u16).any(|i| {
+        let syn = tcp_flags(CLIENT, GUARDED, 32100 + i, true, false);
+        run(&mut dp, "SYN spending the budget", &syn).2 == Reason::FwdStateless
+    });
+    assert!(spent, "a budget of 1 is spent within 4 SYNs");
+    let (_, _, reason) = run(
+        &mut dp,
+        "replayed SYN in flood mode",
+        &tcp_flags(CLIENT, GUARDED, 32001, true, false),
+    );
+    assert_eq!(reason, Reason::FwdStateless);
+    let vip = VipAddr {
+        addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::from(GUARDED)), 80),
+        proto: PROTO_TCP,
+    };
+    let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::from(CLIENT)), 32001);
+    assert!(
+        dp.maps.flow(client, &vip).expect("flow").is_none(),
+        "the replaced entry is gone"
+    );
+    assert_eq!(live(&dp, &plan, chosen), 0, "and its count ended");
     drop(dp);
     drop(pins);
 }
