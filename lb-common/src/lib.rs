@@ -46,8 +46,11 @@ pub const CONNTRACK_DEFAULT_SIZE: u32 = 1 << 20;
 /// IPv6 conntrack entries when the config names none and has an IPv6 VIP: a separate table
 /// (its keys are 40 bytes, and an LRU map allocates all of its entries up front).
 pub const CONNTRACK6_DEFAULT_SIZE: u32 = 1 << 17;
+/// Entries of each preallocated IPv6 map (conntrack unless the config sizes it, rate limit,
+/// socket reverse NAT, `VIP_OF6`) while no VIP is IPv6: they would hold nothing.
+pub const IPV6_IDLE_ENTRIES: u32 = 1024;
 /// IPv6 conntrack entries when the config names none and has no IPv6 VIP.
-pub const CONNTRACK6_IDLE_SIZE: u32 = 1024;
+pub const CONNTRACK6_IDLE_SIZE: u32 = IPV6_IDLE_ENTRIES;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;

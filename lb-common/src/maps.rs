@@ -8,9 +8,9 @@ use core::mem::size_of;
 use crate::{
     ALLOW_ENTRIES, Addr6, AdmitCounters, AllowKey, AllowKey6, Backend, BackendVip, BackendVip6,
     CONNTRACK_DEFAULT_SIZE, CONNTRACK6_DEFAULT_SIZE, Counters, CtConfig, EngineLoad, FloodState,
-    Flow, FlowKey, FlowKey6, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES, Members,
-    RATE_LIMIT_ENTRIES, RateKey, RateKey6, RevNat, RevNat6, SOCK_REVNAT_ENTRIES, Sched, Service,
-    ServiceLimits, SockRevKey, SockRevKey6, VipKey, VipKey6,
+    Flow, FlowKey, FlowKey6, IPV6_IDLE_ENTRIES, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
+    Members, RATE_LIMIT_ENTRIES, RateKey, RateKey6, RevNat, RevNat6, SOCK_REVNAT_ENTRIES, Sched,
+    Service, ServiceLimits, SockRevKey, SockRevKey6, VipKey, VipKey6,
 };
 
 /// The BPF map type (`enum bpf_map_type`).
@@ -24,7 +24,8 @@ pub enum MapKind {
     LpmTrie = 11,
 }
 
-/// How many entries a map has: fixed by this build, or the conntrack size the config names.
+/// How many entries a map has: fixed by this build, the conntrack size the config names, or
+/// a size that follows whether any VIP is IPv6.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Entries {
     Fixed(u32),
@@ -32,20 +33,28 @@ pub enum Entries {
     Conntrack,
     /// `conntrack_size_v6` (IPv6 flows).
     Conntrack6,
+    /// This many with an IPv6 VIP, `IPV6_IDLE_ENTRIES` without.
+    Ipv6(u32),
 }
 
-/// The conntrack tables' sizes, as the config sets them (entries).
+/// The sizes the config gives the maps: the conntrack tables' (entries), and whether the
+/// other IPv6 maps get their full size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConntrackSizes {
+pub struct MapSizes {
+    /// `conntrack_size`.
     pub v4: u32,
+    /// `conntrack_size_v6`.
     pub v6: u32,
+    /// Some VIP is IPv6.
+    pub ipv6: bool,
 }
 
-impl Default for ConntrackSizes {
+impl Default for MapSizes {
     fn default() -> Self {
         Self {
             v4: CONNTRACK_DEFAULT_SIZE,
             v6: CONNTRACK6_DEFAULT_SIZE,
+            ipv6: true,
         }
     }
 }
@@ -65,11 +74,13 @@ pub struct MapSpec {
 
 impl MapSpec {
     /// Entries this map has under `sizes`.
-    pub const fn max_entries(&self, sizes: &ConntrackSizes) -> u32 {
+    pub const fn max_entries(&self, sizes: &MapSizes) -> u32 {
         match self.entries {
             Entries::Fixed(n) => n,
             Entries::Conntrack => sizes.v4,
             Entries::Conntrack6 => sizes.v6,
+            Entries::Ipv6(n) if sizes.ipv6 => n,
+            Entries::Ipv6(_) => IPV6_IDLE_ENTRIES,
         }
     }
 
@@ -79,6 +90,7 @@ impl MapSpec {
             Entries::Fixed(n) => n,
             Entries::Conntrack => CONNTRACK_DEFAULT_SIZE,
             Entries::Conntrack6 => CONNTRACK6_DEFAULT_SIZE,
+            Entries::Ipv6(n) => n,
         }
     }
 }
@@ -116,7 +128,7 @@ const fn conntrack(name: &'static str, key_size: usize, entries: Entries) -> Map
     spec(name, LruHash, key_size, size_of::<Flow>(), entries)
 }
 
-use Entries::{Conntrack, Conntrack6, Fixed};
+use Entries::{Conntrack, Conntrack6, Fixed, Ipv6};
 use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
 
 /// The 4-byte prefix length an LPM trie key starts with.
@@ -259,7 +271,7 @@ pub const VIP_OF6: MapSpec = spec(
     Hash,
     size_of::<VipKey6>(),
     size_of::<BackendVip6>(),
-    Fixed(MAX_BACKENDS),
+    Ipv6(MAX_BACKENDS),
 );
 /// `_V2`: keyed by the source's prefix of the VIP's length (a /64 before).
 pub const RATE_LIMIT6: MapSpec = spec(
@@ -267,7 +279,7 @@ pub const RATE_LIMIT6: MapSpec = spec(
     LruHash,
     size_of::<RateKey6>(),
     8,
-    Fixed(RATE_LIMIT_ENTRIES),
+    Ipv6(RATE_LIMIT_ENTRIES),
 );
 pub const ALLOW6: MapSpec = spec(
     "ALLOW6",
@@ -281,7 +293,7 @@ pub const SOCK_REVNAT6: MapSpec = spec(
     LruHash,
     size_of::<SockRevKey6>(),
     size_of::<RevNat6>(),
-    Fixed(SOCK_REVNAT_ENTRIES),
+    Ipv6(SOCK_REVNAT_ENTRIES),
 );
 
 /// Every map the daemon pins; the layout check, the CLI and the clean-up use this list.
@@ -362,6 +374,26 @@ pub fn is_ours(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_maps_are_small_without_an_ipv6_vip() {
+        let without = MapSizes {
+            ipv6: false,
+            ..MapSizes::default()
+        };
+        for map in [VIP_OF6, RATE_LIMIT6, SOCK_REVNAT6] {
+            assert_eq!(map.max_entries(&without), IPV6_IDLE_ENTRIES, "{}", map.name);
+            assert!(map.max_entries(&MapSizes::default()) > IPV6_IDLE_ENTRIES);
+        }
+        for map in [VIP_OF, RATE_LIMIT, SOCK_REVNAT, BACKEND_ADDR6] {
+            assert_eq!(
+                map.max_entries(&without),
+                map.default_entries(),
+                "{}",
+                map.name
+            );
+        }
+    }
 
     #[test]
     fn names_are_unique_and_fit_the_kernel() {

@@ -157,24 +157,24 @@ fn lookup_flow<F: Family>(
 /// reused port), ending its count: the old flow's packets must not forward.
 #[inline(always)]
 fn forget_replaced<F: Family>(pkt: &L4Packet<F::Addr>, service: &Service) {
-    if pkt.is_syn != 0 {
-        end_flow::<F>(pkt, service);
+    if pkt.is_syn != 0 && end_old_count::<F>(pkt, service) {
+        F::remove_conn(&pkt.flow);
     }
 }
 
-/// Ends the count of the entry of this packet's 5-tuple (if it is this service's and its
-/// backend's) and removes it.
+/// Ends the count of the entry of this packet's 5-tuple, if it is this service's and its
+/// backend's; whether there is an entry.
 #[inline(always)]
-fn end_flow<F: Family>(pkt: &L4Packet<F::Addr>, service: &Service) {
+fn end_old_count<F: Family>(pkt: &L4Packet<F::Addr>, service: &Service) -> bool {
     let Some(flow) = F::conn(&pkt.flow) else {
-        return;
+        return false;
     };
     // SAFETY: the LRU value stays valid while this program runs (RCU).
     let entry = unsafe { *flow };
     if u32::from(entry.service) == service.id && flow_backend::<F>(&entry).is_some() {
         end_count(flow);
     }
-    F::remove_conn(&pkt.flow);
+    true
 }
 
 /// The backend for a flow without an entry: the scheduler's choice for a flow being opened
@@ -235,14 +235,16 @@ fn record<F: Family>(
         flags: if pkt.opens_flow() { 0 } else { FLOW_DONE },
         last_seen_ns: now,
     };
-    // A SYN's entry is new unless its 5-tuple has one (a replay, a reused port): that one is
-    // ended, then replaced. Any other failure is memory pressure; the packet is still
-    // forwarded, and the next one re-hashes to the same backend.
+    // A SYN's entry is new unless its 5-tuple has one (a replay, a reused port): that one's
+    // count is ended, then the entry is overwritten in place (no moment without one, when a
+    // packet on another CPU would make an entry of its own). Any other failure is memory
+    // pressure; the packet is still forwarded, and the next one re-hashes to the same
+    // backend.
     if pkt.is_syn != 0 && F::insert_conn(&pkt.flow, &flow, BPF_NOEXIST) {
         return;
     }
     if pkt.is_syn != 0 {
-        end_flow::<F>(pkt, service);
+        end_old_count::<F>(pkt, service);
     }
     F::insert_conn(&pkt.flow, &flow, BPF_ANY);
 }

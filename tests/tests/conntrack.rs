@@ -80,7 +80,7 @@ fn as_root() {
 fn load(tag: &str, text: &str) -> (PinDir, Datapath, Plan) {
     let pins = PinDir::new(tag);
     let config = Config::parse(Path::new("conntrack.toml"), text).expect("config");
-    let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
+    let mut dp = Datapath::load(&pins.path, config.map_sizes).expect("load BPF object");
     let mut plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
     plan::apply(&mut dp.maps, &mut plan, None).expect("program maps");
     with_slots(&mut dp, &plan, 100);
@@ -152,6 +152,8 @@ fn spoofed_syns_fill_no_cap() {
 #[test]
 fn a_replayed_syn_is_admitted_and_chosen_again() {
     as_root();
+    // The insert budget spent below is per CPU.
+    pin_to_one_cpu();
     let (pins, mut dp, plan) = load("ct-replay", CONFIG);
     let guarded = &plan.services[1];
     let sid = guarded.service.id;
@@ -588,7 +590,7 @@ fn a_resized_conntrack_keeps_its_flows() {
     drop(dp);
     let bigger = CONFIG.replacen("conntrack_size = 4096", "conntrack_size = 8192", 1);
     let config = Config::parse(Path::new("conntrack.toml"), &bigger).expect("config");
-    let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load with a new size");
+    let mut dp = Datapath::load(&pins.path, config.map_sizes).expect("load with a new size");
     // What the old programs open between the load and the takeover joins too: a flow put
     // into the old table now (as its programs would) is carried by the second pass.
     let old = std::fs::read_dir(&pins.path)
@@ -773,7 +775,8 @@ fn ipv6_rate_limit_prefix_is_configurable() {
 }
 
 /// An upgrade from the versions before keeps its flows and its VIP tables: the conntrack
-/// entries of `CONNS` and of `CONNS_V2` (a list per CPU) are copied into the current table,
+/// entries of `CONNS`, of `CONNS_V2` (a list per CPU) and of a `CONNS_V2` table set aside for a
+/// resize are copied into the current table,
 /// each VIP's table into its first block of `MAGLEV_V2` with its `SERVICES_V2` entry, and the
 /// old maps are removed.
 #[test]
@@ -806,6 +809,15 @@ fn an_upgrade_carries_conntrack_and_tables_over() {
     args.extend(["value", "hex"]);
     args.extend(value.split(' '));
     bpftool(&args);
+    // 198.18.0.4:1234 on backend 2, not counted: that version counted from the SYN, so this
+    // flow has ended.
+    let key = "c6 12 00 04 c6 12 64 07 04 d2 00 50 06 00 00 00";
+    let value = "02 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00";
+    let mut args = vec!["map", "update", "pinned", old, "key", "hex"];
+    args.extend(key.split(' '));
+    args.extend(["value", "hex"]);
+    args.extend(value.split(' '));
+    bpftool(&args);
     // The next version's table (`BPF_F_NO_COMMON_LRU`): 198.18.0.3:1234 on backend 2, not yet
     // counted (generation 0, service 0).
     let v2 = pins.path.join("CONNS_V2");
@@ -817,6 +829,21 @@ fn an_upgrade_carries_conntrack_and_tables_over() {
     let key = "c6 12 00 03 c6 12 64 07 04 d2 00 50 06 00 00 00";
     let value = "02 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00";
     let mut args = vec!["map", "update", "pinned", v2, "key", "hex"];
+    args.extend(key.split(' '));
+    args.extend(["value", "hex"]);
+    args.extend(value.split(' '));
+    bpftool(&args);
+    // A table that version set aside for a resize and never finished copying: 198.18.0.5:1234
+    // on backend 1, counted.
+    let aside = pins.path.join("CONNS_V2_RESIZED_1");
+    let aside = aside.to_str().expect("UTF-8 path");
+    bpftool(&[
+        "map", "create", aside, "type", "lru_hash", "key", "16", "value", "16", "entries", "4096",
+        "name", "CONNS_V2", "flags", "2",
+    ]);
+    let key = "c6 12 00 05 c6 12 64 07 04 d2 00 50 06 00 00 00";
+    let value = "01 00 00 00 00 00 01 00 00 00 00 00 00 00 00 00";
+    let mut args = vec!["map", "update", "pinned", aside, "key", "hex"];
     args.extend(key.split(' '));
     args.extend(["value", "hex"]);
     args.extend(value.split(' '));
@@ -860,7 +887,7 @@ fn an_upgrade_carries_conntrack_and_tables_over() {
     }
 
     let config = Config::parse(Path::new("conntrack.toml"), CONFIG).expect("config");
-    let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
+    let mut dp = Datapath::load(&pins.path, config.map_sizes).expect("load BPF object");
     dp.finish_carry();
     let carried = dp.maps.services().expect("services");
     assert_eq!(carried.len(), 1, "{carried:?}");
@@ -875,7 +902,7 @@ fn an_upgrade_carries_conntrack_and_tables_over() {
     assert!(!Path::new(services).exists() && !Path::new(maglev).exists());
     let mut flows = dp.maps.flows().expect("flows");
     flows.sort_by_key(|(addrs, _)| addrs.client);
-    assert_eq!(flows.len(), 2, "{flows:?}");
+    assert_eq!(flows.len(), 4, "{flows:?}");
     let vip = "198.18.100.7:80".parse::<SocketAddr>().expect("addr");
     let (addrs, flow) = &flows[0];
     assert_eq!(
@@ -889,10 +916,64 @@ fn an_upgrade_carries_conntrack_and_tables_over() {
     let (addrs, flow) = &flows[1];
     assert_eq!(addrs.client, "198.18.0.3:1234".parse().expect("addr"));
     assert_eq!((flow.backend, flow.flags), (2, 0));
-    for gone in [old, v2] {
+    let (addrs, flow) = &flows[2];
+    assert_eq!(addrs.client, "198.18.0.4:1234".parse().expect("addr"));
+    assert_eq!(
+        (flow.backend, flow.flags),
+        (2, lb_common::FLOW_DONE),
+        "an ended flow of the first version is never counted"
+    );
+    let (addrs, flow) = &flows[3];
+    assert_eq!(addrs.client, "198.18.0.5:1234".parse().expect("addr"));
+    assert_eq!(
+        (flow.backend, flow.is_counted()),
+        (1, true),
+        "carried from the set-aside table"
+    );
+    for gone in [old, v2, aside] {
         assert!(!Path::new(gone).exists(), "{gone} is removed");
     }
     drop(dp);
+    drop(pins);
+}
+
+/// Without an IPv6 VIP the preallocated IPv6 maps hold `IPV6_IDLE_ENTRIES` each; a start
+/// with one (same pins) makes them anew at full size, and a start without one shrinks them
+/// again, never refusing the pins as another layout.
+#[test]
+fn ipv6_maps_follow_the_first_ipv6_vip() {
+    as_root();
+    let pins = PinDir::new("ct-v6-sizes");
+    let entries = |name: &str| {
+        aya::maps::MapData::from_pin(pins.path.join(name))
+            .expect("pinned map")
+            .info()
+            .expect("map info")
+            .max_entries()
+    };
+    let sized = [
+        lb_common::maps::VIP_OF6,
+        lb_common::maps::RATE_LIMIT6,
+        lb_common::maps::SOCK_REVNAT6,
+    ];
+    let without = Config::parse(Path::new("conntrack.toml"), CONFIG).expect("config");
+    let with = format!(
+        "{CONFIG}[[vip]]\nname = \"chat6\"\naddress = \"2001:db8:1::1\"\nport = 80\n\
+         [[vip.backend]]\naddress = \"2001:db8::1\"\nport = 9000\n"
+    );
+    let with = Config::parse(Path::new("conntrack.toml"), &with).expect("IPv6 config");
+    for (config, ipv6) in [(&without, false), (&with, true), (&without, false)] {
+        let dp = Datapath::load(&pins.path, config.map_sizes).expect("load: no layout error");
+        for map in sized {
+            let want = if ipv6 {
+                map.default_entries()
+            } else {
+                lb_common::IPV6_IDLE_ENTRIES
+            };
+            assert_eq!(entries(map.name), want, "{} with ipv6 = {ipv6}", map.name);
+        }
+        drop(dp);
+    }
     drop(pins);
 }
 

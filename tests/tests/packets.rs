@@ -101,7 +101,7 @@ fn xdp_fixture_table() {
     );
     let pins = PinDir::new("packets");
     let config = Config::parse(Path::new("fixture.toml"), CONFIG).expect("fixture config");
-    let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
+    let mut dp = Datapath::load(&pins.path, config.map_sizes).expect("load BPF object");
     let mut plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
     plan::apply(&mut dp.maps, &mut plan, None).expect("program maps");
     // The "empty" VIP keeps its service but loses its table and members: a VIP with no
@@ -295,7 +295,7 @@ fn xdp_admission_control() {
     );
     let pins = PinDir::new("admission");
     let config = Config::parse(Path::new("admission.toml"), ADMISSION_CONFIG).expect("config");
-    let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
+    let mut dp = Datapath::load(&pins.path, config.map_sizes).expect("load BPF object");
     let mut plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
     plan::apply(&mut dp.maps, &mut plan, None).expect("program maps");
     let limited = [198, 18, 100, 3];
@@ -577,7 +577,7 @@ fn xdp_scheduler() {
     );
     let pins = PinDir::new("sched");
     let config = Config::parse(Path::new("sched.toml"), SCHEDULER_CONFIG).expect("config");
-    let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
+    let mut dp = Datapath::load(&pins.path, config.map_sizes).expect("load BPF object");
     let mut plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
     plan::apply(&mut dp.maps, &mut plan, None).expect("program maps");
     let svc = &plan.services[0];
@@ -687,7 +687,7 @@ fn balanced(tag: &str) -> (PinDir, Datapath, plan::Plan) {
         "maglev_table_size = 251\n[vip.scheduler]\nprefix_affinity = \"off\"\n",
     );
     let config = Config::parse(Path::new("sched.toml"), &text).expect("config");
-    let mut dp = Datapath::load(&pins.path, config.conntrack).expect("load BPF object");
+    let mut dp = Datapath::load(&pins.path, config.map_sizes).expect("load BPF object");
     let mut plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
     plan::apply(&mut dp.maps, &mut plan, None).expect("program maps");
     with_slots(&mut dp, &plan, 4);

@@ -12,7 +12,12 @@ pub enum Case {
     /// Only ns/packet of gpulb_ingress under BPF_PROG_TEST_RUN: new flow, established,
     /// non-VIP, SYN flood, against a no-op XDP program (and Katran's balancer with
     /// `--katran`).
-    Datapath,
+    Datapath {
+        /// A Katran source tree: build its XDP balancer (Debian's clang) and measure it
+        /// beside gpulb, through the same wrapper.
+        #[arg(long, value_name = "DIR")]
+        katran: Option<PathBuf>,
+    },
     /// Only the steering section of the report: gpulb's scheduler against nginx (round-robin,
     /// least_conn), HAProxy (leastconn), client-side round-robin and an oracle, in six
     /// scenarios; target/bench/steering.md.
@@ -28,6 +33,14 @@ pub enum Case {
 /// With no case: the whole report (datapath, control plane, http, streaming, saturation,
 /// failover) in target/bench/report.md with SVG charts.
 pub fn run(case: Option<Case>, quick: bool, katran: Option<PathBuf>) -> anyhow::Result<()> {
+    let katran = match &case {
+        Some(Case::Datapath { katran }) => katran.clone(),
+        None => katran,
+        Some(_) if katran.is_some() => {
+            anyhow::bail!("--katran: only the datapath bench and the full report measure Katran")
+        }
+        Some(_) => None,
+    };
     let bench = |name: &str| {
         let mut cmd = cargo();
         cmd.args(["bench", "-p", "gpulb-testbed", "--bench", name]);
@@ -42,7 +55,7 @@ pub fn run(case: Option<Case>, quick: bool, katran: Option<PathBuf>) -> anyhow::
             .with_context(|| format!("--katran {}", tree.display()))?;
         datapath_bench.env("GPULB_KATRAN_SRC", tree);
     }
-    if let Some(Case::Datapath) = case {
+    if let Some(Case::Datapath { .. }) = case {
         return exec(&mut datapath_bench);
     }
     crate::setup::ensure_bench_tools()?;

@@ -56,8 +56,8 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// A Katran source tree: build its XDP balancer (Debian's clang) and measure it in
-        /// the datapath bench beside gpulb, through the same wrapper.
-        #[arg(long, global = true, value_name = "DIR")]
+        /// the report's datapath section beside gpulb, through the same wrapper.
+        #[arg(long, value_name = "DIR")]
         katran: Option<std::path::PathBuf>,
         #[command(subcommand)]
         case: Option<bench::Case>,

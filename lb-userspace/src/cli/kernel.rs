@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use lb_common::maps::ConntrackSizes;
+use lb_common::maps::MapSizes;
 use serde::Serialize;
 
 use crate::{
@@ -139,7 +139,11 @@ fn load_once() -> Result<Vec<Program>, LoadOutcome> {
         ));
     }
     let dir: PathBuf = root.join(format!("gpulb-check-kernel-{}", std::process::id()));
-    let sizes = ConntrackSizes { v4: 1024, v6: 1024 };
+    let sizes = MapSizes {
+        v4: 1024,
+        v6: 1024,
+        ipv6: false,
+    };
     let loaded = Datapath::load(&dir, sizes);
     let result = match &loaded {
         Ok(dp) => Ok(dp

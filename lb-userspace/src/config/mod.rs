@@ -23,7 +23,7 @@ use fields::{FieldError, invalid, parse_ms};
 pub use health::{CheckKind, HealthCheck, LoadSource};
 use lb_common::{
     ALLOW_ENTRIES, CONNTRACK_DEFAULT_SIZE, CONNTRACK6_DEFAULT_SIZE, CONNTRACK6_IDLE_SIZE,
-    CT_INSERTS_PER_CPU_DEFAULT, MAX_BACKENDS, MAX_SERVICES, maps::ConntrackSizes,
+    CT_INSERTS_PER_CPU_DEFAULT, MAX_BACKENDS, MAX_SERVICES, maps::MapSizes,
 };
 pub use model::{GpuRef, GpuSelection, Model, SIM_COMMAND};
 use model::{RawModel, validate_models};
@@ -168,8 +168,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// One output file per model instance.
     pub log_dir: PathBuf,
-    /// Entries of the IPv4 and IPv6 conntrack tables.
-    pub conntrack: ConntrackSizes,
+    /// Entries of the IPv4 and IPv6 conntrack tables, and whether the other IPv6 maps get
+    /// their full size (some VIP is IPv6).
+    pub map_sizes: MapSizes,
     /// `conntrack_size_v6` was set (else it follows whether any VIP is IPv6).
     pub conntrack_v6_set: bool,
     /// Conntrack entries one CPU may insert per second; past that it is in flood mode (new
@@ -270,20 +271,21 @@ impl RawConfig {
             return Err(invalid("interface", "must name a network interface"));
         }
         let vips = validate_vips(self.vip)?;
-        // An IPv6 table the size of the IPv4 one's default share would take memory for
-        // nothing on a host without IPv6 VIPs.
-        let v6_default = if vips.iter().any(|v| v.address.is_ipv6()) {
+        // IPv6 maps of full size would take memory for nothing on a host without IPv6 VIPs.
+        let ipv6 = vips.iter().any(|v| v.address.is_ipv6());
+        let v6_default = if ipv6 {
             CONNTRACK6_DEFAULT_SIZE
         } else {
             CONNTRACK6_IDLE_SIZE
         };
-        let conntrack = ConntrackSizes {
+        let map_sizes = MapSizes {
             v4: parse_conntrack(
                 "conntrack_size",
                 self.conntrack_size,
                 CONNTRACK_DEFAULT_SIZE,
             )?,
             v6: parse_conntrack("conntrack_size_v6", self.conntrack_size_v6, v6_default)?,
+            ipv6,
         };
         let conntrack_inserts_per_cpu = match self.conntrack_inserts_per_cpu {
             None => CT_INSERTS_PER_CPU_DEFAULT,
@@ -321,7 +323,7 @@ impl RawConfig {
             interface: self.interface,
             xdp_mode: self.xdp_mode,
             tc_attach: self.tc_attach,
-            conntrack,
+            map_sizes,
             conntrack_v6_set: self.conntrack_size_v6.is_some(),
             conntrack_inserts_per_cpu,
             drain_timeout: parse_ms("drain_timeout_ms", self.drain_timeout_ms, 0, 3_600_000)?,

@@ -20,8 +20,8 @@ pub fn effective(config: &Config) -> String {
     t.insert("pin_path".into(), path(&config.pin_path));
     t.insert("state_dir".into(), path(&config.state_dir));
     t.insert("log_dir".into(), path(&config.log_dir));
-    t.insert("conntrack_size".into(), int(config.conntrack.v4));
-    t.insert("conntrack_size_v6".into(), int(config.conntrack.v6));
+    t.insert("conntrack_size".into(), int(config.map_sizes.v4));
+    t.insert("conntrack_size_v6".into(), int(config.map_sizes.v6));
     t.insert(
         "conntrack_inserts_per_cpu".into(),
         Value::Integer(config.conntrack_inserts_per_cpu as i64),
@@ -271,7 +271,7 @@ headers = { X-Probe = "yes" }
             .unwrap_or_else(|e| panic!("{e}\n{printed}"));
         assert_eq!(again.vips, config.vips);
         assert_eq!(again.models, config.models);
-        assert_eq!(again.conntrack, config.conntrack);
+        assert_eq!(again.map_sizes, config.map_sizes);
         assert_eq!(again.drain_timeout, config.drain_timeout);
     }
 }

@@ -101,7 +101,7 @@ fn ipv6_vips_backends_and_prefixes_parse() {
         c.models[0].address,
         "2001:db8::20".parse::<IpAddr>().expect("v6")
     );
-    assert_eq!(c.conntrack.v6, lb_common::CONNTRACK6_DEFAULT_SIZE);
+    assert_eq!(c.map_sizes.v6, lb_common::CONNTRACK6_DEFAULT_SIZE);
 }
 
 #[test]
@@ -248,7 +248,7 @@ fn good_config_parses_with_defaults() {
     let c = parse(GOOD).expect("valid config");
     assert_eq!(c.pin_path, PathBuf::from(DEFAULT_PIN_PATH));
     assert_eq!(c.xdp_mode, XdpMode::Auto);
-    assert_eq!(c.conntrack.v4, 65536);
+    assert_eq!(c.map_sizes.v4, 65536);
     let vip = &c.vips[0];
     assert_eq!(vip.protocol, Protocol::Tcp);
     assert_eq!(
@@ -635,7 +635,7 @@ fn socket_lb_is_auto_off_or_a_path() {
 fn conntrack_defaults_follow_the_vips() {
     let c = parse(GOOD).expect("valid config");
     assert_eq!(
-        c.conntrack.v6,
+        c.map_sizes.v6,
         lb_common::CONNTRACK6_IDLE_SIZE,
         "no IPv6 VIP: a small IPv6 table"
     );

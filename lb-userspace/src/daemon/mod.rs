@@ -115,7 +115,7 @@ pub async fn run(
     // Before anything is loaded: a kernel gpulb cannot run on changes nothing.
     let (release, tc_path) = kernel::at_start(config.tc_attach)?;
     let datapath =
-        Datapath::load(&config.pin_path, config.conntrack).map_err(|e| DaemonError::Load {
+        Datapath::load(&config.pin_path, config.map_sizes).map_err(|e| DaemonError::Load {
             path: config.pin_path.clone(),
             source: Box::new(e),
         })?;

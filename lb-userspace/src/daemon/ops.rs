@@ -311,7 +311,7 @@ impl State {
         // The maps keep the sizes they were made with (a change of them was refused above;
         // a default that shrank with the last IPv6 VIP applies at the next restart).
         let mut new = new;
-        new.conntrack = self.config.conntrack;
+        new.map_sizes = self.config.map_sizes;
         self.config = new;
         self.write_ct_config();
         let added = plan.count(Change::Added);

@@ -38,21 +38,26 @@ pub enum ReloadError {
 /// The settings a running data path cannot change: the interface it is attached to, where
 /// its maps live, their sizes, the socket programs' cgroup.
 fn fixed_field_changed(old: &Config, new: &Config) -> Option<&'static str> {
-    let fixed: [(&str, bool); 8] = [
+    let fixed: [(&str, bool); 9] = [
         ("interface", new.interface != old.interface),
         ("xdp_mode", new.xdp_mode != old.xdp_mode),
         ("tc_attach", new.tc_attach != old.tc_attach),
         ("pin_path", new.pin_path != old.pin_path),
         ("state_dir", new.state_dir != old.state_dir),
-        ("conntrack_size", new.conntrack.v4 != old.conntrack.v4),
+        ("conntrack_size", new.map_sizes.v4 != old.map_sizes.v4),
         // Its default follows whether any VIP is IPv6: the first IPv6 VIP takes a restart
         // unless the size is set; after the last one the table just stays as it is until
         // the next restart.
         (
             "conntrack_size_v6",
-            new.conntrack.v6 > old.conntrack.v6
-                || (new.conntrack.v6 != old.conntrack.v6
+            new.map_sizes.v6 > old.map_sizes.v6
+                || (new.map_sizes.v6 != old.map_sizes.v6
                     && (new.conntrack_v6_set || old.conntrack_v6_set)),
+        ),
+        // The other IPv6 maps are sized at start too (small without an IPv6 VIP).
+        (
+            "vip (the first IPv6 VIP; the IPv6 maps are sized at start)",
+            new.map_sizes.ipv6 && !old.map_sizes.ipv6,
         ),
         ("socket_lb", new.socket_lb != old.socket_lb),
     ];
@@ -225,8 +230,8 @@ base_port = 8001
         }
     }
 
-    /// The IPv6 conntrack table follows the first IPv6 VIP (a restart, to size it), not the
-    /// last one's removal (the table stays until the next restart).
+    /// The IPv6 maps follow the first IPv6 VIP (a restart, to size them), not the last one's
+    /// removal (they stay until the next restart).
     #[test]
     fn the_first_ipv6_vip_needs_a_restart_the_last_ones_removal_does_not() {
         let v6 = format!(
@@ -247,6 +252,12 @@ base_port = 8001
                 1,
             )
         };
-        plan(&set(BASE), &set(&v6)).expect("a set size does not change");
+        assert_eq!(
+            plan(&set(BASE), &set(&v6)).expect_err("a set size, the other IPv6 maps idle"),
+            ReloadError::NeedsRestart {
+                field: "vip (the first IPv6 VIP; the IPv6 maps are sized at start)"
+            }
+        );
+        plan(&set(&v6), &set(BASE)).expect("the maps stay as they are");
     }
 }

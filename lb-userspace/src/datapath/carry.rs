@@ -7,15 +7,16 @@ use std::{
 };
 
 use aya::maps::MapData;
-use lb_common::maps::{self as names, ConntrackSizes, MapSpec};
+use lb_common::maps::{self as names, Entries, MapSizes, MapSpec};
 use tracing::{info, warn};
 
 use super::{DatapathError, ErrorChain};
 use crate::maps::Maps;
 
-/// The conntrack tables to carry into this one's: an earlier version's (`CONNS`, `CONNS6`),
-/// and tables of another size set aside at this load or a load that did not finish
-/// (`<name>_RESIZED_<pid>`), each with the table its entries go into.
+/// The conntrack tables to carry into this one's: an earlier version's (`MIGRATED`), and
+/// tables of another size set aside at this load or a load that did not finish
+/// (`<name>_RESIZED_<pid>`, by this version or an earlier one), each with the table its
+/// entries go into.
 pub(super) fn tables_to_carry(pin_path: &Path) -> Vec<(PathBuf, MapSpec)> {
     let earlier = names::MIGRATED
         .iter()
@@ -26,10 +27,14 @@ pub(super) fn tables_to_carry(pin_path: &Path) -> Vec<(PathBuf, MapSpec)> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            [names::CONNS, names::CONNS6]
-                .into_iter()
-                .find(|m| name.starts_with(&format!("{}_RESIZED", m.name)))
-                .map(|m| (e.path(), m))
+            [
+                (names::CONNS.name, names::CONNS),
+                (names::CONNS6.name, names::CONNS6),
+            ]
+            .into_iter()
+            .chain(names::MIGRATED)
+            .find(|(table, _)| name.starts_with(&format!("{table}_RESIZED")))
+            .map(|(_, into)| (e.path(), into))
         });
     earlier.chain(aside).filter(|(p, _)| p.exists()).collect()
 }
@@ -51,7 +56,9 @@ pub(super) fn carry_conntrack(maps: &mut Maps, tables: &[(PathBuf, MapSpec)], on
             Ok(map) => maps.copy_flows_from(
                 map,
                 new.name,
-                names::COUNTED_FROM_SYN.contains(&old.as_str()),
+                names::COUNTED_FROM_SYN
+                    .iter()
+                    .any(|n| old == *n || old.starts_with(&format!("{n}_RESIZED"))),
                 only_new,
             ),
             Err(e) => Err(crate::maps::MapsError::Layout {
@@ -71,10 +78,7 @@ pub(super) fn carry_conntrack(maps: &mut Maps, tables: &[(PathBuf, MapSpec)], on
 /// Moves aside the pinned conntrack tables whose size is not the config's (`conntrack_size`
 /// changed, or `conntrack_size_v6` followed a first or last IPv6 VIP), so that new ones are
 /// made; their entries are copied over after the load (`migrate_conntrack`).
-pub(super) fn set_aside_resized(
-    pin_path: &Path,
-    sizes: &ConntrackSizes,
-) -> Result<(), DatapathError> {
+pub(super) fn set_aside_resized(pin_path: &Path, sizes: &MapSizes) -> Result<(), DatapathError> {
     for spec in [names::CONNS, names::CONNS6] {
         let path = pin_path.join(spec.name);
         let Ok(map) = MapData::from_pin(&path) else {
@@ -98,6 +102,38 @@ pub(super) fn set_aside_resized(
         );
     }
     Ok(())
+}
+
+/// Removes the pins of the IPv6 maps sized by whether some VIP is IPv6 (`Entries::Ipv6`)
+/// where their size is not this config's (a first IPv6 VIP, or none any more), so that they
+/// are made anew. Nothing in them needs carrying: the daemon writes `VIP_OF6` from its plan,
+/// a fresh rate-limit bucket is a full one, and no IPv6 socket was balanced to a VIP that
+/// did not exist (or is gone). The old programs keep their maps until they are detached.
+pub(super) fn drop_resized_ipv6(pin_path: &Path, sizes: &MapSizes) {
+    for spec in names::ALL
+        .iter()
+        .filter(|s| matches!(s.entries, Entries::Ipv6(_)))
+    {
+        let path = pin_path.join(spec.name);
+        let Ok(map) = MapData::from_pin(&path) else {
+            continue;
+        };
+        let entries = map.info().map(|i| i.max_entries()).unwrap_or(0);
+        let want = spec.max_entries(sizes);
+        if entries == want {
+            continue;
+        }
+        // If the pin stays, the layout check names it.
+        match fs::remove_file(&path) {
+            Ok(()) => info!(
+                map = spec.name,
+                from = entries,
+                to = want,
+                "IPv6 map resized"
+            ),
+            Err(e) => warn!(map = spec.name, error = %e, "resized IPv6 map not removed"),
+        }
+    }
 }
 
 /// Carries the VIP tables of the version before (`SERVICES`, `SERVICES6`, `MAGLEV`) into

@@ -17,7 +17,7 @@ use aya::{
     },
 };
 use lb_common::{
-    maps::{self as names, ConntrackSizes, MapSpec},
+    maps::{self as names, MapSizes, MapSpec},
     programs,
 };
 use tracing::{info, warn};
@@ -26,7 +26,9 @@ use crate::{config, kernel::TcPath, maps::Maps, tc};
 
 mod carry;
 
-use carry::{carry_conntrack, migrate_tables, set_aside_resized, tables_to_carry};
+use carry::{
+    carry_conntrack, drop_resized_ipv6, migrate_tables, set_aside_resized, tables_to_carry,
+};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -202,7 +204,7 @@ pub fn is_bpffs(path: &Path) -> bool {
 
 /// Refuses to reuse pinned maps whose layout differs from this build's schema (aya would
 /// reuse them blindly).
-fn check_pinned(pin_path: &Path, sizes: &ConntrackSizes) -> Result<(), DatapathError> {
+fn check_pinned(pin_path: &Path, sizes: &MapSizes) -> Result<(), DatapathError> {
     for spec in names::ALL {
         let path = pin_path.join(spec.name);
         let Ok(map) = MapData::from_pin(&path) else {
@@ -247,13 +249,14 @@ impl Datapath {
     /// Loads the object and pins (or reuses) its maps under `pin_path`, the conntrack tables
     /// of `sizes`; attaches nothing. Reused maps keep their contents: conntrack survives a
     /// daemon restart or upgrade.
-    pub fn load(pin_path: &Path, sizes: ConntrackSizes) -> Result<Self, DatapathError> {
+    pub fn load(pin_path: &Path, sizes: MapSizes) -> Result<Self, DatapathError> {
         ensure_bpffs(pin_path)?;
         fs::create_dir_all(pin_path).map_err(|source| DatapathError::PinDir {
             path: pin_path.to_owned(),
             source,
         })?;
         set_aside_resized(pin_path, &sizes)?;
+        drop_resized_ipv6(pin_path, &sizes);
         check_pinned(pin_path, &sizes)?;
         // Maps of older versions that nothing reads any more.
         for name in names::RETIRED {
