@@ -801,23 +801,22 @@ fn an_upgrade_carries_conntrack_and_tables_over() {
         "map", "create", old, "type", "lru_hash", "key", "16", "value", "16", "entries", "4096",
         "name", "CONNS",
     ]);
+    let put = |map: &str, key: &str, value: &str| {
+        let mut args = vec!["map", "update", "pinned", map, "key", "hex"];
+        args.extend(key.split(' '));
+        args.extend(["value", "hex"]);
+        args.extend(value.split(' '));
+        bpftool(&args);
+    };
     // 198.18.0.2:1234 → 198.18.100.7:80 TCP on backend 1, counted, as the old layout wrote it.
     let key = "c6 12 00 02 c6 12 64 07 04 d2 00 50 06 00 00 00";
     let value = "01 00 00 00 00 00 01 00 00 00 00 00 00 00 00 00";
-    let mut args = vec!["map", "update", "pinned", old, "key", "hex"];
-    args.extend(key.split(' '));
-    args.extend(["value", "hex"]);
-    args.extend(value.split(' '));
-    bpftool(&args);
+    put(old, key, value);
     // 198.18.0.4:1234 on backend 2, not counted: that version counted from the SYN, so this
     // flow has ended.
     let key = "c6 12 00 04 c6 12 64 07 04 d2 00 50 06 00 00 00";
     let value = "02 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00";
-    let mut args = vec!["map", "update", "pinned", old, "key", "hex"];
-    args.extend(key.split(' '));
-    args.extend(["value", "hex"]);
-    args.extend(value.split(' '));
-    bpftool(&args);
+    put(old, key, value);
     // The next version's table (`BPF_F_NO_COMMON_LRU`): 198.18.0.3:1234 on backend 2, not yet
     // counted (generation 0, service 0).
     let v2 = pins.path.join("CONNS_V2");
@@ -828,11 +827,7 @@ fn an_upgrade_carries_conntrack_and_tables_over() {
     ]);
     let key = "c6 12 00 03 c6 12 64 07 04 d2 00 50 06 00 00 00";
     let value = "02 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00";
-    let mut args = vec!["map", "update", "pinned", v2, "key", "hex"];
-    args.extend(key.split(' '));
-    args.extend(["value", "hex"]);
-    args.extend(value.split(' '));
-    bpftool(&args);
+    put(v2, key, value);
     // A table that version set aside for a resize and never finished copying: 198.18.0.5:1234
     // on backend 1, counted.
     let aside = pins.path.join("CONNS_V2_RESIZED_1");
@@ -843,11 +838,7 @@ fn an_upgrade_carries_conntrack_and_tables_over() {
     ]);
     let key = "c6 12 00 05 c6 12 64 07 04 d2 00 50 06 00 00 00";
     let value = "01 00 00 00 00 00 01 00 00 00 00 00 00 00 00 00";
-    let mut args = vec!["map", "update", "pinned", aside, "key", "hex"];
-    args.extend(key.split(' '));
-    args.extend(["value", "hex"]);
-    args.extend(value.split(' '));
-    bpftool(&args);
+    put(aside, key, value);
 
     // Its VIP table: 198.18.100.7:80/TCP is service 0, table size 251, in MAGLEV block 0
     // (slots 0-2 set here).

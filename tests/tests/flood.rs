@@ -63,15 +63,18 @@ fn hping(stack: &Stack, flag: &str, source: &str) -> Command {
 
 #[test]
 fn a_flood_from_many_sources_does_not_move_established_flows() {
-    // 1024 entries (512 per CPU on two): without the insert budget this flood would turn the
-    // table over several times.
+    // 2048 entries: the budget lets the flood insert about 100 per CPU and second, a table's
+    // worth only over a run several times slower than here; without it the flood's 14400
+    // packets turn the table over 7 times and evict the streams' entries (checked: the test
+    // then fails on them). A table of 1024 was within reach of what the budget allows over a
+    // slow run, with the common LRU keeping up to 128 free entries per CPU aside.
     let stack = Stack::start_with(
         "ctflood",
         4,
         PinDir::new("ctflood"),
         &["--tokens-per-second", "20"],
         Extra {
-            top: "conntrack_size = 1024\nconntrack_inserts_per_cpu = 100",
+            top: "conntrack_size = 2048\nconntrack_inserts_per_cpu = 100",
             ..Extra::default()
         },
     )

@@ -308,17 +308,14 @@ fn main() {
         .expect("gpulb_ingress")
         .try_into()
         .expect("XDP");
-    let non_vip = best(5, || {
-        let before = dp.maps.reasons().expect("reasons")[Reason::PassNotVip as usize].1;
-        let t = run(ingress, &other, REPEAT).as_nanos() as f64;
-        let after = dp.maps.reasons().expect("reasons")[Reason::PassNotVip as usize].1;
-        assert_eq!(
-            after - before,
-            u64::from(REPEAT),
-            "every packet passes as no VIP's"
-        );
-        t
-    });
+    let non_vip = measure(
+        &dp,
+        ingress,
+        &other,
+        REPEAT,
+        Some(Reason::PassNotVip),
+        &mut nothing,
+    );
 
     let katran = std::env::var_os("GPULB_KATRAN_SRC").map(|src| {
         let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/katran");
