@@ -239,14 +239,14 @@ fn record<F: Family>(
     // count is ended, then the entry is overwritten in place (no moment without one, when a
     // packet on another CPU would make an entry of its own). Any other failure is memory
     // pressure; the packet is still forwarded, and the next one re-hashes to the same
-    // backend.
+    // backend, so an old entry that could not be overwritten goes.
     if pkt.is_syn != 0 && F::insert_conn(&pkt.flow, &flow, BPF_NOEXIST) {
         return;
     }
-    if pkt.is_syn != 0 {
-        end_old_count::<F>(pkt, service);
+    let replaced = pkt.is_syn != 0 && end_old_count::<F>(pkt, service);
+    if !F::insert_conn(&pkt.flow, &flow, BPF_ANY) && replaced {
+        F::remove_conn(&pkt.flow);
     }
-    F::insert_conn(&pkt.flow, &flow, BPF_ANY);
 }
 
 #[inline(always)]

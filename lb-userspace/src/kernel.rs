@@ -262,7 +262,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn refuses_kernels_without_pinned_xdp_links() {
+    fn refuses_kernels_below_the_minimum() {
         let err = tc_path(Release::new(5, 10, 0), TcAttach::Auto).unwrap_err();
         assert!(
             err.to_string()

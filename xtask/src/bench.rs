@@ -34,7 +34,7 @@ pub enum Case {
 /// failover) in target/bench/report.md with SVG charts.
 pub fn run(case: Option<Case>, quick: bool, katran: Option<PathBuf>) -> anyhow::Result<()> {
     let katran = match &case {
-        Some(Case::Datapath { katran }) => katran.clone(),
+        Some(Case::Datapath { katran: tree }) => tree.clone().or(katran),
         None => katran,
         Some(_) if katran.is_some() => {
             anyhow::bail!("--katran: only the datapath bench and the full report measure Katran")

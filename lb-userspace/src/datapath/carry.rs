@@ -77,7 +77,7 @@ pub(super) fn carry_conntrack(maps: &mut Maps, tables: &[(PathBuf, MapSpec)], on
 
 /// Moves aside the pinned conntrack tables whose size is not the config's (`conntrack_size`
 /// changed, or `conntrack_size_v6` followed a first or last IPv6 VIP), so that new ones are
-/// made; their entries are copied over after the load (`migrate_conntrack`).
+/// made; their entries are copied over after the load (`carry_conntrack`).
 pub(super) fn set_aside_resized(pin_path: &Path, sizes: &MapSizes) -> Result<(), DatapathError> {
     for spec in [names::CONNS, names::CONNS6] {
         let path = pin_path.join(spec.name);
@@ -106,9 +106,11 @@ pub(super) fn set_aside_resized(pin_path: &Path, sizes: &MapSizes) -> Result<(),
 
 /// Removes the pins of the IPv6 maps sized by whether some VIP is IPv6 (`Entries::Ipv6`)
 /// where their size is not this config's (a first IPv6 VIP, or none any more), so that they
-/// are made anew. Nothing in them needs carrying: the daemon writes `VIP_OF6` from its plan,
-/// a fresh rate-limit bucket is a full one, and no IPv6 socket was balanced to a VIP that
-/// did not exist (or is gone). The old programs keep their maps until they are detached.
+/// are made anew. Little in them is lost: the daemon writes `VIP_OF6` from its plan, a fresh
+/// rate-limit bucket is a full one, and before a first IPv6 VIP no socket was balanced to
+/// one. After the last one is gone, a host socket still connected to it shows the backend,
+/// not the VIP, to getpeername/recvmsg. The old programs keep their maps until they are
+/// detached.
 pub(super) fn drop_resized_ipv6(pin_path: &Path, sizes: &MapSizes) {
     for spec in names::ALL
         .iter()

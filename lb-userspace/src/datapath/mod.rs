@@ -246,9 +246,10 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the object and pins (or reuses) its maps under `pin_path`, the conntrack tables
-    /// of `sizes`; attaches nothing. Reused maps keep their contents: conntrack survives a
-    /// daemon restart or upgrade.
+    /// Loads the object and pins (or reuses) its maps under `pin_path`, sized by `sizes` (the
+    /// conntrack tables, and the IPv6 maps, whose pins of another size are made anew);
+    /// attaches nothing. Reused maps keep their contents: conntrack survives a daemon restart
+    /// or upgrade.
     pub fn load(pin_path: &Path, sizes: MapSizes) -> Result<Self, DatapathError> {
         ensure_bpffs(pin_path)?;
         fs::create_dir_all(pin_path).map_err(|source| DatapathError::PinDir {

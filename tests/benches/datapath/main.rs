@@ -291,6 +291,11 @@ fn main() {
         let before = count(&dp, Reason::FwdStateless);
         let ns = run(wrap, &syn, FLOOD_REPEAT).as_nanos() as f64;
         let stateless = count(&dp, Reason::FwdStateless) - before;
+        assert_eq!(
+            stateless,
+            u64::from(FLOOD_REPEAT),
+            "with the budget spent, every SYN goes without state"
+        );
         stateless_share = stateless_share.min(stateless as f64 / f64::from(FLOOD_REPEAT));
         flood_runs.push(ns);
     }
