@@ -819,12 +819,15 @@ fn an_upgrade_carries_conntrack_and_tables_over() {
     put(old, key, value);
     // The next version's table (`BPF_F_NO_COMMON_LRU`): 198.18.0.3:1234 on backend 2, not yet
     // counted (generation 0, service 0).
+    let v2_table = |path: &str| {
+        bpftool(&[
+            "map", "create", path, "type", "lru_hash", "key", "16", "value", "16", "entries",
+            "4096", "name", "CONNS_V2", "flags", "2",
+        ]);
+    };
     let v2 = pins.path.join("CONNS_V2");
     let v2 = v2.to_str().expect("UTF-8 path");
-    bpftool(&[
-        "map", "create", v2, "type", "lru_hash", "key", "16", "value", "16", "entries", "4096",
-        "name", "CONNS_V2", "flags", "2",
-    ]);
+    v2_table(v2);
     let key = "c6 12 00 03 c6 12 64 07 04 d2 00 50 06 00 00 00";
     let value = "02 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00";
     put(v2, key, value);
@@ -832,10 +835,7 @@ fn an_upgrade_carries_conntrack_and_tables_over() {
     // on backend 1, counted.
     let aside = pins.path.join("CONNS_V2_RESIZED_1");
     let aside = aside.to_str().expect("UTF-8 path");
-    bpftool(&[
-        "map", "create", aside, "type", "lru_hash", "key", "16", "value", "16", "entries", "4096",
-        "name", "CONNS_V2", "flags", "2",
-    ]);
+    v2_table(aside);
     let key = "c6 12 00 05 c6 12 64 07 04 d2 00 50 06 00 00 00";
     let value = "01 00 00 00 00 00 01 00 00 00 00 00 00 00 00 00";
     put(aside, key, value);

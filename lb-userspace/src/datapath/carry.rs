@@ -27,13 +27,14 @@ pub(super) fn tables_to_carry(pin_path: &Path) -> Vec<(PathBuf, MapSpec)> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
+            let (table, _) = name.split_once(RESIZED)?;
             [
                 (names::CONNS.name, names::CONNS),
                 (names::CONNS6.name, names::CONNS6),
             ]
             .into_iter()
             .chain(names::MIGRATED)
-            .find(|(table, _)| name.starts_with(&format!("{table}_RESIZED")))
+            .find(|(t, _)| *t == table)
             .map(|(_, into)| (e.path(), into))
         });
     earlier.chain(aside).filter(|(p, _)| p.exists()).collect()
@@ -56,9 +57,7 @@ pub(super) fn carry_conntrack(maps: &mut Maps, tables: &[(PathBuf, MapSpec)], on
             Ok(map) => maps.copy_flows_from(
                 map,
                 new.name,
-                names::COUNTED_FROM_SYN
-                    .iter()
-                    .any(|n| old == *n || old.starts_with(&format!("{n}_RESIZED"))),
+                names::COUNTED_FROM_SYN.contains(&origin_table(&old)),
                 only_new,
             ),
             Err(e) => Err(crate::maps::MapsError::Layout {
@@ -75,21 +74,32 @@ pub(super) fn carry_conntrack(maps: &mut Maps, tables: &[(PathBuf, MapSpec)], on
     }
 }
 
+/// What a set-aside table's name adds to its table's: `<table>_RESIZED_<pid>`.
+const RESIZED: &str = "_RESIZED";
+
+/// The table a pinned conntrack table came from: itself, or the one it was set aside from.
+fn origin_table(file: &str) -> &str {
+    file.split_once(RESIZED).map_or(file, |(table, _)| table)
+}
+
+/// The pin of `spec` and its entries, if it is pinned with another size than `sizes` give it.
+fn resized(pin_path: &Path, spec: &MapSpec, sizes: &MapSizes) -> Option<(PathBuf, u32)> {
+    let path = pin_path.join(spec.name);
+    let map = MapData::from_pin(&path).ok()?;
+    let entries = map.info().map(|i| i.max_entries()).unwrap_or(0);
+    (entries != spec.max_entries(sizes)).then_some((path, entries))
+}
+
 /// Moves aside the pinned conntrack tables whose size is not the config's (`conntrack_size`
 /// changed, or `conntrack_size_v6` followed a first or last IPv6 VIP), so that new ones are
 /// made; their entries are copied over after the load (`carry_conntrack`).
 pub(super) fn set_aside_resized(pin_path: &Path, sizes: &MapSizes) -> Result<(), DatapathError> {
     for spec in [names::CONNS, names::CONNS6] {
-        let path = pin_path.join(spec.name);
-        let Ok(map) = MapData::from_pin(&path) else {
+        let Some((path, entries)) = resized(pin_path, &spec, sizes) else {
             continue;
         };
-        let entries = map.info().map(|i| i.max_entries()).unwrap_or(0);
-        if entries == spec.max_entries(sizes) {
-            continue;
-        }
         // No dot: bpffs refuses names with one.
-        let moved = pin_path.join(format!("{}_RESIZED_{}", spec.name, std::process::id()));
+        let moved = pin_path.join(format!("{}{RESIZED}_{}", spec.name, std::process::id()));
         fs::rename(&path, &moved).map_err(|source| DatapathError::SetAside {
             path: moved.clone(),
             source,
@@ -116,15 +126,10 @@ pub(super) fn drop_resized_ipv6(pin_path: &Path, sizes: &MapSizes) {
         .iter()
         .filter(|s| matches!(s.entries, Entries::Ipv6(_)))
     {
-        let path = pin_path.join(spec.name);
-        let Ok(map) = MapData::from_pin(&path) else {
+        let Some((path, entries)) = resized(pin_path, spec, sizes) else {
             continue;
         };
-        let entries = map.info().map(|i| i.max_entries()).unwrap_or(0);
         let want = spec.max_entries(sizes);
-        if entries == want {
-            continue;
-        }
         // If the pin stays, the layout check names it.
         match fs::remove_file(&path) {
             Ok(()) => info!(
