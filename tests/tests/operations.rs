@@ -245,18 +245,25 @@ fn probes_send_the_api_key_and_a_start_timeout_fails_a_stuck_start() {
         (1..=6).contains(&not_ready),
         "{not_ready} 'not ready yet' lines:\n{log}"
     );
-    let table = stack
-        .ctl(&["backends", "--pin-path", &stack.pin_arg()])
-        .expect("backends table");
+    // The restarted process starts with no error of its own until its first probe fails
+    // (100 ms): the table is read until its row has one.
+    let mut table = String::new();
+    let says_why = |table: &str| {
+        table
+            .lines()
+            .find(|l| l.contains(stuck))
+            .is_some_and(|line| {
+                line.contains("not ready") || line.contains("/v1/models") || line.contains("exited")
+            })
+    };
+    let shown = wait_until(Duration::from_secs(5), || {
+        table = stack
+            .ctl(&["backends", "--pin-path", &stack.pin_arg()])
+            .expect("backends table");
+        says_why(&table)
+    });
     assert!(table.contains("LAST_ERROR"), "{table}");
-    let line = table
-        .lines()
-        .find(|l| l.contains(stuck))
-        .unwrap_or_else(|| panic!("{table}"));
-    assert!(
-        line.contains("not ready") || line.contains("/v1/models") || line.contains("exited"),
-        "{line}"
-    );
+    assert!(shown, "{table}");
 
     // The instance log is appended to across restarts, not truncated.
     let instance_log = stack.dir.path.join(format!("instances/{stuck}.log"));
