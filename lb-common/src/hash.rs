@@ -112,7 +112,8 @@ mod tests {
             sport_be: 1,
             dport_be: 80u16.to_be(),
             proto: PROTO_TCP,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         };
         // The formula before IPv6: addrs = (src << 32) | dst.
         let addrs = (0x0102_0304u64 << 32) | 0x0506_0708;
@@ -125,7 +126,8 @@ mod tests {
             sport_be: 1,
             dport_be: 80u16.to_be(),
             proto: PROTO_TCP,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         };
         assert_ne!(flow_hash(&key6(4)), flow_hash(&key6(5)));
     }
@@ -138,7 +140,8 @@ mod tests {
             sport_be: sport,
             dport_be: 80u16.to_be(),
             proto: PROTO_TCP,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         };
         assert_eq!(affinity_hash(&key(1)), affinity_hash(&key(2)));
         assert_ne!(flow_hash(&key(1)), flow_hash(&key(2)));

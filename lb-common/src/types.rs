@@ -110,7 +110,10 @@ pub struct FlowKeyOf<A> {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Two fields, not `[u8; 3]`: the BPF target zeroes an odd-sized array with a call to
+    // memset, on every packet.
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 pub type FlowKey = FlowKeyOf<u32>;
 pub type FlowKey6 = FlowKeyOf<Addr6>;

@@ -102,7 +102,8 @@ fn is_our_reply<F: Family>(reply: &L4Packet<F::Addr>, owner: &BackendVipOf<F::Ad
         sport_be: reply.flow.dport_be,
         dport_be: owner.vport_be,
         proto: reply.flow.proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     if let Some(flow) = F::conn(&key) {
         // SAFETY: the LRU value stays valid while this program runs (RCU).

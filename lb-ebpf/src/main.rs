@@ -9,6 +9,8 @@
 #![no_main]
 // `atomic_xadd`: core's atomic types have no fetch_add on the BPF target.
 #![feature(core_intrinsics)]
+// `asm!` on BPF: packet loads and stores of any alignment in one instruction (`parse`).
+#![feature(asm_experimental_arch)]
 #![expect(internal_features, reason = "core_intrinsics, for atomic_xadd")]
 
 mod admission;

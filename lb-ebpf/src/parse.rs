@@ -17,6 +17,8 @@ const ETH_P_IPV6: u16 = 0x86dd_u16.to_be();
 const ETH_P_8021Q: u16 = 0x8100_u16.to_be();
 /// IPv4 `frags` field: MF flag plus the 13-bit offset; any bit set means "a fragment".
 const IP_MF_OFFSET_MASK: u16 = 0x3fff;
+/// Offset of the destination port inside the TCP and UDP headers.
+pub const DPORT_OFF: usize = 2;
 /// Offset of the checksum field inside the TCP and UDP headers.
 pub const TCP_CHECK_OFF: usize = 16;
 pub const UDP_CHECK_OFF: usize = 6;
@@ -70,6 +72,69 @@ pub fn ptr_at<C: PacketCtx, T>(ctx: &C, offset: usize) -> Option<*mut T> {
         return None;
     }
     Some((start + offset) as *mut T)
+}
+
+// Packet fields sit at any byte offset (an IPv4 address at 26, after Ethernet). Read or
+// written through a Rust pointer of their type they would have to be aligned, and through
+// `read_unaligned`/`write_unaligned` LLVM's BPF backend moves them a byte at a time (with
+// the spills those bytes cost). These are one BPF instruction each, which the verifier
+// allows at any alignment in packet memory on the CPUs with efficient unaligned access
+// (x86-64, arm64).
+
+/// The 2 bytes at `p`, as they sit in memory (network order read as native).
+///
+/// # Safety
+/// `p` and the byte after it lie inside the packet, bounds-checked (`ptr_at`).
+#[inline(always)]
+pub unsafe fn load_u16(p: *const u8) -> u16 {
+    let v: u16;
+    // SAFETY: the caller's; the instruction reads those 2 bytes only.
+    unsafe {
+        core::arch::asm!("{v} = *(u16 *)({p} + 0)", p = in(reg) p, v = lateout(reg) v,
+            options(readonly, nostack, preserves_flags));
+    }
+    v
+}
+
+/// The 4 bytes at `p`, as they sit in memory.
+///
+/// # Safety
+/// As `load_u16`, for 4 bytes.
+#[inline(always)]
+pub unsafe fn load_u32(p: *const u8) -> u32 {
+    let v: u32;
+    // SAFETY: the caller's; the instruction reads those 4 bytes only.
+    unsafe {
+        core::arch::asm!("{v} = *(u32 *)({p} + 0)", p = in(reg) p, v = lateout(reg) v,
+            options(readonly, nostack, preserves_flags));
+    }
+    v
+}
+
+/// Writes `v` as it sits in memory to the 2 bytes at `p`.
+///
+/// # Safety
+/// As `load_u16`, and the packet is writable (XDP).
+#[inline(always)]
+pub unsafe fn store_u16(p: *mut u8, v: u16) {
+    // SAFETY: the caller's; the instruction writes those 2 bytes only.
+    unsafe {
+        core::arch::asm!("*(u16 *)({p} + 0) = {v}", p = in(reg) p, v = in(reg) v,
+            options(nostack, preserves_flags));
+    }
+}
+
+/// Writes `v` as it sits in memory to the 4 bytes at `p`.
+///
+/// # Safety
+/// As `store_u16`, for 4 bytes.
+#[inline(always)]
+pub unsafe fn store_u32(p: *mut u8, v: u32) {
+    // SAFETY: the caller's; the instruction writes those 4 bytes only.
+    unsafe {
+        core::arch::asm!("*(u32 *)({p} + 0) = {v}", p = in(reg) p, v = in(reg) v,
+            options(nostack, preserves_flags));
+    }
 }
 
 /// A TCP or UDP packet, parsed; `A` is its address family's (`u32` or `Addr6`).
@@ -144,15 +209,14 @@ pub fn parse_l2<C: PacketCtx>(ctx: &C) -> Result<L3, Reason> {
 #[inline(always)]
 pub fn parse_ipv4<C: PacketCtx>(ctx: &C, l3: usize) -> Result<L4Packet<u32>, Reason> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Reason::PassMalformed)?;
-    // SAFETY: bounds checked by `ptr_at`.
+    // SAFETY: bounds checked by `ptr_at`; only the addresses of the fields are taken.
     let (vihl, frags, proto, src, dst) = unsafe {
-        let h = &*ip;
         (
-            h.vihl,
-            u16::from_be_bytes(h.frags),
-            h.proto,
-            h.src_addr,
-            h.dst_addr,
+            (*ip).vihl,
+            u16::from_be(load_u16((&raw const (*ip).frags).cast())),
+            (*ip).proto,
+            load_u32((&raw const (*ip).src_addr).cast()),
+            load_u32((&raw const (*ip).dst_addr).cast()),
         )
     };
     let ihl = ((vihl & 0x0f) as usize) * 4;
@@ -162,14 +226,7 @@ pub fn parse_ipv4<C: PacketCtx>(ctx: &C, l3: usize) -> Result<L4Packet<u32>, Rea
     if frags & IP_MF_OFFSET_MASK != 0 {
         return Err(Reason::PassFragment);
     }
-    parse_transport(
-        ctx,
-        l3,
-        l3 + ihl,
-        proto,
-        u32::from_ne_bytes(src),
-        u32::from_ne_bytes(dst),
-    )
+    parse_transport(ctx, l3, l3 + ihl, proto, src, dst)
 }
 
 /// IPv6 next-header values of the extension headers walked to reach TCP/UDP.
@@ -205,23 +262,10 @@ pub fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<L4Packet<Addr6>, R
         l4 += (len as usize + extra) * unit;
         next = following;
     }
-    // The addresses are read last, each word assembled at once into the parsed packet:
-    // loaded before the walk and the transport header (as the compiler would otherwise
-    // schedule them), their 32 bytes would each be spilled to the stack, which the
-    // scheduler's call cannot spare.
+    // The addresses are read last, straight into the parsed packet: loaded before the walk
+    // and the transport header (as the compiler would otherwise schedule them), their words
+    // would be spilled to the stack, which the scheduler's call cannot spare.
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Reason::PassMalformed)?;
-    let word = |p: *const u8| -> u32 {
-        // SAFETY: `p` lies inside the header bounds-checked by `ptr_at`; volatile keeps the
-        // loads here.
-        unsafe {
-            u32::from_ne_bytes([
-                core::ptr::read_volatile(p),
-                core::ptr::read_volatile(p.add(1)),
-                core::ptr::read_volatile(p.add(2)),
-                core::ptr::read_volatile(p.add(3)),
-            ])
-        }
-    };
     // SAFETY: in bounds (above); only the addresses of the fields are taken.
     let (src, dst) = unsafe {
         (
@@ -230,8 +274,15 @@ pub fn parse_ipv6<C: PacketCtx>(ctx: &C, l3: usize) -> Result<L4Packet<Addr6>, R
         )
     };
     let addr = |p: *const u8| -> Addr6 {
-        // SAFETY: the 16 bytes of an address field.
-        unsafe { [word(p), word(p.add(4)), word(p.add(8)), word(p.add(12))] }
+        // SAFETY: the 16 bytes of an address field, inside the checked header.
+        unsafe {
+            [
+                load_u32(p),
+                load_u32(p.add(4)),
+                load_u32(p.add(8)),
+                load_u32(p.add(12)),
+            ]
+        }
     };
     let mut pkt = parse_transport(ctx, l3, l4, next, [0; 4], [0; 4])?;
     pkt.flow.src_be = addr(src);
@@ -256,25 +307,25 @@ fn parse_transport<C: PacketCtx, A>(
             let (ports, syn, ack, fin, rst, seq) = unsafe {
                 let t = &*tcp;
                 (
-                    [t.source, t.dest],
+                    load_ports(tcp.cast()),
                     t.syn(),
                     t.ack(),
                     t.fin(),
                     t.rst(),
-                    t.seq,
+                    load_u32((&raw const t.seq).cast()),
                 )
             };
             (
                 ports,
                 (syn != 0 && ack == 0) as u32,
                 (fin != 0 || rst != 0) as u32,
-                (rst != 0 && ack != 0 && u32::from_ne_bytes(seq) == 0) as u32,
+                (rst != 0 && ack != 0 && seq == 0) as u32,
             )
         }
         PROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
             // SAFETY: bounds checked by `ptr_at`.
-            (unsafe { [(*udp).src, (*udp).dst] }, 0, 0, 0)
+            (unsafe { load_ports(udp.cast()) }, 0, 0, 0)
         }
         _ => return Err(Reason::PassNotTcpUdp),
     };
@@ -284,15 +335,26 @@ fn parse_transport<C: PacketCtx, A>(
         flow: FlowKeyOf {
             src_be,
             dst_be,
-            sport_be: u16::from_ne_bytes(ports[0]),
-            dport_be: u16::from_ne_bytes(ports[1]),
+            sport_be: ports[0],
+            dport_be: ports[1],
             proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         },
         is_syn,
         is_close,
         is_refusal,
     })
+}
+
+/// The source and destination ports at the start of a TCP or UDP header, as in memory.
+///
+/// # Safety
+/// As `load_u16`, for the header's first 4 bytes.
+#[inline(always)]
+unsafe fn load_ports(l4: *const u8) -> [u16; 2] {
+    // SAFETY: the caller's.
+    unsafe { [load_u16(l4), load_u16(l4.add(2))] }
 }
 
 /// One's-complement fold of a 32-bit sum to 16 bits.

@@ -144,7 +144,8 @@ impl Maps {
                 sport_be: port_be(client.port()),
                 dport_be: port_be(vip.addr.port()),
                 proto: vip.proto,
-                _pad: [0; 3],
+                _pad: 0,
+                _pad2: 0,
             }
         }
         let found = match (client.ip().to_canonical(), vip.addr.ip()) {

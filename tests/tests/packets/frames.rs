@@ -201,7 +201,8 @@ pub fn flow_of(pkt: &[u8]) -> FlowKey {
         sport_be: f.src.port().to_be(),
         dport_be: f.dst.port().to_be(),
         proto: f.proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     }
 }
 
@@ -215,7 +216,8 @@ pub fn hash_of(pkt: &[u8]) -> u32 {
             sport_be: f.src.port().to_be(),
             dport_be: f.dst.port().to_be(),
             proto: f.proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }),
         _ => flow_hash(&flow_of(pkt)),
     }
