@@ -55,6 +55,17 @@ pub const CONNTRACK6_IDLE_SIZE: u32 = IPV6_IDLE_ENTRIES;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
+/// `VIP_PORTS` entries: a bit per TCP port, then a bit per UDP port, 64 to a word.
+pub const VIP_PORT_WORDS: u32 = 2 * 65536 / 64;
+
+/// Where (protocol, port in host order) lies in `VIP_PORTS`: the word and its bit. Any
+/// protocol but UDP counts as TCP (the data path only asks for those two).
+#[inline(always)]
+pub const fn vip_port_bit(proto: u8, port: u16) -> (u32, u64) {
+    let base = if proto == PROTO_UDP { 65536 / 64 } else { 0 };
+    (base + (port >> 6) as u32, 1 << (port & 63))
+}
+
 /// `Backend::flags`: no new flows are sent to it; its established flows continue.
 pub const BACKEND_DRAINING: u16 = 1;
 /// `Backend::flags`: an IPv6 backend; `addr_be` is 0 and the address is in `BACKEND_ADDR6`.

@@ -10,7 +10,7 @@ use crate::{
     CONNTRACK_DEFAULT_SIZE, CONNTRACK6_DEFAULT_SIZE, Counters, CtConfig, EngineLoad, FloodState,
     Flow, FlowKey, FlowKey6, IPV6_IDLE_ENTRIES, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
     Members, RATE_LIMIT_ENTRIES, RateKey, RateKey6, RevNat, RevNat6, SOCK_REVNAT_ENTRIES, Sched,
-    Service, ServiceLimits, SockRevKey, SockRevKey6, VipKey, VipKey6,
+    Service, ServiceLimits, SockRevKey, SockRevKey6, VIP_PORT_WORDS, VipKey, VipKey6,
 };
 
 /// The BPF map type (`enum bpf_map_type`).
@@ -247,6 +247,9 @@ pub const SOCK_REVNAT: MapSpec = spec(
     size_of::<RevNat>(),
     Fixed(SOCK_REVNAT_ENTRIES),
 );
+/// A bit per (protocol, port) some VIP serves (`vip_port_bit`): a packet to any other port
+/// is passed without a hash lookup.
+pub const VIP_PORTS: MapSpec = spec("VIP_PORTS", Array, 4, 8, Fixed(VIP_PORT_WORDS));
 pub const SOCK_NETNS: MapSpec = spec("SOCK_NETNS", Array, 4, 8, Fixed(1));
 pub const SERVICES6: MapSpec = MapSpec {
     flags: F_NO_PREALLOC,
@@ -297,7 +300,7 @@ pub const SOCK_REVNAT6: MapSpec = spec(
 );
 
 /// Every map the daemon pins; the layout check, the CLI and the clean-up use this list.
-pub const ALL: [MapSpec; 31] = [
+pub const ALL: [MapSpec; 32] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -322,6 +325,7 @@ pub const ALL: [MapSpec; 31] = [
     ADMIT_STATS,
     SOCK_REVNAT,
     SOCK_NETNS,
+    VIP_PORTS,
     SERVICES6,
     BACKEND_ADDR6,
     CONNS6,
@@ -393,6 +397,21 @@ mod tests {
                 map.name
             );
         }
+    }
+
+    #[test]
+    fn each_protocol_and_port_has_its_own_vip_ports_bit() {
+        let mut seen = [0u64; VIP_PORT_WORDS as usize];
+        for proto in [crate::PROTO_TCP, crate::PROTO_UDP] {
+            for port in 0..=u16::MAX {
+                let (word, bit) = crate::vip_port_bit(proto, port);
+                assert!(word < VIP_PORT_WORDS, "{proto}/{port}");
+                assert_eq!(bit.count_ones(), 1);
+                assert_eq!(seen[word as usize] & bit, 0, "{proto}/{port} shares a bit");
+                seen[word as usize] |= bit;
+            }
+        }
+        assert!(seen.iter().all(|w| *w == u64::MAX), "every bit used");
     }
 
     #[test]

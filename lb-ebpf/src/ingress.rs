@@ -1,6 +1,7 @@
-//! XDP ingress: a packet to a VIP is forwarded to its flow's backend. A packet of a known
-//! flow takes the conntrack entry's backend; any other goes through four steps: look up the
-//! flow → admit → choose → record (within the CPU's insert budget).
+//! XDP ingress: a packet to a VIP is forwarded to its flow's backend. A packet to a port no
+//! VIP serves is passed after one array read; a packet of a known flow takes its conntrack
+//! entry's backend; any other goes through four steps: the VIP's service → admit → choose →
+//! record (within the CPU's insert budget).
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -9,6 +10,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     FLOW_DONE, Flow, Reason, Service, ServiceLimits, VipKeyOf, affinity_hash, flow_hash,
+    vip_port_bit,
 };
 
 use crate::{
@@ -16,7 +18,7 @@ use crate::{
     family::{Family, V4, V6},
     flood::{has_insert_budget, spend_insert},
     flows::{end_count, track_live},
-    maps::{BACKEND_STATS, LIMITS, VIP_STATS},
+    maps::{BACKEND_STATS, LIMITS, VIP_PORTS, VIP_STATS},
     nat::rewrite_destination,
     parse::{L3, L4Packet, parse_ipv4, parse_ipv6, parse_l2},
     sched::{Decision, Target, decide, flow_backend, maglev_pick},
@@ -49,43 +51,61 @@ fn ingress_v6(ctx: &XdpContext, l3: usize) -> Result<Reason, Reason> {
 
 #[inline(always)]
 fn ingress<F: Family>(ctx: &XdpContext, pkt: &L4Packet<F::Addr>) -> Result<Reason, Reason> {
-    let vip = VipKeyOf {
-        addr_be: pkt.flow.dst_be,
-        port_be: pkt.flow.dport_be,
-        proto: pkt.flow.proto,
-        _pad: 0,
+    if !is_vip_port(pkt) {
+        return Err(Reason::PassNotVip);
+    }
+    // A packet of a known flow goes to its entry's backend without the VIP's entry: the
+    // flow's names its service, and its backend is checked to be still that service's. A
+    // SYN is not looked up: it opens a new flow (a reused port, or a replay), admitted and
+    // chosen again; an entry its 5-tuple still has is replaced when the new one is
+    // recorded, and dropped if the SYN is refused or goes without state, so nothing of the
+    // old flow forwards. Katran does not look a SYN up either.
+    let known = if pkt.is_syn == 0 {
+        lookup_flow::<F>(pkt)
+    } else {
+        None
     };
-    let service = F::service(&vip).ok_or(Reason::PassNotVip)?;
-    let (backend_id, backend, reason) = select_backend::<F>(ctx, pkt, &service)?;
+    let (service_id, backend_id, backend, reason) = match known {
+        Some((service_id, id, backend)) => (service_id, id, backend, Reason::FwdEstablished),
+        None => {
+            let vip = VipKeyOf {
+                addr_be: pkt.flow.dst_be,
+                port_be: pkt.flow.dport_be,
+                proto: pkt.flow.proto,
+                _pad: 0,
+            };
+            let service = F::service(&vip).ok_or(Reason::PassNotVip)?;
+            let (id, backend, reason) = select_backend::<F>(ctx, pkt, &service)?;
+            (service.id, id, backend, reason)
+        }
+    };
 
     rewrite_destination::<F>(ctx, pkt, &backend)?;
 
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let new_flow = pkt.opens_flow() && !matches!(reason, Reason::FwdEstablished);
-    count_traffic(&VIP_STATS, service.id, bytes, new_flow);
+    count_traffic(&VIP_STATS, service_id, bytes, new_flow);
     count_traffic(&BACKEND_STATS, backend_id, bytes, new_flow);
     Ok(reason)
 }
 
-/// The backend of this packet's flow: conntrack's, or a new choice for a packet that opens a
-/// flow (a SYN always does, whatever conntrack holds), or the consistent hash's for a
-/// mid-flow packet whose entry is gone (so an unchanged table keeps it on its backend).
-/// State is kept only within the CPU's insert budget (`flood`).
+/// Whether some VIP serves the packet's protocol and destination port (`VIP_PORTS`).
+#[inline(always)]
+fn is_vip_port<A>(pkt: &L4Packet<A>) -> bool {
+    let (word, bit) = vip_port_bit(pkt.flow.proto, u16::from_be(pkt.flow.dport_be));
+    VIP_PORTS.get(word).is_some_and(|w| w & bit != 0)
+}
+
+/// The backend for a packet of a VIP without a (valid) conntrack entry: a new choice for a
+/// packet that opens a flow, or the consistent hash's for a mid-flow packet whose entry is
+/// gone (so an unchanged table keeps it on its backend). State is kept only within the
+/// CPU's insert budget (`flood`).
 #[inline(always)]
 fn select_backend<F: Family>(
     ctx: &XdpContext,
     pkt: &L4Packet<F::Addr>,
     service: &Service,
 ) -> Result<(u32, Target<F::Addr>, Reason), Reason> {
-    // A SYN is not looked up: it opens a new flow (a reused port, or a replay), admitted and
-    // chosen again; an entry its 5-tuple still has is replaced when the new one is recorded,
-    // and dropped if the SYN is refused or goes without state, so nothing of the old flow
-    // forwards. Katran does not look a SYN up either.
-    if pkt.is_syn == 0 {
-        if let Some((id, backend)) = lookup_flow::<F>(pkt, service) {
-            return Ok((id, backend, Reason::FwdEstablished));
-        }
-    }
     let now = now_ns();
     let (id, backend, stateful) = match pick::<F>(ctx, pkt, service, now) {
         Ok(picked) => picked,
@@ -129,28 +149,23 @@ fn pick<F: Family>(
     Ok((id, backend, stateful))
 }
 
-/// The conntrack entry's backend, if the flow has an entry that still names a programmed
-/// backend of its service; the entry's last-seen time and the live count are kept up to
-/// date. Not for a SYN (`select_backend`).
+/// The flow's service and backend, if it has a conntrack entry whose backend id still names
+/// the backend it was made for (same service, same generation); the entry's last-seen time
+/// and the live count are kept up to date. Not for a SYN (`ingress`).
 #[inline(always)]
-fn lookup_flow<F: Family>(
-    pkt: &L4Packet<F::Addr>,
-    service: &Service,
-) -> Option<(u32, Target<F::Addr>)> {
+fn lookup_flow<F: Family>(pkt: &L4Packet<F::Addr>) -> Option<(u32, u32, Target<F::Addr>)> {
     let flow = F::conn(&pkt.flow)?;
     // SAFETY: the LRU value stays valid while this program runs (RCU); a racing update of
     // the same flow writes the same backend.
     let entry = unsafe { *flow };
-    // A stale entry (its service or its backend id's holder changed) is not this flow's: it
-    // neither forwards nor counts, and the new choice overwrites it.
-    if u32::from(entry.service) != service.id {
-        return None;
-    }
+    // A stale entry (its backend id was cleared or handed on: its service, gone or another
+    // VIP's, or its generation changed) is not this flow's: it neither forwards nor counts,
+    // and the new choice overwrites it.
     let backend = flow_backend::<F>(&entry)?;
     // SAFETY: as above; a torn timestamp only affects `gpulb flows`' idle column.
     unsafe { (*flow).last_seen_ns = now_ns() };
     track_live(flow, pkt, true);
-    Some((entry.backend, backend))
+    Some((u32::from(entry.service), entry.backend, backend))
 }
 
 /// A SYN that opens no new entry drops the one its 5-tuple may still have (a replay or a

@@ -183,6 +183,14 @@ pub static SOCK_REVNAT: LruHashMap<
 pub static SOCK_NETNS: Array<u64, { entries(spec::SOCK_NETNS) }, { flags(spec::SOCK_NETNS) }> =
     Array::new();
 
+/// A bit per (protocol, port) some VIP of either family serves (`lb_common::vip_port_bit`):
+/// the rest of the host's traffic (its ssh, its storage, its model downloads) is passed
+/// after one array read, without a hash lookup. Set by the daemon before a VIP's service
+/// entry, cleared after the last VIP on the port is gone.
+#[btf_map]
+pub static VIP_PORTS: Array<u64, { entries(spec::VIP_PORTS) }, { flags(spec::VIP_PORTS) }> =
+    Array::new();
+
 /// The IPv6 maps: the same roles as their IPv4 namesakes, with 16-byte addresses.
 #[btf_map]
 pub static SERVICES6_V2: HashMap<

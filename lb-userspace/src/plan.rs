@@ -6,7 +6,7 @@
 //! table is complete; removals go the other way.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
 };
 
@@ -299,6 +299,16 @@ pub fn apply(
             }
         }
     }
+    // The ports of new VIPs are marked before their service entries are written, and the
+    // ports of removed ones cleared after theirs are gone: the data path never passes a
+    // VIP's packet as another port's.
+    let ports_before = vip_port_words(current_services.iter().map(|(k, _)| k));
+    let ports_after = vip_port_words(plan.services.iter().map(|s| &s.key));
+    let mut both = ports_before.clone();
+    for (index, word) in &ports_after {
+        *both.entry(*index).or_default() |= word;
+    }
+    write_vip_ports(maps, &both)?;
     for s in &mut plan.services {
         // A changed table goes into the service's other block, and the service's entry,
         // written last, switches to it at once: the data path never sees half a table.
@@ -365,6 +375,11 @@ pub fn apply(
         write_allow(maps, service.id, &[], &allowed)?;
         applied.services_removed += 1;
     }
+    let mut exact = ports_after;
+    for index in ports_before.keys() {
+        exact.entry(*index).or_default();
+    }
+    write_vip_ports(maps, &exact)?;
     let planned_ids: BTreeSet<u32> = plan
         .services
         .iter()
@@ -378,6 +393,27 @@ pub fn apply(
         applied.backends_removed += 1;
     }
     Ok(applied)
+}
+
+/// The `VIP_PORTS` words (by index) that hold the bits of these VIPs' (protocol, port).
+pub fn vip_port_words<'a>(vips: impl IntoIterator<Item = &'a VipAddr>) -> BTreeMap<u32, u64> {
+    let mut words = BTreeMap::new();
+    for vip in vips {
+        let (index, bit) = lb_common::vip_port_bit(vip.proto, vip.addr.port());
+        *words.entry(index).or_default() |= bit;
+    }
+    words
+}
+
+/// Writes the `VIP_PORTS` words that differ from these (read back first: a start knows
+/// nothing of what an earlier process left).
+fn write_vip_ports(maps: &mut Maps, words: &BTreeMap<u32, u64>) -> Result<(), MapsError> {
+    for (&index, &word) in words {
+        if maps.vip_port_word(index)? != word {
+            maps.set_vip_port_word(index, word)?;
+        }
+    }
+    Ok(())
 }
 
 /// Makes a service's prefixes in `ALLOW` exactly `want`: adds first, then removes, so a

@@ -26,7 +26,7 @@ use gpulb::{
 };
 use gpulb_testbed::PinDir;
 use harness::*;
-use lb_common::{CtConfig, PROTO_TCP, Reason};
+use lb_common::{CtConfig, PROTO_TCP, PROTO_UDP, Reason};
 
 const CONFIG: &str = r#"
 interface = "lo"
@@ -969,6 +969,55 @@ fn ipv6_maps_follow_the_first_ipv6_vip() {
 }
 
 /// The backend's ACK from `backend_port` to the client (198.18.0.1 is every backend here).
+#[test]
+fn a_removed_vips_flows_pass_and_its_port_is_cleared() {
+    as_root();
+    // "guarded" shares TCP port 80 with "capped"; "dns" alone serves UDP port 53.
+    let dns = "\n[[vip]]\nname = \"dns\"\naddress = \"198.18.100.1\"\nport = 53\nprotocol = \"udp\"\nmaglev_table_size = 251\n[[vip.backend]]\naddress = \"198.18.0.1\"\nport = 5353\n";
+    let (_pins, mut dp, _) = load("ct-ports", &format!("{CONFIG}{dns}"));
+    let marked = |dp: &Datapath, proto: u8, port: u16| {
+        let (word, bit) = lb_common::vip_port_bit(proto, port);
+        dp.maps.vip_port_word(word).expect("VIP_PORTS") & bit != 0
+    };
+    assert!(marked(&dp, PROTO_TCP, 80) && marked(&dp, PROTO_UDP, 53));
+    for (proto, port) in [(PROTO_UDP, 80), (PROTO_TCP, 53), (PROTO_TCP, 81)] {
+        assert!(!marked(&dp, proto, port), "{proto}/{port} serves no VIP");
+    }
+    // An established flow on each of the two VIPs about to go.
+    let (_, _, reason) = connect(&mut dp, "guarded", CLIENT, GUARDED, 37000);
+    assert_eq!(reason, Reason::FwdNewFlow);
+    let query = udp_packet(53, false);
+    assert_eq!(run(&mut dp, "dns", &query).2, Reason::FwdNewFlow);
+    assert_eq!(run(&mut dp, "dns again", &query).2, Reason::FwdEstablished);
+
+    // A reload without them: their backends are cleared, so their entries are stale.
+    let kept = &CONFIG[..CONFIG.find("[[vip]]\nname = \"guarded\"").expect("guarded")];
+    let config = Config::parse(Path::new("conntrack.toml"), kept).expect("config");
+    let current = (
+        dp.maps.services().expect("services"),
+        dp.maps.backends().expect("backends"),
+    );
+    let mut removed =
+        plan::plan(&plan::static_backends(&config), &current.0, &current.1).expect("plan");
+    plan::apply(&mut dp.maps, &mut removed, None).expect("remove");
+    assert!(
+        marked(&dp, PROTO_TCP, 80),
+        "\"capped\" still serves TCP port 80"
+    );
+    assert!(!marked(&dp, PROTO_UDP, 53), "no VIP serves UDP port 53");
+
+    // Their packets pass to the stack untouched; the other VIP on the port still balances.
+    let ack = tcp_flags(CLIENT, GUARDED, 37000, false, false);
+    let (action, out, reason) = run(&mut dp, "guarded, removed", &ack);
+    assert_eq!((action, reason), (XDP_PASS, Reason::PassNotVip));
+    assert_eq!(out, ack, "untouched");
+    let (action, out, reason) = run(&mut dp, "dns, removed", &query);
+    assert_eq!((action, reason), (XDP_PASS, Reason::PassNotVip));
+    assert_eq!(out, query, "untouched");
+    let (_, _, reason) = connect(&mut dp, "capped", CLIENT, CAPPED, 37001);
+    assert_eq!(reason, Reason::FwdNewFlow);
+}
+
 fn backend_ack(backend_port: u16, client: [u8; 4], client_port: u16) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ethernet2(MAC_B, MAC_A)

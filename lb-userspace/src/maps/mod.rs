@@ -156,6 +156,7 @@ pub struct Maps {
     pub backend_load: Array<MapData, EngineLoad>,
     pub admit_stats: PerCpuArray<MapData, AdmitCounters>,
     pub sock_netns: Array<MapData, u64>,
+    pub vip_ports: Array<MapData, u64>,
     /// What this process knows each `MAGLEV_V2` block holds (written or read back), by
     /// block: a new table is written as a diff against it.
     tables: std::collections::HashMap<u32, Vec<u32>>,
@@ -245,6 +246,7 @@ impl Maps {
             (maps::BACKEND_LOAD.name, self.backend_load.map()),
             (maps::ADMIT_STATS.name, self.admit_stats.map()),
             (maps::SOCK_NETNS.name, self.sock_netns.map()),
+            (maps::VIP_PORTS.name, self.vip_ports.map()),
         ]
         .into_iter()
         .collect();
@@ -300,6 +302,7 @@ impl Maps {
             backend_load: typed(maps::BACKEND_LOAD.name, get(maps::BACKEND_LOAD.name)?)?,
             admit_stats: typed(maps::ADMIT_STATS.name, get(maps::ADMIT_STATS.name)?)?,
             sock_netns: typed(maps::SOCK_NETNS.name, get(maps::SOCK_NETNS.name)?)?,
+            vip_ports: typed(maps::VIP_PORTS.name, get(maps::VIP_PORTS.name)?)?,
             tables: std::collections::HashMap::new(),
             switched: std::collections::HashMap::new(),
         })
@@ -632,6 +635,19 @@ impl Maps {
         self.sock_netns
             .set(0, cookie, 0)
             .map_err(op("writing", maps::SOCK_NETNS.name))
+    }
+
+    /// `VIP_PORTS` word `index` (`lb_common::vip_port_bit`).
+    pub fn vip_port_word(&self, index: u32) -> Result<u64, MapsError> {
+        self.vip_ports
+            .get(&index, 0)
+            .map_err(op("reading", maps::VIP_PORTS.name))
+    }
+
+    pub fn set_vip_port_word(&mut self, index: u32, word: u64) -> Result<(), MapsError> {
+        self.vip_ports
+            .set(index, word, 0)
+            .map_err(op("writing", maps::VIP_PORTS.name))
     }
 
     /// A VIP's admission counters, summed over CPUs.

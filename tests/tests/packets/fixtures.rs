@@ -45,6 +45,20 @@ pub fn table() -> Vec<Fixture> {
             expect: Expect::Untouched,
         },
         Fixture {
+            name: "mid-flow TCP to a non-VIP address on a VIP's port",
+            packet: tcp_packet(false, CLIENT, [198, 18, 100, 9], 40002, 80, false),
+            action: XDP_PASS,
+            reason: Reason::PassNotVip,
+            expect: Expect::Untouched,
+        },
+        Fixture {
+            name: "UDP to a TCP VIP's port",
+            packet: udp_packet(80, false),
+            action: XDP_PASS,
+            reason: Reason::PassNotVip,
+            expect: Expect::Untouched,
+        },
+        Fixture {
             name: "ARP request for the VIP",
             packet: arp(),
             action: XDP_PASS,
