@@ -61,9 +61,8 @@ pub enum Refusal {
 }
 
 /// Lets a packet without a conntrack entry through the VIP's allow-list and, if it opens a
-/// flow, its rate limit; the `Err` says why not (the caller refuses). A subprogram: its keys
-/// take stack the scheduler's call must not carry.
-#[inline(never)]
+/// flow, its rate limit; the `Err` says why not (the caller refuses).
+#[inline(always)]
 pub fn admit<F: Family>(
     pkt: &L4Packet<F::Addr>,
     service: &Service,

@@ -14,20 +14,12 @@ const WINDOW_NS: u64 = 1_000_000_000;
 /// does, once the flow has a backend.
 #[inline(always)]
 pub fn has_insert_budget(now: u64) -> bool {
-    gpulb_insert_budget(now) != 0
-}
-
-/// `has_insert_budget` as a global BPF function (BTF linkage global): verified once, on its
-/// own, so its branches do not multiply the states the ingress program is verified in.
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn gpulb_insert_budget(now: u64) -> u32 {
     let budget = match CT_CONFIG.get(0) {
         Some(c) if c.inserts_per_cpu != 0 => c.inserts_per_cpu,
-        _ => return 1,
+        _ => return true,
     };
     let Some(state) = FLOOD.get_ptr_mut(0) else {
-        return 1;
+        return true;
     };
     // SAFETY: this CPU's own value; XDP programs on one CPU do not preempt each other, so
     // nothing races with these plain writes.
@@ -39,7 +31,7 @@ pub extern "C" fn gpulb_insert_budget(now: u64) -> u32 {
         state.flooded = 0;
     }
     if state.inserts < budget {
-        return 1;
+        return true;
     }
     if state.flooded == 0 {
         // The first refusal of this window: one more flood second, and a mark the egress
@@ -52,7 +44,7 @@ pub extern "C" fn gpulb_insert_budget(now: u64) -> u32 {
         }
     }
     state.stateless += 1;
-    0
+    false
 }
 
 /// Spends one insert of this CPU's budget (after `has_insert_budget` said yes).

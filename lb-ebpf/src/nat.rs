@@ -14,8 +14,8 @@ use crate::{
 };
 
 /// Rewrites the destination address and port to the backend's, updating the IPv4 header
-/// checksum and the TCP/UDP checksum. A subprogram, for the same stack reason as `record`.
-#[inline(never)]
+/// checksum and the TCP/UDP checksum.
+#[inline(always)]
 pub fn rewrite_destination<F: Family>(
     ctx: &XdpContext,
     pkt: &L4Packet<F::Addr>,
