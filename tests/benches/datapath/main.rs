@@ -73,11 +73,17 @@ fn packet6(sport: u16, syn: bool) -> [u8; PKT_LEN] {
     pkt
 }
 
-/// Ethernet + IPv4 + TCP to `dport` with the given flags, padded to PKT_LEN.
+/// Ethernet + IPv4 + TCP to the VIPs' address, port `dport`, with the given flags, padded
+/// to PKT_LEN.
 fn packet(sport: u16, dport: u16, syn: bool) -> [u8; PKT_LEN] {
+    packet_to([198, 18, 100, 1], sport, dport, syn)
+}
+
+/// The same to another address.
+fn packet_to(dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> [u8; PKT_LEN] {
     let mut out = Vec::new();
     let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv4([198, 18, 0, 2], [198, 18, 100, 1], 64)
+        .ipv4([198, 18, 0, 2], dst, 64)
         .tcp(sport, dport, 1, 65535);
     let b = if syn { b.syn() } else { b.ack(1) };
     b.write(&mut out, &[]).expect("build packet");
@@ -181,6 +187,9 @@ fn main() {
     let ack = packet(40001, 80, false);
     // Port 83: no VIP (80-82 are).
     let other = packet(40002, 83, true);
+    // Port 80 of an address that is no VIP, mid-flow: the port filter lets it through to the
+    // conntrack and service lookups, which both miss.
+    let other_addr = packet_to([198, 18, 100, 9], 40003, 80, false);
     let mut nothing = || {};
 
     // Floor: a no-op XDP program alone.
@@ -323,6 +332,16 @@ fn main() {
         &mut nothing,
     );
 
+    let non_vip_on_port = measure(
+        &dp,
+        ingress,
+        &other_addr,
+        REPEAT,
+        Some(Reason::PassNotVip),
+        5,
+        &mut nothing,
+    );
+
     let katran = std::env::var_os("GPULB_KATRAN_SRC").map(|src| {
         let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/katran");
         let obj = katran::build(Path::new(&src), &out);
@@ -351,6 +370,7 @@ fn main() {
     let row = |name: &str, ns: f64| println!("{name:<34} {ns:>10.1} {:>11.2}x", ns / floor);
     row("no-op XDP (floor)", floor);
     row("non-VIP packet (pass)", non_vip);
+    row("non-VIP address, VIP port (pass)", non_vip_on_port);
     row("established flow (NAT)", established);
     row("established IPv6 flow (NAT)", established6);
     row("SYN flood, 1M sources, flood mode", syn_flood);
@@ -402,6 +422,7 @@ fn main() {
         let json = serde_json::json!({
             "floor": floor,
             "non_vip": non_vip,
+            "non_vip_on_port": non_vip_on_port,
             "established": established,
             "established6": established6,
             "syn_flood": syn_flood,

@@ -30,6 +30,10 @@ pub fn datapath(report: &mut Report) {
     for (key, name) in [
         ("floor", "no-op XDP program (floor)"),
         ("non_vip", "non-VIP packet (passed)"),
+        (
+            "non_vip_on_port",
+            "non-VIP address on a VIP's port, mid-flow (passed)",
+        ),
         ("established", "established flow (NAT)"),
         ("established6", "established IPv6 flow (NAT)"),
         ("syn_flood", "SYN flood, 1M sources, flood mode (no state)"),
