@@ -132,7 +132,8 @@ pub struct Flow {
     pub generation: u8,
     /// `FLOW_COUNTED`, `FLOW_DONE`.
     pub flags: u16,
-    /// `bpf_ktime_get_ns()` at the last packet (CLOCK_MONOTONIC, boot time excluded).
+    /// `bpf_ktime_get_coarse_ns()` at the last packet (CLOCK_MONOTONIC as of the last tick,
+    /// boot time excluded).
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<Flow>() == 16);
@@ -172,7 +173,7 @@ const _: () = assert!(core::mem::size_of::<BackendVip6>() == 24);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FloodState {
-    /// `bpf_ktime_get_ns()` when the window began.
+    /// `bpf_ktime_get_coarse_ns()` when the window began.
     pub window_ns: u64,
     /// Entries inserted in this window.
     pub inserts: u64,

@@ -24,7 +24,8 @@ pub fn has_insert_budget(now: u64) -> bool {
     // SAFETY: this CPU's own value; XDP programs on one CPU do not preempt each other, so
     // nothing races with these plain writes.
     let state: &mut FloodState = unsafe { &mut *state };
-    // Saturating: a window started by a finer clock (a test's) may lie a tick ahead.
+    // Saturating: a window started by the exact clock (an earlier version's program, a
+    // test's) may lie a tick ahead of the coarse one.
     if now.saturating_sub(state.window_ns) >= WINDOW_NS {
         state.window_ns = now;
         state.inserts = 0;

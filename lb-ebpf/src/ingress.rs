@@ -57,7 +57,7 @@ fn ingress<F: Family>(ctx: &XdpContext, pkt: &L4Packet<F::Addr>) -> Result<Reaso
         return Err(Reason::PassNotVip);
     }
     // A packet of a known flow goes to its entry's backend without the VIP's entry: the
-    // flow's names its service, and its backend is checked to be still that service's. A
+    // flow's entry names its service, and its backend is checked to be still that service's. A
     // SYN is not looked up: it opens a new flow (a reused port, or a replay), admitted and
     // chosen again; an entry its 5-tuple still has is replaced when the new one is
     // recorded, and dropped if the SYN is refused or goes without state, so nothing of the
@@ -142,9 +142,7 @@ fn pick<F: Family>(
 ) -> Result<(u32, Target<F::Addr>, bool), Reason> {
     // Limits of a service the daemon never configured read as all zero: none.
     let limits = LIMITS.get(service.id).copied().unwrap_or_default();
-    // Refused here, not inside `admit`: the RST's subprogram then stacks on this frame
-    // alone (Linux 6.1's verifier counts the whole call chain against 512 bytes).
-    admit::<F>(pkt, service, &limits, now)
+    admit::<F>(pkt, service, &limits)
         .map_err(|why| refuse::<F>(ctx, pkt, service, &limits, why))?;
     let stateful = has_insert_budget(now);
     let (id, backend) = choose::<F>(ctx, pkt, service, &limits, now, stateful)?;
@@ -265,10 +263,11 @@ fn record<F: Family>(
     }
 }
 
-/// `CLOCK_MONOTONIC` as of the last tick, for every time the ingress path keeps: no clock
-/// read (a TSC read was a fifth of an established packet's cost, 20 ns of a new flow's, on
-/// this VM). A tick (1-4 ms) is far below what the times serve: idle times, rate limits of
-/// flows per second, the insert budget's second, the hold of a refusing backend.
+/// `CLOCK_MONOTONIC` as of the last tick, for every time the ingress path keeps but the rate
+/// limit's (`admission`): no clock read (a TSC read was a fifth of an established packet's
+/// cost, 20 ns of a new flow's, on this VM). A tick (1-4 ms) is far below what the times
+/// serve: idle times, the insert budget's second, the hold of a refusing backend, engine
+/// load's freshness.
 #[inline(always)]
 fn now_ns() -> u64 {
     // SAFETY: the helper has no preconditions.

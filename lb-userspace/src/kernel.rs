@@ -6,7 +6,7 @@
 //! | feature | needs |
 //! |---|---|
 //! | XDP attached through a BPF link (pinned: the data path outlives the daemon) | 5.9 |
-//! | `bpf_ktime_get_coarse_ns` (an established packet's last-seen time, no TSC read) | 5.11 |
+//! | `bpf_ktime_get_coarse_ns` (the ingress path's times, no TSC read) | 5.11 |
 //! | BPF global functions (the scheduler, verified once), bounded loops | 5.6 |
 //! | cgroup `sock_addr` hooks with links; `getpeername`/`recvmsg` (the VIP shown back) | 5.8 |
 //! | `SO_NETNS_COOKIE` (socket-level balancing only in gpulb's namespace) | 5.14 |
@@ -62,8 +62,9 @@ impl fmt::Display for Release {
 }
 
 /// Below this gpulb refuses to start: XDP through a pinned BPF link (5.9) is what keeps the
-/// data path running across daemon restarts, and the coarse clock (5.11) stamps established
-/// packets without reading the TSC (a fifth of their cost, measured).
+/// data path running across daemon restarts, and the coarse clock (5.11) gives the ingress
+/// path its times without reading the TSC (a fifth of an established packet's cost,
+/// measured).
 pub const MINIMUM: Release = Release::new(5, 11, 0);
 /// TC through TCX links.
 pub const TCX: Release = Release::new(6, 6, 0);

@@ -2,8 +2,8 @@
 //!
 //! Ids are kept stable across daemon restarts: a VIP or backend already in the (pinned) maps
 //! keeps its id, so the conntrack entries that name it stay right. Writes go backends first,
-//! then tables (changed slots only), then SERVICES, so a VIP only becomes visible once its
-//! table is complete; removals go the other way.
+//! then the VIPs' ports (`VIP_PORTS`), then tables (changed slots only), then SERVICES, so a
+//! VIP only becomes visible once its table is complete; removals go the other way.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -12,13 +12,13 @@ use std::{
 
 use lb_common::{
     BACKEND_OUT, LIMIT_AFFINITY, LIMIT_ALLOWLIST, LIMIT_REFUSE_RST, MAX_BACKENDS, MAX_SERVICES,
-    SCHED_STICKY, Sched, Service, ServiceLimits,
+    SCHED_STICKY, Sched, Service, ServiceLimits, VIP_PORT_WORDS,
 };
 
 use crate::{
     config::{Affinity, Cidr, Config, PrefixAffinity, Vip},
     maglev::{self, MaglevBackend},
-    maps::{BackendEntry, Maps, MapsError, VipAddr},
+    maps::{BackendEntry, Maps, MapsError, VipAddr, vip_port_words},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -379,6 +379,13 @@ pub fn apply(
     for index in ports_before.keys() {
         exact.entry(*index).or_default();
     }
+    if previous.is_none() {
+        // A start knows nothing of what an earlier process left (an apply cut short between
+        // the two writes): every word is brought to the plan's.
+        for index in 0..VIP_PORT_WORDS {
+            exact.entry(index).or_default();
+        }
+    }
     write_vip_ports(maps, &exact)?;
     let planned_ids: BTreeSet<u32> = plan
         .services
@@ -395,18 +402,7 @@ pub fn apply(
     Ok(applied)
 }
 
-/// The `VIP_PORTS` words (by index) that hold the bits of these VIPs' (protocol, port).
-pub fn vip_port_words<'a>(vips: impl IntoIterator<Item = &'a VipAddr>) -> BTreeMap<u32, u64> {
-    let mut words = BTreeMap::new();
-    for vip in vips {
-        let (index, bit) = lb_common::vip_port_bit(vip.proto, vip.addr.port());
-        *words.entry(index).or_default() |= bit;
-    }
-    words
-}
-
-/// Writes the `VIP_PORTS` words that differ from these (read back first: a start knows
-/// nothing of what an earlier process left).
+/// Writes the `VIP_PORTS` words that differ from these, as read back.
 fn write_vip_ports(maps: &mut Maps, words: &BTreeMap<u32, u64>) -> Result<(), MapsError> {
     for (&index, &word) in words {
         if maps.vip_port_word(index)? != word {

@@ -879,6 +879,10 @@ fn an_upgrade_carries_conntrack_and_tables_over() {
 
     let config = Config::parse(Path::new("conntrack.toml"), CONFIG).expect("config");
     let mut dp = Datapath::load(&pins.path, config.map_sizes).expect("load BPF object");
+    // The carried VIP's port is marked at the load, before any plan: the old version had no
+    // `VIP_PORTS`, and without it the new program would pass the VIP's packets untouched.
+    let (word, bit) = lb_common::vip_port_bit(PROTO_TCP, 80);
+    assert_ne!(dp.maps.vip_port_word(word).expect("VIP_PORTS") & bit, 0);
     dp.finish_carry();
     let carried = dp.maps.services().expect("services");
     assert_eq!(carried.len(), 1, "{carried:?}");
@@ -968,7 +972,6 @@ fn ipv6_maps_follow_the_first_ipv6_vip() {
     drop(pins);
 }
 
-/// The backend's ACK from `backend_port` to the client (198.18.0.1 is every backend here).
 #[test]
 fn a_removed_vips_flows_pass_and_its_port_is_cleared() {
     as_root();
@@ -1018,6 +1021,7 @@ fn a_removed_vips_flows_pass_and_its_port_is_cleared() {
     assert_eq!(reason, Reason::FwdNewFlow);
 }
 
+/// The backend's ACK from `backend_port` to the client (198.18.0.1 is every backend here).
 fn backend_ack(backend_port: u16, client: [u8; 4], client_port: u16) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ethernet2(MAC_B, MAC_A)

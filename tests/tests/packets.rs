@@ -565,6 +565,48 @@ address = "198.18.0.1"
 port = 8304
 "#;
 
+/// A rate limit of 500 new flows a second with a burst of one lets a source open a flow
+/// every 2 ms, however the kernel's tick falls: the GCRA reads the exact clock (on the
+/// coarse one, which stands still for a tick of up to 4 ms, it would refuse most of these).
+#[test]
+fn a_rate_limit_admits_its_rate_with_a_burst_of_one() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test loads BPF programs: run it as root (cargo xtask test)"
+    );
+    let text = "interface = \"lo\"\n[[vip]]\nname = \"paced\"\naddress = \"198.18.100.6\"\nport = 80\nmaglev_table_size = 251\n[vip.admission]\nrate = 500\nburst = 1\nrefuse = \"drop\"\n[[vip.backend]]\naddress = \"198.18.0.1\"\nport = 8001\n";
+    let pins = PinDir::new("paced");
+    let config = Config::parse(Path::new("paced.toml"), text).expect("config");
+    let mut dp = Datapath::load(&pins.path, config.map_sizes).expect("load BPF object");
+    let mut plan = plan::plan(&plan::static_backends(&config), &[], &[]).expect("plan");
+    plan::apply(&mut dp.maps, &mut plan, None).expect("program maps");
+    let paced = [198, 18, 100, 6];
+    for port in 41000..41010 {
+        let syn = tcp_flags(CLIENT, paced, port, true, false);
+        let (_, _, reason) = run(&mut dp, "SYN at the rate", &syn);
+        assert_eq!(
+            reason,
+            Reason::FwdNewFlow,
+            "SYN {port}, 3 ms after the last"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(3));
+    }
+    // The limit holds: a SYN right after another is refused.
+    run(
+        &mut dp,
+        "SYN",
+        &tcp_flags(CLIENT, paced, 41010, true, false),
+    );
+    let (action, _, reason) = run(
+        &mut dp,
+        "SYN over the rate",
+        &tcp_flags(CLIENT, paced, 41011, true, false),
+    );
+    assert_eq!((action, reason), (XDP_DROP, Reason::RefuseDrop));
+    drop(dp);
+    drop(pins);
+}
+
 /// The scheduler's choices, one SYN at a time: the hash's own pick while it has a free slot,
 /// elsewhere when it has none (by its live flows, or by what its engine reports when that is
 /// fresh), live flows alone when the engine's numbers are stale, and never a backend out of

@@ -143,6 +143,17 @@ pub(super) fn drop_resized_ipv6(pin_path: &Path, sizes: &MapSizes) {
     }
 }
 
+/// Marks the ports of every VIP the pinned maps hold in `VIP_PORTS`, before any plan runs:
+/// an upgrade from a version without it starts with none, and the new program, attached
+/// even when the first sync fails, would pass every VIP's packets untouched.
+pub(super) fn mark_vip_ports(maps: &mut Maps) {
+    match maps.mark_vip_ports() {
+        Ok(0) => {}
+        Ok(n) => info!(words = n, "VIP ports marked"),
+        Err(e) => warn!(error = %ErrorChain(&e), "VIP ports not marked"),
+    }
+}
+
 /// Carries the VIP tables of the version before (`SERVICES`, `SERVICES6`, `MAGLEV`) into
 /// this one's maps and removes them: the first sync then finds every VIP with its ids and
 /// table, as a restart of the same version does. Not carried (logged): the daemon programs

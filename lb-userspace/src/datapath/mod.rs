@@ -27,7 +27,8 @@ use crate::{config, kernel::TcPath, maps::Maps, tc};
 mod carry;
 
 use carry::{
-    carry_conntrack, drop_resized_ipv6, migrate_tables, set_aside_resized, tables_to_carry,
+    carry_conntrack, drop_resized_ipv6, mark_vip_ports, migrate_tables, set_aside_resized,
+    tables_to_carry,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -298,6 +299,7 @@ impl Datapath {
         }
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
         migrate_tables(pin_path, &mut maps);
+        mark_vip_ports(&mut maps);
         let carry = tables_to_carry(pin_path);
         carry_conntrack(&mut maps, &carry, false);
         Ok(Self {

@@ -2,6 +2,7 @@
 //! object (daemon, tests) or from the pin directory (CLI).
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
@@ -81,6 +82,16 @@ pub fn port_of(port_be: u16) -> u16 {
 }
 pub fn sock_of(addr_be: u32, port_be: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip_of(addr_be), port_of(port_be))
+}
+
+/// The `VIP_PORTS` words (by index) that hold the bits of these VIPs' (protocol, port).
+pub fn vip_port_words<'a>(vips: impl IntoIterator<Item = &'a VipAddr>) -> BTreeMap<u32, u64> {
+    let mut words = BTreeMap::new();
+    for vip in vips {
+        let (index, bit) = lb_common::vip_port_bit(vip.proto, vip.addr.port());
+        *words.entry(index).or_default() |= bit;
+    }
+    words
 }
 
 /// A VIP as userspace names it, either family: its address, port and protocol.
@@ -650,6 +661,20 @@ impl Maps {
             .map_err(op("writing", maps::VIP_PORTS.name))
     }
 
+    /// Sets the `VIP_PORTS` bits of every VIP these maps hold (clearing none); how many
+    /// words changed.
+    pub fn mark_vip_ports(&mut self) -> Result<usize, MapsError> {
+        let mut changed = 0;
+        for (index, word) in vip_port_words(self.services()?.iter().map(|(k, _)| k)) {
+            let held = self.vip_port_word(index)?;
+            if held | word != held {
+                self.set_vip_port_word(index, held | word)?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
     /// A VIP's admission counters, summed over CPUs.
     pub fn admit_counters(&self, service_id: u32) -> Result<AdmitCounters, MapsError> {
         let values = self
@@ -706,5 +731,42 @@ impl Maps {
                 Ok((r, values.iter().sum()))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vip(addr: &str, proto: u8) -> VipAddr {
+        VipAddr {
+            addr: addr.parse().expect("address"),
+            proto,
+        }
+    }
+
+    #[test]
+    fn vip_port_words_hold_one_bit_per_protocol_and_port() {
+        let vips = [
+            vip("198.18.100.1:80", PROTO_TCP),
+            vip("198.18.100.2:80", PROTO_TCP),
+            vip("[2001:db8::1]:81", PROTO_TCP),
+            vip("198.18.100.1:80", lb_common::PROTO_UDP),
+            vip("198.18.100.1:8000", PROTO_TCP),
+        ];
+        let words = vip_port_words(&vips);
+        let (tcp80, bit80) = lb_common::vip_port_bit(PROTO_TCP, 80);
+        let (_, bit81) = lb_common::vip_port_bit(PROTO_TCP, 81);
+        let (udp80, _) = lb_common::vip_port_bit(lb_common::PROTO_UDP, 80);
+        let (tcp8000, bit8000) = lb_common::vip_port_bit(PROTO_TCP, 8000);
+        assert_eq!(words.len(), 3, "{words:?}");
+        assert_eq!(
+            words[&tcp80],
+            bit80 | bit81,
+            "both families, one word for 64 ports"
+        );
+        assert_eq!(words[&udp80].count_ones(), 1, "UDP apart from TCP");
+        assert_eq!(words[&tcp8000], bit8000);
+        assert!(vip_port_words(&[]).is_empty());
     }
 }
