@@ -23,8 +23,11 @@
 //! the last second (`REFUSED_AT`, set at TC egress) comes after all others.
 //!
 //! Verifier-friendly on purpose: the decision does not depend on the address family (only
-//! the final lookup does), and the decision and each candidate's score are global BPF
-//! functions: the verifier checks each once, whatever state its caller is in.
+//! the final lookup does), and the decision and the members' score are global BPF
+//! functions: the verifier checks each once, whatever state its caller is in. The two hash
+//! picks are scored inline, before the members' loop: a call's return is dear (see
+//! `ingress`), and inlined in the loop the score would multiply the states past the
+//! verifier's limit.
 
 use lb_common::{DEFAULT_CHOICES, Flow, MAX_CHOICES, MAX_MEMBERS, Service, fmix64, maglev_index};
 
@@ -202,10 +205,10 @@ pub extern "C" fn gpulb_choose(
         let second_score = if second == primary {
             UNUSABLE
         } else {
-            gpulb_score(second, now, max_age, WITH_FLOW)
+            score(second, now, max_age, WITH_FLOW)
         };
         (
-            gpulb_score(primary, now, max_age, WITH_FLOW),
+            score(primary, now, max_age, WITH_FLOW),
             second,
             second_score,
         )
@@ -308,13 +311,19 @@ const LESS_SLACK: u64 = 1;
 /// The sticky slack is the slots divided by this.
 const SLACK_SHARE: u64 = 4;
 
-/// A candidate's score, lower is better: `NO_ROOM` if it has no free slot, plus its load
-/// with this flow relative to its capacity (less its slack, in `LESS_SLACK` mode);
-/// `AT_CAP` or `UNUSABLE` when it cannot take the flow. A global BPF function, like
-/// `gpulb_choose`: verified once, whatever its caller.
+/// `score` as a global BPF function, like `gpulb_choose`: verified once, whatever its
+/// caller.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn gpulb_score(id: u32, now: u64, max_age_ns: u64, mode: u64) -> u64 {
+    score(id, now, max_age_ns, mode)
+}
+
+/// A candidate's score, lower is better: `NO_ROOM` if it has no free slot, plus its load
+/// with this flow relative to its capacity (less its slack, in `LESS_SLACK` mode);
+/// `AT_CAP` or `UNUSABLE` when it cannot take the flow.
+#[inline(always)]
+fn score(id: u32, now: u64, max_age_ns: u64, mode: u64) -> u64 {
     let Some(b) = BACKENDS.get(id) else {
         return UNUSABLE;
     };
