@@ -23,8 +23,9 @@
 //! the last second (`REFUSED_AT`, set at TC egress) comes after all others.
 //!
 //! Verifier-friendly on purpose: the decision does not depend on the address family (only
-//! the final lookup does), and the decision and the score (of the members, and for the fallback and slack checks) are global BPF
-//! functions: the verifier checks each once, whatever state its caller is in. The two hash
+//! the final lookup does), and the decision and the score (of the members, and for the
+//! fallback and slack checks) are global BPF functions: the verifier checks each once,
+//! whatever state its caller is in. The two hash
 //! picks are scored inline, before the members' loop: a call's return is dear (see
 //! `ingress`), and inlined in the loop the score would multiply the states past the
 //! verifier's limit.
