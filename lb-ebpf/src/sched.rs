@@ -25,10 +25,9 @@
 //! Verifier-friendly on purpose: the decision does not depend on the address family (only
 //! the final lookup does), and the decision and the score (of the members, and for the
 //! fallback and slack checks) are global BPF functions: the verifier checks each once,
-//! whatever state its caller is in. The two hash
-//! picks are scored inline, before the members' loop: a call's return is dear (see
-//! `ingress`), and inlined in the loop the score would multiply the states past the
-//! verifier's limit.
+//! whatever state its caller is in. The two hash picks are scored inline, before the
+//! members' loop: a call's return is dear (see `ingress`), and inlined in the loop the score
+//! would multiply the states past the verifier's limit.
 
 use lb_common::{DEFAULT_CHOICES, Flow, MAX_CHOICES, MAX_MEMBERS, Service, fmix64, maglev_index};
 
