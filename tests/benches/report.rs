@@ -196,7 +196,7 @@ fn control_plane(opts: &Opts, report: &mut Report) {
     let flows = 1u32 << 20;
     // What the daemon sizes without an IPv6 VIP.
     let flows6 = lb_common::CONNTRACK6_IDLE_SIZE;
-    let dp = Datapath::load(
+    let mut dp = Datapath::load(
         &pins.path,
         lb_common::maps::MapSizes {
             v4: flows,
@@ -205,6 +205,7 @@ fn control_plane(opts: &Opts, report: &mut Report) {
         },
     )
     .expect("load the data path");
+    table_writes(&pins, &mut dp, runs, &mut t);
     let _ = write!(
         t,
         "\nKernel memory (memlock from /proc/PID/fdinfo) with `conntrack_size = {flows}` and \
@@ -235,6 +236,80 @@ fn control_plane(opts: &Opts, report: &mut Report) {
     );
     drop(dp);
     report.section("control plane", &t);
+}
+
+/// Writing Maglev tables into a block of `MAGLEV_V2`: the daemon's batch writes against one
+/// `bpf()` call per slot (aya's `Array::set`, how gpulb wrote them before), the same slots.
+fn table_writes(pins: &PinDir, dp: &mut Datapath, runs: u32, t: &mut String) {
+    let backends = |n: u32| -> Vec<MaglevBackend> {
+        (0..n)
+            .map(|i| MaglevBackend {
+                id: i + 1,
+                key: maglev::backend_key(Ipv4Addr::new(198, 18, 0, i as u8 + 1).into(), 8000),
+                weight: 1,
+            })
+            .collect()
+    };
+    let four = maglev::build_table(&backends(4), lb_common::MAGLEV_DEFAULT_SIZE);
+    let three = maglev::build_table(&backends(3), lb_common::MAGLEV_DEFAULT_SIZE);
+    let ejected = maglev::diff(&four, &three).len();
+    let mut slots: aya::maps::Array<aya::maps::MapData, u32> = aya::maps::Array::try_from(
+        aya::maps::Map::from_map_data(
+            aya::maps::MapData::from_pin(pins.path.join(lb_common::maps::MAGLEV.name))
+                .expect("pinned MAGLEV"),
+        )
+        .expect("MAGLEV as a map"),
+    )
+    .expect("MAGLEV as an array");
+    // (zeroed block -> 4 backends: every slot), (4 -> 3 backends: one instance ejected).
+    let mut best = |batch: bool, from: &[u32], to: &[u32]| {
+        (0..runs)
+            .map(|_| {
+                let zero = vec![0; from.len()];
+                dp.maps.write_table(0, &zero).expect("reset");
+                dp.maps.write_table(0, from).expect("from");
+                let start = Instant::now();
+                if batch {
+                    dp.maps.write_table(0, to).expect("batch write");
+                } else {
+                    for (slot, id) in maglev::diff(from, to) {
+                        slots.set(slot, id, 0).expect("slot write");
+                    }
+                }
+                let took = start.elapsed();
+                // Forget what `dp.maps` knows the block holds: written behind its back.
+                dp.maps.write_slots(0, &[]).expect("no slots");
+                took
+            })
+            .min()
+            .expect("runs")
+            .as_secs_f64()
+            * 1000.0
+    };
+    let zero = vec![0; four.len()];
+    let rows = [
+        ("a whole table (65537 slots)", &zero, &four),
+        (
+            &*format!("one of 4 backends ejected ({ejected} slots)"),
+            &four,
+            &three,
+        ),
+    ]
+    .map(|(what, from, to)| (what.to_owned(), best(true, from, to), best(false, from, to)));
+    let _ = write!(
+        t,
+        "\nWriting a table into a block of `MAGLEV_V2` (best of runs; the daemon writes only \
+         the slots that differ, into the block no packet reads):\n\n\
+         | write | batches (`BPF_MAP_UPDATE_BATCH`) | one call per slot | ratio |\n\
+         |---|---:|---:|---:|\n"
+    );
+    for (what, batch, single) in rows {
+        let _ = writeln!(
+            t,
+            "| {what} | {batch:.2} ms | {single:.2} ms | {:.2}x |",
+            batch / single
+        );
+    }
 }
 
 /// Streaming chats from the client namespace, `concurrency` at a time, cycling `urls`.

@@ -570,6 +570,47 @@ fn a_new_table_is_switched_to_whole() {
     drop(pins);
 }
 
+/// A full-size table (65537 slots, several batches each way) is written and read back
+/// whole, and a second write touches only the slots that differ, in every batch.
+#[test]
+fn a_full_size_table_is_written_and_read_in_batches() {
+    as_root();
+    let full = CONFIG.replacen("maglev_table_size = 251\n", "", 1);
+    let (pins, mut dp, plan) = load("ct-batch", &full);
+    let service = plan.services[0].service;
+    assert_eq!(service.table_size, 65537);
+    assert_eq!(
+        dp.maps.maglev_table(&service).expect("read"),
+        plan.services[0].table,
+        "the plan's table, read back"
+    );
+    let spare = lb_common::Service {
+        block: lb_common::Service::other_block(service.block),
+        ..service
+    };
+    let first: Vec<u32> = (0..65537).map(|i| i % 7 + 1).collect();
+    dp.maps.write_table(spare.block, &first).expect("write");
+    let mut second = first.clone();
+    for slot in (0..65537).step_by(1000) {
+        second[slot] = 9;
+    }
+    let differ = first.iter().zip(&second).filter(|(a, b)| a != b).count();
+    assert_eq!(
+        dp.maps.write_table(spare.block, &second).expect("write"),
+        differ,
+        "only the slots that differ"
+    );
+    let fresh = dp.maps.duplicate().expect("second handle");
+    assert_eq!(fresh.maglev_table(&spare).expect("read"), second);
+    assert_eq!(
+        fresh.maglev_table(&service).expect("read"),
+        plan.services[0].table,
+        "the block in use untouched"
+    );
+    drop(dp);
+    drop(pins);
+}
+
 /// A restart with another `conntrack_size` makes new tables and carries the flows over
 /// (the config's size, the same entries), instead of refusing the pinned maps.
 #[test]

@@ -24,6 +24,7 @@ use lb_common::{
     VipKeyOf, addr6_of, ipv6_of, maps,
 };
 
+mod batch;
 mod conntrack;
 mod tables;
 
@@ -50,6 +51,13 @@ pub enum MapsError {
     },
     #[error("duplicating the descriptor of map {name}")]
     Duplicate {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op} map {name} in a batch")]
+    Batch {
+        op: &'static str,
         name: &'static str,
         #[source]
         source: std::io::Error,

@@ -2,10 +2,12 @@
 //! new table is written into before the VIP's entry switches to it; and the tables of the
 //! version before, carried over at an upgrade.
 
-use aya::maps::{Array, HashMap, Map, MapData};
+use std::os::fd::AsFd as _;
+
+use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData};
 use lb_common::{MAGLEV_MAX_SIZE, Service, VipKey, VipKey6, maps};
 
-use super::{Maps, MapsError, entries, op, typed};
+use super::{Maps, MapsError, batch, entries, op, typed};
 
 /// How long after a service's entry changed its old block may be written again: far longer
 /// than any XDP program run that read the entry before the change (microseconds).
@@ -18,18 +20,16 @@ impl Maps {
     }
 
     fn read_block(&self, block: u32, size: u32) -> Result<Vec<u32>, MapsError> {
-        let base = block * MAGLEV_MAX_SIZE;
-        (base..base + size)
-            .map(|i| {
-                self.maglev
-                    .get(&i, 0)
-                    .map_err(op("reading", maps::MAGLEV.name))
-            })
-            .collect()
+        batch::lookup(
+            self.maglev.map().fd().as_fd(),
+            block * MAGLEV_MAX_SIZE,
+            size,
+        )
+        .map_err(batch_error("reading", maps::MAGLEV.name))
     }
 
     /// The first `size` slots of a block: what this process last wrote there, else read
-    /// back (65537 reads for a full table).
+    /// back (in batches).
     pub fn block_table(&mut self, block: u32, size: u32) -> Result<Vec<u32>, MapsError> {
         if let Some(t) = self.tables.get(&block).filter(|t| t.len() == size as usize) {
             return Ok(t.clone());
@@ -88,17 +88,15 @@ impl Maps {
         Ok(written)
     }
 
-    /// Writes the given (slot, backend id) pairs of a block.
+    /// Writes the given (slot, backend id) pairs of a block, in batches.
     pub fn write_slots(&mut self, block: u32, slots: &[(u32, u32)]) -> Result<(), MapsError> {
         // Known again only once written whole (`write_table`).
         self.tables.remove(&block);
         let base = block * MAGLEV_MAX_SIZE;
-        for &(slot, id) in slots {
-            self.maglev
-                .set(base + slot, id, 0)
-                .map_err(op("writing", maps::MAGLEV.name))?;
-        }
-        Ok(())
+        let (keys, ids): (Vec<u32>, Vec<u32>) =
+            slots.iter().map(|&(slot, id)| (base + slot, id)).unzip();
+        batch::update(self.maglev.map().fd().as_fd(), &keys, &ids)
+            .map_err(batch_error("writing", maps::MAGLEV.name))
     }
 
     /// Carries the VIP tables of the version before into this one's maps: each service of
@@ -112,10 +110,8 @@ impl Maps {
     ) -> Result<usize, MapsError> {
         let old_maglev: Array<MapData, u32> = typed("MAGLEV", maglev)?;
         let read = |id: u32, size: u32| -> Result<Vec<u32>, MapsError> {
-            let base = id * MAGLEV_MAX_SIZE;
-            (base..base + size)
-                .map(|i| old_maglev.get(&i, 0).map_err(op("reading", "MAGLEV")))
-                .collect()
+            batch::lookup(old_maglev.map().fd().as_fd(), id * MAGLEV_MAX_SIZE, size)
+                .map_err(batch_error("reading", "MAGLEV"))
         };
         // Each old service in its first block, with its old table.
         let carry = |id: u32, table_size: u32| -> Result<(Service, Vec<u32>), MapsError> {
@@ -164,4 +160,8 @@ impl Maps {
         let carried = v4.len() + v6.len();
         Ok(carried)
     }
+}
+
+fn batch_error(op: &'static str, name: &'static str) -> impl FnOnce(std::io::Error) -> MapsError {
+    move |source| MapsError::Batch { op, name, source }
 }
