@@ -162,10 +162,11 @@ pub const WRK_CLIENTS: usize = 32;
 
 /// `WRK_CLIENTS` wrk processes at once, one connection each, client `k` on `urls[k % n]`:
 /// with the instances' URLs, client-side round-robin. One connection per event loop, so no
-/// loop is paired with one instance on one path and spread over four on another (a loop
-/// whose connections all reach one process batches its wakeups with it, which made *direct*
-/// look 7-14% faster than any balancer when each wrk served one instance). Requests/s and
-/// errors summed; p50 the median of the clients', p99 the worst.
+/// loop is paired with one instance on one path and spread over four on another. A loop
+/// whose connections all reach one process batches its wakeups with it: with 4 wrk of 8
+/// connections, each on one instance, *direct* ran 8-17% ahead of gpulb in alternating
+/// runs, while gpulb's programs and helpers took about 1% of the CPU samples. Requests/s
+/// and errors summed; p50 the median of the clients', p99 the worst.
 pub fn wrk_clients(ns: &NetNs, urls: &[String], secs: u64) -> Wrk {
     let children: Vec<_> = (0..WRK_CLIENTS)
         .map(|k| {
