@@ -1062,6 +1062,33 @@ fn a_removed_vips_flows_pass_and_its_port_is_cleared() {
     assert_eq!(reason, Reason::FwdNewFlow);
 }
 
+/// A start brings every `VIP_PORTS` word to its plan's: a bit an earlier process left set
+/// (an apply cut short between its two writes) is cleared, though no VIP it knows of used it.
+#[test]
+fn a_start_clears_ports_no_vip_serves() {
+    as_root();
+    let (_pins, mut dp, plan) = load("ct-stray", CONFIG);
+    let marked = |dp: &Datapath, proto: u8, port: u16| {
+        let (word, bit) = lb_common::vip_port_bit(proto, port);
+        dp.maps.vip_port_word(word).expect("VIP_PORTS") & bit != 0
+    };
+    let (word, bit) = lb_common::vip_port_bit(PROTO_TCP, 9999);
+    dp.maps.set_vip_port_word(word, bit).expect("stray bit");
+    // A reload knows the ports it wrote before and leaves the others alone.
+    let previous = plan.clone();
+    let mut again = plan.clone();
+    plan::apply(&mut dp.maps, &mut again, Some(&previous)).expect("reload");
+    assert!(
+        marked(&dp, PROTO_TCP, 9999),
+        "a reload reads only its own words"
+    );
+    // A start reads them all.
+    let mut start = plan;
+    plan::apply(&mut dp.maps, &mut start, None).expect("start");
+    assert!(!marked(&dp, PROTO_TCP, 9999), "no VIP serves TCP port 9999");
+    assert!(marked(&dp, PROTO_TCP, 80), "the VIPs' port kept");
+}
+
 /// The backend's ACK from `backend_port` to the client (198.18.0.1 is every backend here).
 fn backend_ack(backend_port: u16, client: [u8; 4], client_port: u16) -> Vec<u8> {
     let mut out = Vec::new();
