@@ -55,12 +55,11 @@ pub enum MapsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{op} map {name} in a batch")]
+    #[error("map {name}")]
     Batch {
-        op: &'static str,
         name: &'static str,
         #[source]
-        source: std::io::Error,
+        source: batch::BatchError,
     },
     #[error("{op} map {name}")]
     Op {

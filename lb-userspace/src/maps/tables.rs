@@ -2,9 +2,7 @@
 //! new table is written into before the VIP's entry switches to it; and the tables of the
 //! version before, carried over at an upgrade.
 
-use std::os::fd::AsFd as _;
-
-use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{MAGLEV_MAX_SIZE, Service, VipKey, VipKey6, maps};
 
 use super::{Maps, MapsError, batch, entries, op, typed};
@@ -20,12 +18,8 @@ impl Maps {
     }
 
     fn read_block(&self, block: u32, size: u32) -> Result<Vec<u32>, MapsError> {
-        batch::lookup(
-            self.maglev.map().fd().as_fd(),
-            block * MAGLEV_MAX_SIZE,
-            size,
-        )
-        .map_err(batch_error("reading", maps::MAGLEV.name))
+        batch::lookup(&self.maglev, block * MAGLEV_MAX_SIZE, size)
+            .map_err(batch_error(maps::MAGLEV.name))
     }
 
     /// The first `size` slots of a block: what this process last wrote there, else read
@@ -95,8 +89,7 @@ impl Maps {
         let base = block * MAGLEV_MAX_SIZE;
         let (keys, ids): (Vec<u32>, Vec<u32>) =
             slots.iter().map(|&(slot, id)| (base + slot, id)).unzip();
-        batch::update(self.maglev.map().fd().as_fd(), &keys, &ids)
-            .map_err(batch_error("writing", maps::MAGLEV.name))
+        batch::update(&self.maglev, &keys, &ids).map_err(batch_error(maps::MAGLEV.name))
     }
 
     /// Carries the VIP tables of the version before into this one's maps: each service of
@@ -110,8 +103,7 @@ impl Maps {
     ) -> Result<usize, MapsError> {
         let old_maglev: Array<MapData, u32> = typed("MAGLEV", maglev)?;
         let read = |id: u32, size: u32| -> Result<Vec<u32>, MapsError> {
-            batch::lookup(old_maglev.map().fd().as_fd(), id * MAGLEV_MAX_SIZE, size)
-                .map_err(batch_error("reading", "MAGLEV"))
+            batch::lookup(&old_maglev, id * MAGLEV_MAX_SIZE, size).map_err(batch_error("MAGLEV"))
         };
         // Each old service in its first block, with its old table.
         let carry = |id: u32, table_size: u32| -> Result<(Service, Vec<u32>), MapsError> {
@@ -162,6 +154,6 @@ impl Maps {
     }
 }
 
-fn batch_error(op: &'static str, name: &'static str) -> impl FnOnce(std::io::Error) -> MapsError {
-    move |source| MapsError::Batch { op, name, source }
+fn batch_error(name: &'static str) -> impl FnOnce(batch::BatchError) -> MapsError {
+    move |source| MapsError::Batch { name, source }
 }
