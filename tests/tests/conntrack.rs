@@ -21,7 +21,7 @@ use gpulb::{
     config::Config,
     daemon::reconcile::Reconciler,
     datapath::Datapath,
-    maps::VipAddr,
+    maps::{Maps, VipAddr},
     plan::{self, Plan},
 };
 use gpulb_testbed::PinDir;
@@ -1092,6 +1092,32 @@ fn a_start_clears_ports_no_vip_serves() {
     plan::apply(&mut dp.maps, &mut start, None).expect("start");
     assert!(!marked(&dp, PROTO_TCP, 9999), "no VIP serves TCP port 9999");
     assert!(marked(&dp, PROTO_TCP, 80), "the VIPs' port kept");
+}
+
+/// A command of a newer version, against the maps of an older running daemon (a map it
+/// expects is not pinned beside the others), says so, instead of asking whether a daemon
+/// runs at all.
+#[test]
+fn a_newer_command_names_an_older_daemon() {
+    as_root();
+    let (pins, dp, _) = load("ct-skew", CONFIG);
+    drop(dp);
+    Maps::open_pinned(&pins.path).expect("all maps pinned");
+    std::fs::remove_file(pins.path.join(lb_common::maps::VIP_PORTS.name)).expect("unpin");
+    let err = Maps::open_pinned(&pins.path)
+        .err()
+        .expect("a map is missing")
+        .to_string();
+    assert!(
+        err.contains("VIP_PORTS") && err.contains("older version"),
+        "{err}"
+    );
+    let empty = PinDir::new("ct-skew-none");
+    let err = Maps::open_pinned(&empty.path)
+        .err()
+        .expect("nothing pinned")
+        .to_string();
+    assert!(err.contains("is `gpulb run` running"), "{err}");
 }
 
 /// The backend's ACK from `backend_port` to the client (198.18.0.1 is every backend here).

@@ -43,6 +43,12 @@ pub enum MapsError {
         #[source]
         source: MapError,
     },
+    #[error(
+        "pinned map {} is missing beside the daemon's other maps: the running daemon is an \
+         older version than this command; restart it to use this version",
+        path.display()
+    )]
+    OlderDaemon { path: PathBuf },
     #[error("map {name} has an unexpected type or layout")]
     Layout {
         name: &'static str,
@@ -284,8 +290,14 @@ impl Maps {
     pub fn open_pinned(dir: &Path) -> Result<Self, MapsError> {
         Self::from_source(|name| {
             let path = dir.join(name);
-            let data = MapData::from_pin(&path)
-                .map_err(|source| MapsError::OpenPinned { path, source })?;
+            let data = MapData::from_pin(&path).map_err(|source| {
+                // A map this version added, missing where the others are pinned.
+                if !path.exists() && dir.join(maps::SERVICES.name).exists() {
+                    MapsError::OlderDaemon { path }
+                } else {
+                    MapsError::OpenPinned { path, source }
+                }
+            })?;
             Map::from_map_data(data).map_err(|source| MapsError::Layout { name, source })
         })
     }
