@@ -1,10 +1,6 @@
 //! Batch reads and writes of an array map of `u32` (`BPF_MAP_LOOKUP_BATCH`,
 //! `BPF_MAP_UPDATE_BATCH`, kernel 5.6+): one system call for thousands of Maglev slots
 //! instead of one per slot. aya 0.14 has no batch API, so this is the raw `bpf()` call.
-#![expect(
-    unsafe_code,
-    reason = "the bpf() system call has no safe wrapper in aya 0.14"
-)]
 
 use std::{
     io,
@@ -57,6 +53,10 @@ pub enum BatchError {
 /// # Safety
 /// `attr.keys` and `attr.values` point to `attr.count` live `u32` each, writable for a
 /// lookup, and `attr.in_batch`/`attr.out_batch` are null or point to a live `u32`.
+#[expect(
+    unsafe_code,
+    reason = "the bpf() system call has no safe wrapper in aya 0.14"
+)]
 unsafe fn bpf(
     cmd: libc::c_long,
     map: &Array<MapData, u32>,
@@ -81,6 +81,7 @@ unsafe fn bpf(
 }
 
 /// Writes `values[i]` to index `keys[i]`.
+#[expect(unsafe_code, reason = "calls `bpf`, with buffers of `count` u32")]
 pub fn update(map: &Array<MapData, u32>, keys: &[u32], values: &[u32]) -> Result<(), BatchError> {
     assert_eq!(keys.len(), values.len(), "one value per key");
     let of = keys.len();
@@ -94,8 +95,14 @@ pub fn update(map: &Array<MapData, u32>, keys: &[u32], values: &[u32]) -> Result
         };
         // SAFETY: `keys` and `values` hold `count` u32 each and outlive the call.
         if let Err(source) = unsafe { bpf(BPF_MAP_UPDATE_BATCH, map, &mut attr) } {
-            // On failure the kernel writes back how many it wrote before the one that failed.
-            let written = attr.count.min(keys.len() as u32);
+            // Past its checks the kernel writes back how many it wrote before the one that
+            // failed; a call refused before them (bad descriptor, flags) leaves `count` as
+            // it was, and wrote nothing.
+            let written = if (attr.count as usize) < keys.len() {
+                attr.count
+            } else {
+                0
+            };
             return Err(BatchError::Call {
                 op: "update",
                 at: keys.get(written as usize).copied().unwrap_or_default(),
@@ -110,6 +117,7 @@ pub fn update(map: &Array<MapData, u32>, keys: &[u32], values: &[u32]) -> Result
 }
 
 /// Reads indexes `start..start + len`.
+#[expect(unsafe_code, reason = "calls `bpf`, with buffers of `count` u32")]
 pub fn lookup(map: &Array<MapData, u32>, start: u32, len: u32) -> Result<Vec<u32>, BatchError> {
     let mut out = Vec::with_capacity(len as usize);
     let mut keys = vec![0u32; CHUNK.min(len as usize)];

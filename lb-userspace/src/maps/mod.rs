@@ -44,11 +44,12 @@ pub enum MapsError {
         source: MapError,
     },
     #[error(
-        "pinned map {} is missing beside the daemon's other maps: the running daemon is an \
-         older version than this command; restart it to use this version",
+        "pinned map {} is missing although the daemon's other maps are pinned: the daemon is \
+         starting, or is another gpulb version than this command (a SIGUSR2 hands over to \
+         the installed version)",
         path.display()
     )]
-    OlderDaemon { path: PathBuf },
+    NotPinned { path: PathBuf },
     #[error("map {name} has an unexpected type or layout")]
     Layout {
         name: &'static str,
@@ -291,9 +292,10 @@ impl Maps {
         Self::from_source(|name| {
             let path = dir.join(name);
             let data = MapData::from_pin(&path).map_err(|source| {
-                // A map this version added, missing where the others are pinned.
+                // Missing where the others are pinned: a daemon still pinning its maps, or
+                // one of a version with other maps.
                 if !path.exists() && dir.join(maps::SERVICES.name).exists() {
-                    MapsError::OlderDaemon { path }
+                    MapsError::NotPinned { path }
                 } else {
                     MapsError::OpenPinned { path, source }
                 }

@@ -164,9 +164,10 @@ pub const WRK_CLIENTS: usize = 32;
 /// with the instances' URLs, client-side round-robin. One connection per event loop, so no
 /// loop is paired with one instance on one path and spread over four on another. A loop
 /// whose connections all reach one process batches its wakeups with it: with 4 wrk of 8
-/// connections, each on one instance, *direct* ran 8-17% ahead of gpulb in alternating
-/// runs, while gpulb's programs and helpers took about 1% of the CPU samples. Requests/s
-/// and errors summed; p50 the median of the clients', p99 the worst.
+/// connections, each on one instance, *direct* ran 6-17% ahead of gpulb in alternating
+/// runs, while gpulb's programs, helpers and map lookups took about 2% of the CPU samples
+/// (1% on the direct path). Requests/s and errors summed; p50 the median of the clients',
+/// p99 the worst.
 pub fn wrk_clients(ns: &NetNs, urls: &[String], secs: u64) -> Wrk {
     let children: Vec<_> = (0..WRK_CLIENTS)
         .map(|k| {
