@@ -162,12 +162,11 @@ pub const WRK_CLIENTS: usize = 32;
 
 /// `WRK_CLIENTS` wrk processes at once, one connection each, client `k` on `urls[k % n]`:
 /// with the instances' URLs, client-side round-robin. One connection per event loop, so no
-/// loop is paired with one instance on one path and spread over four on another. A loop
-/// whose connections all reach one process batches its wakeups with it: with 4 wrk of 8
-/// connections, each on one instance, *direct* ran 6-17% ahead of gpulb in alternating
-/// runs, while gpulb's programs, helpers and map lookups took about 2% of the CPU samples
-/// (1% on the direct path). Requests/s and errors summed; p50 the median of the clients',
-/// p99 the worst.
+/// loop is paired with one instance on one path and spread over four on another. Such a
+/// loop likely batches its wakeups with its one instance: with 4 wrk of 8 connections, each
+/// on one instance, *direct* ran 6-17% ahead of gpulb in alternating runs, while gpulb's
+/// programs, helpers and map lookups took about 2% of the CPU samples (1% on the direct
+/// path). Requests/s and errors summed; p50 the median of the clients', p99 the worst.
 pub fn wrk_clients(ns: &NetNs, urls: &[String], secs: u64) -> Wrk {
     let children: Vec<_> = (0..WRK_CLIENTS)
         .map(|k| {
