@@ -58,10 +58,10 @@ fn ingress<F: Family>(ctx: &XdpContext, pkt: &L4Packet<F::Addr>) -> Result<Reaso
     }
     // A packet of a known flow goes to its entry's backend without the VIP's entry: the
     // flow's entry names its service, and its backend is checked to be still that
-    // service's. A SYN is not looked up: it opens a new flow (a reused port, or a replay), admitted and
-    // chosen again; an entry its 5-tuple still has is replaced when the new one is
-    // recorded, and dropped if the SYN is refused or goes without state, so nothing of the
-    // old flow forwards. Katran does not look a SYN up either.
+    // service's. A SYN is not looked up: it opens a new flow (a reused port, or a replay),
+    // admitted and chosen again; an entry its 5-tuple still has is replaced when the new
+    // one is recorded, and dropped if the SYN is refused or goes without state, so nothing
+    // of the old flow forwards. Katran does not look a SYN up either.
     let known = if pkt.is_syn == 0 {
         lookup_flow::<F>(pkt)
     } else {

@@ -265,7 +265,6 @@ fn traffic(opts: &Opts, report: &mut Report) {
         })
         .collect();
     let mut bars = Vec::new();
-    let mut rates = Vec::new();
     for (p, (name, _)) in paths.iter().enumerate() {
         let mut mine: Vec<tools::Wrk> = runs.iter().map(|r| r[p]).collect();
         mine.sort_by(|a, b| a.rps.total_cmp(&b.rps));
@@ -279,7 +278,6 @@ fn traffic(opts: &Opts, report: &mut Report) {
             mine.iter().map(|w| w.errors).sum::<u64>()
         );
         bars.push(((*name).to_owned(), w.rps));
-        rates.push(w.rps);
     }
     // Shares from each round's own runs, so drift between rounds cancels; the median round.
     let share_of = |a: usize, b: usize| -> (f64, Vec<String>) {

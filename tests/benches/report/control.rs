@@ -21,16 +21,7 @@ pub(crate) fn control_plane(opts: &Opts, report: &mut Report) {
     );
     let runs = if opts.quick { 2 } else { 5 };
     for n in [10u32, 100, 1000] {
-        let backends: Vec<MaglevBackend> = (0..n)
-            .map(|i| MaglevBackend {
-                id: i + 1,
-                key: maglev::backend_key(
-                    Ipv4Addr::new(10, (i >> 8) as u8, i as u8, 1).into(),
-                    8000,
-                ),
-                weight: 1,
-            })
-            .collect();
+        let backends = equal_backends(n);
         let best = (0..runs)
             .map(|_| {
                 let t = Instant::now();
@@ -89,20 +80,22 @@ pub(crate) fn control_plane(opts: &Opts, report: &mut Report) {
     report.section("control plane", &t);
 }
 
+/// `n` backends of weight 1 with distinct addresses (only hashed, never sent to).
+fn equal_backends(n: u32) -> Vec<MaglevBackend> {
+    (0..n)
+        .map(|i| MaglevBackend {
+            id: i + 1,
+            key: maglev::backend_key(Ipv4Addr::new(10, (i >> 8) as u8, i as u8, 1).into(), 8000),
+            weight: 1,
+        })
+        .collect()
+}
+
 /// Writing Maglev tables into a block of `MAGLEV_V2`: the daemon's batch writes against one
 /// `bpf()` call per slot (aya's `Array::set`, how gpulb wrote them before), the same slots.
 fn table_writes(pins: &PinDir, dp: &mut Datapath, runs: u32, t: &mut String) {
-    let backends = |n: u32| -> Vec<MaglevBackend> {
-        (0..n)
-            .map(|i| MaglevBackend {
-                id: i + 1,
-                key: maglev::backend_key(Ipv4Addr::new(198, 18, 0, i as u8 + 1).into(), 8000),
-                weight: 1,
-            })
-            .collect()
-    };
-    let four = maglev::build_table(&backends(4), lb_common::MAGLEV_DEFAULT_SIZE);
-    let three = maglev::build_table(&backends(3), lb_common::MAGLEV_DEFAULT_SIZE);
+    let four = maglev::build_table(&equal_backends(4), lb_common::MAGLEV_DEFAULT_SIZE);
+    let three = maglev::build_table(&equal_backends(3), lb_common::MAGLEV_DEFAULT_SIZE);
     let ejected = maglev::diff(&four, &three).len();
     let mut slots: aya::maps::Array<aya::maps::MapData, u32> = aya::maps::Array::try_from(
         aya::maps::Map::from_map_data(
