@@ -179,10 +179,18 @@ fn vng() -> PathBuf {
     repo().join("target/virtme-ng/bin/vng")
 }
 
-/// qemu, busybox (virtme-ng's initramfs), and virtme-ng from PyPI in a virtualenv under
-/// target/. The kernels are unpacked when they run.
+/// qemu, busybox (virtme-ng's initramfs), kmod (virtme-ng runs `depmod` on the unpacked
+/// kernel's modules), udev (the guest's udevd binds the virtio console the script's output
+/// comes through, and loads the NIC's driver), and virtme-ng from PyPI in a virtualenv
+/// under target/. The kernels are unpacked when they run.
 pub fn ensure() -> anyhow::Result<()> {
-    setup::ensure_packages(&["qemu-system-x86", "busybox-static", "python3-venv"])?;
+    setup::ensure_packages(&[
+        "qemu-system-x86",
+        "busybox-static",
+        "kmod",
+        "udev",
+        "python3-venv",
+    ])?;
     if !vng().exists() {
         println!("[kernels] installing {VIRTME_NG} into target/virtme-ng");
         let venv = repo().join("target/virtme-ng");

@@ -49,6 +49,17 @@ pub fn run(dp: &mut Datapath, name: &str, packet: &[u8]) -> (u32, Vec<u8>, Reaso
     (result.return_value, out, counted[0])
 }
 
+/// Runs one packet through the XDP program and returns only its action, without reading
+/// the reason counters (for packets that must follow each other closely).
+pub fn run_bare(dp: &mut Datapath, packet: &[u8]) -> u32 {
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    dp.ingress()
+        .test_run(opts)
+        .unwrap_or_else(|e| panic!("test run: {e}"))
+        .return_value
+}
+
 /// Opens a TCP flow: its SYN, then (if forwarded) the client's ACK that completes the
 /// handshake, from when the flow counts against its backend. The SYN's verdict and output.
 pub fn connect(
