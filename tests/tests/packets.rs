@@ -133,12 +133,7 @@ fn xdp_fixture_table() {
         assert_eq!(result.return_value, f.action, "{}: XDP action", f.name);
 
         let after = dp.maps.reasons().expect("reasons");
-        let deltas: Vec<(Reason, u64)> = after
-            .iter()
-            .zip(&before)
-            .filter(|(a, b)| a.1 != b.1)
-            .map(|(a, b)| (a.0, a.1 - b.1))
-            .collect();
+        let deltas = reason_deltas(&before, &after);
         assert_eq!(deltas, vec![(f.reason, 1)], "{}: reason counters", f.name);
 
         match f.expect {
@@ -606,13 +601,7 @@ fn a_rate_limit_admits_its_rate_with_a_burst_of_one() {
         let elapsed = start.elapsed();
         let after = dp.maps.reasons().expect("reasons");
         if first != XDP_DROP && elapsed < std::time::Duration::from_millis(2) {
-            let counted: Vec<(Reason, u64)> = after
-                .iter()
-                .zip(&before)
-                .filter(|(a, b)| a.1 != b.1)
-                .map(|(a, b)| (a.0, a.1 - b.1))
-                .collect();
-            refused = Some((second, counted));
+            refused = Some((second, reason_deltas(&before, &after)));
             break;
         }
     }

@@ -35,11 +35,9 @@ pub fn run(dp: &mut Datapath, name: &str, packet: &[u8]) -> (u32, Vec<u8>, Reaso
         .unwrap_or_else(|e| panic!("{name}: test run: {e}"));
     out.truncate(result.data_size_out as usize);
     let after = dp.maps.reasons().expect("reasons");
-    let counted: Vec<Reason> = after
-        .iter()
-        .zip(&before)
-        .filter(|(a, b)| a.1 != b.1)
-        .map(|(a, _)| a.0)
+    let counted: Vec<Reason> = reason_deltas(&before, &after)
+        .into_iter()
+        .map(|(reason, _)| reason)
         .collect();
     assert_eq!(
         counted.len(),
@@ -47,6 +45,16 @@ pub fn run(dp: &mut Datapath, name: &str, packet: &[u8]) -> (u32, Vec<u8>, Reaso
         "{name}: one reason per packet: {counted:?}"
     );
     (result.return_value, out, counted[0])
+}
+
+/// The reasons counted between two readings of the counters, with how often each.
+pub fn reason_deltas(before: &[(Reason, u64)], after: &[(Reason, u64)]) -> Vec<(Reason, u64)> {
+    after
+        .iter()
+        .zip(before)
+        .filter(|(a, b)| a.1 != b.1)
+        .map(|(a, b)| (a.0, a.1 - b.1))
+        .collect()
 }
 
 /// Runs one packet through the XDP program and returns only its action, without reading
