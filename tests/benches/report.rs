@@ -281,13 +281,12 @@ fn traffic(opts: &Opts, report: &mut Report) {
     }
     // Shares from each round's own runs, so drift between rounds cancels; the median round.
     let share_of = |a: usize, b: usize| -> (f64, Vec<String>) {
-        let mut shares: Vec<f64> = runs.iter().map(|r| r[a].rps / r[b].rps).collect();
+        let shares: Vec<f64> = runs.iter().map(|r| r[a].rps / r[b].rps).collect();
         let by_round = shares
             .iter()
             .map(|s| format!("{:.1}%", s * 100.0))
             .collect();
-        shares.sort_by(f64::total_cmp);
-        (shares[shares.len() / 2], by_round)
+        (percentile(shares, 0.5), by_round)
     };
     let (share, per_round) = share_of(1, 0);
     let (over_haproxy, _) = share_of(1, 3);
